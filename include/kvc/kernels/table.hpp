@@ -1,0 +1,36 @@
+// kvc/kernels/table.hpp -- the kernels of one instruction set, as function pointers.
+//
+// The cache picks one table per call (DESIGN.md: dispatch once per call on a
+// (layer, head) block, never inside inner loops). Entries indexed by dtype are
+// per storage format: [dtype::f32], [dtype::f16], [dtype::bf16].
+#pragma once
+
+#include <cstddef>
+
+#include "kvc/kernels/arch.hpp"
+#include "kvc/kernels/problem.hpp"
+
+namespace kvc::kernels {
+
+inline constexpr int dtype_count = 3;
+
+struct kernel_table {
+    arch_id arch;
+    // <q, row> with q in fp32 and the row in the storage format.
+    float (*dot[dtype_count])(const float* q, const void* row, std::size_t n) noexcept;
+    // y += a * row
+    void (*axpy[dtype_count])(float a, const void* row, float* y, std::size_t n) noexcept;
+    // In-place numerically stable softmax.
+    void (*softmax)(float* x, std::size_t n) noexcept;
+    // Row conversion between fp32 and the storage format (round to nearest even).
+    void (*from_f32[dtype_count])(const float* src, void* dst, std::size_t n) noexcept;
+    void (*to_f32[dtype_count])(const void* src, float* dst, std::size_t n) noexcept;
+    // Decode attention partial over stored rows (see decode_problem).
+    void (*attend_partial[dtype_count])(const decode_problem&, const decode_state&) noexcept;
+    // Chunked causal prefill; workspace holds prefill_workspace_floats(...) floats.
+    void (*prefill[dtype_count])(const prefill_problem&, float* workspace) noexcept;
+};
+
+constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }
+
+} // namespace kvc::kernels

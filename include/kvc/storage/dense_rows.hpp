@@ -1,0 +1,124 @@
+// kvc/storage/dense_rows.hpp -- uncompressed key and value rows of one KV head.
+//
+// The storage full_cache and the `none` codec share, so that a compressed
+// cache with every policy set to `none` is the same code as the baseline and
+// gives bit-identical results. Rows are `dim` elements of fp32, fp16 or bf16,
+// packed one after another; a head grows by appending rows.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kvc/core/dtype.hpp"
+#include "kvc/core/memory.hpp"
+#include "kvc/kernels/dispatch.hpp"
+
+namespace kvc {
+
+namespace detail {
+
+// Copies `n` elements from a row of `from` to a row of `to`, converting
+// through the active kernels (round to nearest even when narrowing).
+inline void convert_row(const kernels::kernel_table& k, dtype from, const void* src, dtype to, void* dst,
+                        std::size_t n) noexcept {
+    if (from == to) {
+        std::memcpy(dst, src, n * size_of(from));
+    } else if (from == dtype::f32) {
+        k.from_f32[kernels::index_of(to)](static_cast<const float*>(src), dst, n);
+    } else if (to == dtype::f32) {
+        k.to_f32[kernels::index_of(from)](src, static_cast<float*>(dst), n);
+    } else { // fp16 <-> bf16 through fp32, in pieces that fit the stack
+        constexpr std::size_t piece = 256;
+        float buffer[piece];
+        const auto* in = static_cast<const unsigned char*>(src);
+        auto* out = static_cast<unsigned char*>(dst);
+        for (std::size_t i = 0; i < n; i += piece) {
+            const std::size_t count = n - i < piece ? n - i : piece;
+            k.to_f32[kernels::index_of(from)](in + i * 2, buffer, count);
+            k.from_f32[kernels::index_of(to)](buffer, out + i * 2, count);
+        }
+    }
+}
+
+} // namespace detail
+
+class dense_rows {
+public:
+    dense_rows(dtype type, std::size_t dim, memory_resource* resource) noexcept
+        : type_(type), dim_(dim), keys_(resource), values_(resource) {}
+
+    dtype type() const noexcept { return type_; }
+    std::size_t dim() const noexcept { return dim_; }
+    std::size_t tokens() const noexcept { return keys_.size() / row_bytes(); }
+    std::size_t row_bytes() const noexcept { return dim_ * size_of(type_); }
+
+    const void* key_row(std::size_t t) const noexcept { return keys_.data() + t * row_bytes(); }
+    const void* value_row(std::size_t t) const noexcept { return values_.data() + t * row_bytes(); }
+    void* key_row(std::size_t t) noexcept { return keys_.data() + t * row_bytes(); }
+    void* value_row(std::size_t t) noexcept { return values_.data() + t * row_bytes(); }
+
+    // Bytes held (allocated), keys and values.
+    std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes(); }
+
+    // Room for `extra` more rows; the only step of an append that can throw.
+    void reserve_for_append(std::size_t extra) {
+        keys_.reserve_for_append(extra * row_bytes());
+        values_.reserve_for_append(extra * row_bytes());
+    }
+    void reserve(std::size_t rows) {
+        keys_.reserve(rows * row_bytes());
+        values_.reserve(rows * row_bytes());
+    }
+
+    // Appends one key and one value row given in `from` format. Capacity must
+    // have been reserved: this never allocates and never throws.
+    void push_back(const kernels::kernel_table& k, dtype from, const void* key, const void* value) noexcept {
+        const std::size_t t = tokens();
+        keys_.resize_within_capacity(keys_.size() + row_bytes());
+        values_.resize_within_capacity(values_.size() + row_bytes());
+        detail::convert_row(k, from, key, type_, key_row(t), dim_);
+        detail::convert_row(k, from, value, type_, value_row(t), dim_);
+    }
+
+    // Keeps the first `rows` rows.
+    void truncate(std::size_t rows) noexcept {
+        if (rows < tokens()) {
+            keys_.resize_within_capacity(rows * row_bytes());
+            values_.resize_within_capacity(rows * row_bytes());
+        }
+    }
+
+    void shrink_to_fit() {
+        keys_.shrink_to_fit();
+        values_.shrink_to_fit();
+    }
+    void clear() noexcept {
+        keys_.clear();
+        values_.clear();
+    }
+    void release() noexcept {
+        keys_.release();
+        values_.release();
+    }
+
+    // Decode-attention problem over rows [first, first + count).
+    kernels::decode_problem problem(std::size_t first, std::size_t count) const noexcept {
+        kernels::decode_problem p;
+        p.keys = key_row(first);
+        p.values = value_row(first);
+        p.key_stride = dim_;
+        p.value_stride = dim_;
+        p.tokens = count;
+        p.dim = dim_;
+        return p;
+    }
+
+private:
+    dtype type_;
+    std::size_t dim_;
+    aligned_buffer<unsigned char> keys_;
+    aligned_buffer<unsigned char> values_;
+};
+
+} // namespace kvc
