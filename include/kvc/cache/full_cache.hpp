@@ -25,8 +25,8 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/attention_scratch.hpp"
 #include "kvc/cache/config.hpp"
+#include "kvc/cache/head_attention.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/storage/dense_rows.hpp"
@@ -104,12 +104,12 @@ public:
 
         // Allocate everything first: only this part can throw.
         positions.reserve_for_append(count);
-        for (std::size_t h = 0; h < config_.kv_heads; ++h) head(layer, h).reserve_for_append(count);
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) mutable_head(layer, h).reserve_for_append(count);
 
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
             for (std::size_t h = 0; h < config_.kv_heads; ++h)
-                head(layer, h).push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
+                mutable_head(layer, h).push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
         const std::size_t old = positions.size();
         positions.resize_within_capacity(old + count);
         for (std::size_t t = 0; t < count; ++t) positions[old + t] = static_cast<std::int32_t>(first_position + t);
@@ -122,29 +122,8 @@ public:
     void attend(std::size_t layer, const float* queries, float* out, float* mass = nullptr) const {
         detail::validate_layer(config_, layer, "full_cache::attend");
         detail::require(queries != nullptr && out != nullptr, "full_cache::attend: expected non-null queries and out");
-        const kernels::kernel_table& k = kernels::active();
-        const std::size_t group = config_.group(), dim = config_.head_dim, tokens = this->tokens(layer);
-        detail::attention_scratch scratch(group * (dim + 2) + (mass ? group * tokens : 0));
-        const kernels::decode_state state = scratch.state(group);
-        float* logits = mass ? scratch.data() + group * (dim + 2) : nullptr;
-        for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-            kernels::decode_problem p = head(layer, h).problem(0, tokens);
-            p.group = group;
-            p.queries = queries + h * group * dim;
-            p.query_stride = dim;
-            p.scale = config_.logit_scale();
-            p.logits = logits;
-            p.logits_stride = tokens;
-            kernels::common::reset_state<kernels::reference_arch>(state, group, dim);
-            k.attend_partial[kernels::index_of(config_.storage)](p, state);
-            kernels::common::finalize_state<kernels::reference_arch>(state, group, dim, out + h * group * dim, dim);
-            if (mass) {
-                float* head_mass = mass + h * tokens;
-                for (std::size_t t = 0; t < tokens; ++t) head_mass[t] = 0.0f;
-                kernels::common::accumulate_mass<kernels::reference_arch>(logits, tokens, group, tokens, state.max,
-                                                                          state.sum, head_mass);
-            }
-        }
+        detail::attend_heads(config_, [&](std::size_t h) -> const dense_rows& { return head(layer, h); }, queries,
+                             out, mass);
     }
 
     // Causal attention of the last `chunk` appended tokens (chunked prefill):
@@ -159,31 +138,8 @@ public:
                         " (the tokens appended so far), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "full_cache::attend_chunk: expected non-null queries and out");
-        const kernels::kernel_table& k = kernels::active();
-        const std::size_t group = config_.group(), dim = config_.head_dim;
-        detail::attention_scratch scratch(kernels::prefill_workspace_floats(group, dim, tokens, mass != nullptr));
-        for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-            const dense_rows& rows = head(layer, h);
-            kernels::prefill_problem p;
-            p.keys = rows.key_row(0);
-            p.values = rows.value_row(0);
-            p.key_stride = p.value_stride = dim;
-            p.tokens = tokens;
-            p.chunk = chunk;
-            p.dim = dim;
-            p.group = group;
-            p.queries = queries + h * group * dim;
-            p.query_token_stride = config_.query_heads * dim;
-            p.query_head_stride = dim;
-            p.out = out + h * group * dim;
-            p.out_token_stride = config_.query_heads * dim;
-            p.out_head_stride = dim;
-            p.scale = config_.logit_scale();
-            p.mass = mass ? mass + h * tokens : nullptr;
-            if (p.mass)
-                for (std::size_t t = 0; t < tokens; ++t) p.mass[t] = 0.0f;
-            k.prefill[kernels::index_of(config_.storage)](p, scratch.data());
-        }
+        detail::attend_chunk_heads(config_, [&](std::size_t h) -> const dense_rows& { return head(layer, h); },
+                                   queries, chunk, out, mass);
     }
 
     std::size_t tokens(std::size_t layer) const noexcept { return positions_[layer].size(); }
@@ -231,7 +187,7 @@ private:
         return config;
     }
 
-    dense_rows& head(std::size_t layer, std::size_t kv_head) noexcept {
+    dense_rows& mutable_head(std::size_t layer, std::size_t kv_head) noexcept {
         return heads_[layer * config_.kv_heads + kv_head];
     }
 

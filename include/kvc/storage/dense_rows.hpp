@@ -102,16 +102,26 @@ public:
         values_.release();
     }
 
-    // Decode-attention problem over rows [first, first + count).
-    kernels::decode_problem problem(std::size_t first, std::size_t count) const noexcept {
-        kernels::decode_problem p;
-        p.keys = key_row(first);
-        p.values = value_row(first);
-        p.key_stride = dim_;
-        p.value_stride = dim_;
-        p.tokens = count;
+    // Folds every row into `state` for the query group described by `p`
+    // (queries, group, scale, optional logits); fills in keys and values.
+    void attend(const kernels::kernel_table& k, kernels::decode_problem p,
+                const kernels::decode_state& state) const noexcept {
+        p.keys = keys_.data();
+        p.values = values_.data();
+        p.key_stride = p.value_stride = dim_;
+        p.tokens = tokens();
         p.dim = dim_;
-        return p;
+        k.attend_partial[kernels::index_of(type_)](p, state);
+    }
+
+    // Causal attention of the last p.chunk rows' queries over the rows.
+    void prefill(const kernels::kernel_table& k, kernels::prefill_problem p, float* workspace) const noexcept {
+        p.keys = keys_.data();
+        p.values = values_.data();
+        p.key_stride = p.value_stride = dim_;
+        p.tokens = tokens();
+        p.dim = dim_;
+        k.prefill[kernels::index_of(type_)](p, workspace);
     }
 
 private:

@@ -1,0 +1,85 @@
+// kvc/cache/head_attention.hpp -- the per-KV-head attention loops every cache shares.
+//
+// A cache hands these its head stores (anything with tokens(), attend() and
+// prefill(), see policy/quantization/none.hpp); they split the query heads
+// into GQA groups, run the kernels once per (layer, KV head) and finalize.
+// full_cache and compressed_cache both use them, so a compressed cache with
+// `none` policies runs exactly the baseline's arithmetic.
+#pragma once
+
+#include <cstddef>
+
+#include "kvc/cache/attention_scratch.hpp"
+#include "kvc/cache/config.hpp"
+#include "kvc/kernels/dispatch.hpp"
+
+namespace kvc::detail {
+
+// Decode: queries and out are [query_heads][head_dim]; mass (optional) gets,
+// head after head, tokens(h) floats of attention probability summed over the group.
+template <class HeadAt>
+void attend_heads(const cache_config& config, HeadAt&& head_at, const float* queries, float* out, float* mass) {
+    const kernels::kernel_table& k = kernels::active();
+    const std::size_t group = config.group(), dim = config.head_dim;
+    std::size_t longest = 0;
+    for (std::size_t h = 0; h < config.kv_heads; ++h)
+        longest = head_at(h).tokens() > longest ? head_at(h).tokens() : longest;
+    attention_scratch scratch(group * (dim + 2) + (mass ? group * longest : 0));
+    const kernels::decode_state state = scratch.state(group);
+    float* logits = mass ? scratch.data() + group * (dim + 2) : nullptr;
+    for (std::size_t h = 0; h < config.kv_heads; ++h) {
+        const auto& store = head_at(h);
+        const std::size_t tokens = store.tokens();
+        kernels::decode_problem p;
+        p.group = group;
+        p.queries = queries + h * group * dim;
+        p.query_stride = dim;
+        p.scale = config.logit_scale();
+        p.logits = logits;
+        p.logits_stride = tokens;
+        kernels::common::reset_state<kernels::reference_arch>(state, group, dim);
+        store.attend(k, p, state);
+        kernels::common::finalize_state<kernels::reference_arch>(state, group, dim, out + h * group * dim, dim);
+        if (mass) {
+            for (std::size_t t = 0; t < tokens; ++t) mass[t] = 0.0f;
+            kernels::common::accumulate_mass<kernels::reference_arch>(logits, tokens, group, tokens, state.max,
+                                                                      state.sum, mass);
+            mass += tokens;
+        }
+    }
+}
+
+// Chunked prefill: queries and out are [chunk][query_heads][head_dim]; every
+// head must hold at least `chunk` rows, the chunk being the last ones.
+template <class HeadAt>
+void attend_chunk_heads(const cache_config& config, HeadAt&& head_at, const float* queries, std::size_t chunk,
+                        float* out, float* mass) {
+    const kernels::kernel_table& k = kernels::active();
+    const std::size_t group = config.group(), dim = config.head_dim;
+    std::size_t longest = 0;
+    for (std::size_t h = 0; h < config.kv_heads; ++h)
+        longest = head_at(h).tokens() > longest ? head_at(h).tokens() : longest;
+    attention_scratch scratch(kernels::prefill_workspace_floats(group, dim, longest, mass != nullptr));
+    for (std::size_t h = 0; h < config.kv_heads; ++h) {
+        const auto& store = head_at(h);
+        const std::size_t tokens = store.tokens();
+        kernels::prefill_problem p;
+        p.chunk = chunk;
+        p.group = group;
+        p.queries = queries + h * group * dim;
+        p.query_token_stride = config.query_heads * dim;
+        p.query_head_stride = dim;
+        p.out = out + h * group * dim;
+        p.out_token_stride = config.query_heads * dim;
+        p.out_head_stride = dim;
+        p.scale = config.logit_scale();
+        p.mass = mass;
+        if (mass) {
+            for (std::size_t t = 0; t < tokens; ++t) mass[t] = 0.0f;
+            mass += tokens;
+        }
+        store.prefill(k, p, scratch.data());
+    }
+}
+
+} // namespace kvc::detail

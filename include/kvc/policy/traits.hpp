@@ -1,0 +1,95 @@
+// kvc/policy/traits.hpp -- the four policy families and how a type joins one.
+//
+// A policy names its family with a nested `using family = kvc::eviction_family;`
+// (or merging_family, quantization_family, projection_family). The traits
+// below read that tag; C++20 builds also get concepts of the same names.
+// compressed_cache static_asserts on the traits, so a policy put in the wrong
+// slot fails to compile with a message naming the family the slot expects.
+//
+// Policies publish what the cache must collect for them, and the cache
+// collects exactly that: needs_attention_stats (per-token attention mass from
+// kvc's own fused attention), needs_queries (a bounded window of recent
+// queries), needs_calibration (an offline artifact given at construction).
+#pragma once
+
+#include <type_traits>
+
+#include "kvc/core/config.hpp"
+
+namespace kvc {
+
+struct eviction_family {
+    static constexpr const char* name = "eviction";
+};
+struct merging_family {
+    static constexpr const char* name = "merging";
+};
+struct quantization_family {
+    static constexpr const char* name = "quantization";
+};
+struct projection_family {
+    static constexpr const char* name = "projection";
+};
+
+namespace detail {
+template <class P, class = void>
+struct family_of {
+    using type = void;
+};
+template <class P>
+struct family_of<P, std::void_t<typename P::family>> {
+    using type = typename P::family;
+};
+
+#define KVC_POLICY_FLAG(flag)                                                                      \
+    template <class P, class = void>                                                               \
+    struct flag##_of : std::false_type {};                                                         \
+    template <class P>                                                                             \
+    struct flag##_of<P, std::void_t<decltype(P::flag)>> : std::bool_constant<static_cast<bool>(P::flag)> {};
+KVC_POLICY_FLAG(needs_attention_stats)
+KVC_POLICY_FLAG(needs_queries)
+KVC_POLICY_FLAG(needs_calibration)
+#undef KVC_POLICY_FLAG
+} // namespace detail
+
+template <class P>
+using policy_family_t = typename detail::family_of<P>::type;
+
+template <class P>
+struct is_eviction_policy : std::is_same<policy_family_t<P>, eviction_family> {};
+template <class P>
+struct is_merging_policy : std::is_same<policy_family_t<P>, merging_family> {};
+template <class P>
+struct is_quantization_policy : std::is_same<policy_family_t<P>, quantization_family> {};
+template <class P>
+struct is_projection_policy : std::is_same<policy_family_t<P>, projection_family> {};
+
+template <class P>
+inline constexpr bool is_eviction_policy_v = is_eviction_policy<P>::value;
+template <class P>
+inline constexpr bool is_merging_policy_v = is_merging_policy<P>::value;
+template <class P>
+inline constexpr bool is_quantization_policy_v = is_quantization_policy<P>::value;
+template <class P>
+inline constexpr bool is_projection_policy_v = is_projection_policy<P>::value;
+
+// What a policy asks the cache to collect (false when it does not say).
+template <class P>
+inline constexpr bool needs_attention_stats_v = detail::needs_attention_stats_of<P>::value;
+template <class P>
+inline constexpr bool needs_queries_v = detail::needs_queries_of<P>::value;
+template <class P>
+inline constexpr bool needs_calibration_v = detail::needs_calibration_of<P>::value;
+
+#if KVC_HAS_CONCEPTS
+template <class P>
+concept eviction_policy = is_eviction_policy_v<P>;
+template <class P>
+concept merging_policy = is_merging_policy_v<P>;
+template <class P>
+concept quantization_policy = is_quantization_policy_v<P>;
+template <class P>
+concept projection_policy = is_projection_policy_v<P>;
+#endif
+
+} // namespace kvc

@@ -1,0 +1,102 @@
+// Shared pieces of the cache tests: random engine data, a double-precision
+// attention oracle over what a cache stores, and a memory resource that counts.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory_resource>
+#include <new>
+#include <random>
+#include <vector>
+
+#include "kvc/cache/config.hpp"
+#include "kvc/core/float16.hpp"
+
+namespace kvc_test {
+
+inline std::vector<float> random_floats(std::size_t n, std::uint32_t seed, float stddev = 1.0f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, stddev);
+    std::vector<float> out(n);
+    for (float& x : out) x = normal(rng);
+    return out;
+}
+
+// The value a row element has once stored in `type` (what the oracle must use).
+inline double stored_value(float x, kvc::dtype type) {
+    switch (type) {
+    case kvc::dtype::f32: return x;
+    case kvc::dtype::f16: return static_cast<double>(kvc::to_float(kvc::to_half(x)));
+    case kvc::dtype::bf16: return static_cast<double>(kvc::to_float(kvc::to_bfloat16(x)));
+    }
+    return x;
+}
+
+// Decode attention in double for a cache shaped by `c` whose layer holds the
+// token-major engine rows keys/values [tokens][kv_heads][head_dim] (first
+// `tokens` of them): query head j reads KV head j / group.
+inline std::vector<double> oracle_attention(const kvc::cache_config& c, const std::vector<float>& keys,
+                                            const std::vector<float>& values, std::size_t tokens,
+                                            const float* queries, std::vector<double>* mass = nullptr) {
+    const std::size_t dim = c.head_dim, group = c.group();
+    std::vector<double> out(c.query_heads * dim, 0.0);
+    if (mass) mass->assign(c.kv_heads * tokens, 0.0);
+    for (std::size_t j = 0; j < c.query_heads; ++j) {
+        const std::size_t h = j / group;
+        std::vector<double> logits(tokens);
+        double max = -INFINITY;
+        for (std::size_t t = 0; t < tokens; ++t) {
+            double dot = 0.0;
+            for (std::size_t d = 0; d < dim; ++d)
+                dot += static_cast<double>(queries[j * dim + d]) *
+                       stored_value(keys[(t * c.kv_heads + h) * dim + d], c.storage);
+            logits[t] = dot * static_cast<double>(c.logit_scale());
+            max = std::max(max, logits[t]);
+        }
+        double sum = 0.0;
+        for (double& l : logits) sum += (l = std::exp(l - max));
+        for (std::size_t t = 0; t < tokens; ++t) {
+            const double p = logits[t] / sum;
+            if (mass) (*mass)[h * tokens + t] += p;
+            for (std::size_t d = 0; d < dim; ++d)
+                out[j * dim + d] += p * stored_value(values[(t * c.kv_heads + h) * dim + d], c.storage);
+        }
+    }
+    return out;
+}
+
+// ||a - b|| / ||b||
+template <class A, class B>
+double relative_error(const A& a, const B& b) {
+    double diff = 0.0, norm = 0.0;
+    for (std::size_t i = 0; i < b.size(); ++i) {
+        diff += (static_cast<double>(a[i]) - static_cast<double>(b[i])) * (static_cast<double>(a[i]) - static_cast<double>(b[i]));
+        norm += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+    }
+    return std::sqrt(diff / norm);
+}
+
+// Counts the bytes outstanding; optionally refuses allocations past a limit.
+class counting_resource : public std::pmr::memory_resource {
+public:
+    std::size_t in_use = 0;
+    std::size_t allocations = 0;
+    std::size_t limit = SIZE_MAX;
+
+private:
+    void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+        if (in_use + bytes > limit) throw std::bad_alloc();
+        void* p = std::pmr::new_delete_resource()->allocate(bytes, alignment);
+        in_use += bytes;
+        ++allocations;
+        return p;
+    }
+    void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+        in_use -= bytes;
+        std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
+    }
+    bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+};
+
+} // namespace kvc_test
