@@ -1,0 +1,19 @@
+# A policy in the wrong slot of compressed_cache must not compile, and the
+# compiler's message must name the family the slot expects. Each case runs the
+# compiler on tests/compile_fail/wrong_family.cpp; slot 4 is the control that
+# must compile, so a broken include path cannot pass as "failed as expected".
+# xsimd and the standard library come from the compiler's default include path (Debian packages).
+set(kvc_compile_fail_flags -std=c++${CMAKE_CXX_STANDARD} -fsyntax-only -I${PROJECT_SOURCE_DIR}/include)
+set(kvc_slot_family eviction merging quantization projection)
+foreach(slot RANGE 0 3)
+  list(GET kvc_slot_family ${slot} family)
+  add_test(NAME compile_fail.wrong_family_${family}
+           COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_SLOT=${slot}
+                   ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/wrong_family.cpp)
+  set_tests_properties(compile_fail.wrong_family_${family} PROPERTIES
+    PASS_REGULAR_EXPRESSION "must be an? ${family} policy" LABELS compile_fail)
+endforeach()
+add_test(NAME compile_fail.control_compiles
+         COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_SLOT=4
+                 ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/wrong_family.cpp)
+set_tests_properties(compile_fail.control_compiles PROPERTIES LABELS compile_fail)
