@@ -251,119 +251,127 @@ void softmax(float* x, std::size_t n) noexcept {
     for (; i < n; ++i) x[i] *= inverse;
 }
 
-// Decode attention partial. Tokens are processed in blocks: the logits of a
-// block for every query head of the group (each key row loaded and widened
-// once for up to four heads), one online-softmax update per block, then the
-// weighted sum of the block's value rows (each value row widened once for up
-// to four heads, accumulators in registers across the block).
-template <class A, dtype D>
-void attend_partial(const decode_problem& p, const decode_state& s) noexcept {
+// Decode attention partial. Tokens are processed in blocks of 64, for H query
+// heads of the group at a time (H = 4, then the 1-3 left over, all known at
+// compile time so a group of 1 does one head's arithmetic, not four):
+// the logits of a block (each key row loaded and widened once for the H
+// heads), one online-softmax update per head and block, then the weighted sum
+// of the block's value rows (each value row widened once for the H heads, the
+// accumulators held in registers across the block).
+template <class A, dtype D, std::size_t H>
+void attend_heads(const decode_problem& p, const decode_state& s, std::size_t g0) noexcept {
     using storage = typename common::element<A, D>::storage;
     constexpr std::size_t lanes = floats<A>::size;
     constexpr std::size_t block = 64;
-    constexpr std::size_t heads_per_pass = 4;
     const auto* keys = static_cast<const storage*>(p.keys);
     const auto* values = static_cast<const storage*>(p.values);
     const std::size_t dim = p.dim;
     const std::size_t full = dim - dim % lanes; // elements covered by whole batches
-    alignas(64) float weights[heads_per_pass][block];
+    alignas(64) float weights[H][block];
+    const float* q[H];
+    for (std::size_t h = 0; h < H; ++h) q[h] = p.queries + (g0 + h) * p.query_stride;
 
-    for (std::size_t g0 = 0; g0 < p.group; g0 += heads_per_pass) {
-        const std::size_t heads = p.group - g0 < heads_per_pass ? p.group - g0 : heads_per_pass;
-        const float* q[heads_per_pass];
-        for (std::size_t h = 0; h < heads_per_pass; ++h) q[h] = p.queries + (g0 + (h < heads ? h : 0)) * p.query_stride;
+    for (std::size_t t0 = 0; t0 < p.tokens; t0 += block) {
+        const std::size_t count = p.tokens - t0 < block ? p.tokens - t0 : block;
 
-        for (std::size_t t0 = 0; t0 < p.tokens; t0 += block) {
-            const std::size_t count = p.tokens - t0 < block ? p.tokens - t0 : block;
-
-            // Logits of this block.
-            for (std::size_t t = 0; t < count; ++t) {
-                const storage* k = keys + (t0 + t) * p.key_stride;
-                floats<A> acc[heads_per_pass] = {floats<A>(0.0f), floats<A>(0.0f), floats<A>(0.0f), floats<A>(0.0f)};
-                for (std::size_t d = 0; d < full; d += lanes) {
-                    const floats<A> kv = loader<A, D>::load(k + d);
-                    for (std::size_t h = 0; h < heads_per_pass; ++h)
-                        acc[h] = xsimd::fma(floats<A>::load_unaligned(q[h] + d), kv, acc[h]);
-                }
-                for (std::size_t h = 0; h < heads; ++h) {
-                    float logit = xsimd::hadd(acc[h]);
-                    for (std::size_t d = full; d < dim; ++d) logit += q[h][d] * common::element<A, D>::load(k + d);
-                    weights[h][t] = logit * p.scale + (p.bias ? p.bias[t0 + t] : 0.0f);
-                }
+        // Logits of this block.
+        for (std::size_t t = 0; t < count; ++t) {
+            const storage* k = keys + (t0 + t) * p.key_stride;
+            floats<A> acc[H];
+            for (std::size_t h = 0; h < H; ++h) acc[h] = floats<A>(0.0f);
+            for (std::size_t d = 0; d < full; d += lanes) {
+                const floats<A> kv = loader<A, D>::load(k + d);
+                for (std::size_t h = 0; h < H; ++h) acc[h] = xsimd::fma(floats<A>::load_unaligned(q[h] + d), kv, acc[h]);
             }
-
-            // Online softmax update; weights become exp(logit - new max).
-            for (std::size_t h = 0; h < heads; ++h) {
-                const std::size_t g = g0 + h;
-                float* w = weights[h];
-                if (p.logits) {
-                    float* out = p.logits + g * p.logits_stride + t0;
-                    for (std::size_t t = 0; t < count; ++t) out[t] = w[t];
-                }
-                float block_max = -std::numeric_limits<float>::infinity();
-                for (std::size_t t = 0; t < count; ++t) block_max = w[t] > block_max ? w[t] : block_max;
-                const float new_max = block_max > s.max[g] ? block_max : s.max[g];
-                if (new_max > s.max[g]) {
-                    const float rescale = common::exp<A>(s.max[g] - new_max);
-                    s.sum[g] *= rescale;
-                    float* acc = s.acc + g * dim;
-                    const floats<A> factor(rescale);
-                    std::size_t d = 0;
-                    for (; d < full; d += lanes) (floats<A>::load_unaligned(acc + d) * factor).store_unaligned(acc + d);
-                    for (; d < dim; ++d) acc[d] *= rescale;
-                    s.max[g] = new_max;
-                }
-                const floats<A> max_batch(new_max);
-                floats<A> sums(0.0f);
-                std::size_t t = 0;
-                for (; t + lanes <= count; t += lanes) {
-                    const floats<A> e = xsimd::exp(floats<A>::load_aligned(w + t) - max_batch);
-                    e.store_aligned(w + t);
-                    sums += e;
-                }
-                float sum = xsimd::hadd(sums);
-                if (t < count) {
-                    alignas(64) float tail[lanes];
-                    for (std::size_t i = 0; i < lanes; ++i) tail[i] = t + i < count ? w[t + i] : -std::numeric_limits<float>::infinity();
-                    xsimd::exp(floats<A>::load_aligned(tail) - max_batch).store_aligned(tail);
-                    for (std::size_t i = 0; t + i < count; ++i) {
-                        w[t + i] = tail[i];
-                        sum += tail[i];
-                    }
-                }
-                s.sum[g] += sum;
+            for (std::size_t h = 0; h < H; ++h) {
+                float logit = xsimd::hadd(acc[h]);
+                for (std::size_t d = full; d < dim; ++d) logit += q[h][d] * common::element<A, D>::load(k + d);
+                weights[h][t] = logit * p.scale + (p.bias ? p.bias[t0 + t] : 0.0f);
             }
-
-            // Weighted sum of value rows, in register tiles of up to four batches.
-            constexpr std::size_t tile = 4;
-            for (std::size_t d0 = 0; d0 < full; d0 += tile * lanes) {
-                const std::size_t batches = (full - d0) / lanes < tile ? (full - d0) / lanes : tile;
-                floats<A> acc[heads_per_pass][tile];
-                for (std::size_t h = 0; h < heads_per_pass; ++h)
-                    for (std::size_t j = 0; j < tile; ++j)
-                        acc[h][j] = (h < heads && j < batches) ? floats<A>::load_unaligned(s.acc + (g0 + h) * dim + d0 + j * lanes)
-                                                               : floats<A>(0.0f);
-                for (std::size_t t = 0; t < count; ++t) {
-                    const storage* v = values + (t0 + t) * p.value_stride + d0;
-                    for (std::size_t j = 0; j < tile; ++j) {
-                        if (j >= batches) break;
-                        const floats<A> vv = loader<A, D>::load(v + j * lanes);
-                        for (std::size_t h = 0; h < heads_per_pass; ++h)
-                            acc[h][j] = xsimd::fma(floats<A>(weights[h][t]), vv, acc[h][j]);
-                    }
-                }
-                for (std::size_t h = 0; h < heads; ++h)
-                    for (std::size_t j = 0; j < batches; ++j)
-                        acc[h][j].store_unaligned(s.acc + (g0 + h) * dim + d0 + j * lanes);
-            }
-            for (std::size_t d = full; d < dim; ++d)
-                for (std::size_t h = 0; h < heads; ++h) {
-                    float total = s.acc[(g0 + h) * dim + d];
-                    for (std::size_t t = 0; t < count; ++t)
-                        total += weights[h][t] * common::element<A, D>::load(values + (t0 + t) * p.value_stride + d);
-                    s.acc[(g0 + h) * dim + d] = total;
-                }
         }
+
+        // Online softmax update; weights become exp(logit - new max).
+        for (std::size_t h = 0; h < H; ++h) {
+            const std::size_t g = g0 + h;
+            float* w = weights[h];
+            if (p.logits) {
+                float* out = p.logits + g * p.logits_stride + t0;
+                for (std::size_t t = 0; t < count; ++t) out[t] = w[t];
+            }
+            float block_max = -std::numeric_limits<float>::infinity();
+            for (std::size_t t = 0; t < count; ++t) block_max = w[t] > block_max ? w[t] : block_max;
+            const float new_max = block_max > s.max[g] ? block_max : s.max[g];
+            if (new_max > s.max[g]) {
+                const float rescale = common::exp<A>(s.max[g] - new_max);
+                s.sum[g] *= rescale;
+                float* acc = s.acc + g * dim;
+                const floats<A> factor(rescale);
+                std::size_t d = 0;
+                for (; d < full; d += lanes) (floats<A>::load_unaligned(acc + d) * factor).store_unaligned(acc + d);
+                for (; d < dim; ++d) acc[d] *= rescale;
+                s.max[g] = new_max;
+            }
+            const floats<A> max_batch(new_max);
+            floats<A> sums(0.0f);
+            std::size_t t = 0;
+            for (; t + lanes <= count; t += lanes) {
+                const floats<A> e = xsimd::exp(floats<A>::load_aligned(w + t) - max_batch);
+                e.store_aligned(w + t);
+                sums += e;
+            }
+            float sum = xsimd::hadd(sums);
+            if (t < count) {
+                alignas(64) float tail[lanes];
+                for (std::size_t i = 0; i < lanes; ++i)
+                    tail[i] = t + i < count ? w[t + i] : -std::numeric_limits<float>::infinity();
+                xsimd::exp(floats<A>::load_aligned(tail) - max_batch).store_aligned(tail);
+                for (std::size_t i = 0; t + i < count; ++i) {
+                    w[t + i] = tail[i];
+                    sum += tail[i];
+                }
+            }
+            s.sum[g] += sum;
+        }
+
+        // Weighted sum of value rows, in register tiles of `tile` batches x H heads.
+        constexpr std::size_t tile = H == 1 ? 8 : 4;
+        for (std::size_t d0 = 0; d0 < full; d0 += tile * lanes) {
+            const std::size_t batches = (full - d0) / lanes < tile ? (full - d0) / lanes : tile;
+            floats<A> acc[H][tile];
+            for (std::size_t h = 0; h < H; ++h)
+                for (std::size_t j = 0; j < tile; ++j)
+                    acc[h][j] = j < batches ? floats<A>::load_unaligned(s.acc + (g0 + h) * dim + d0 + j * lanes)
+                                            : floats<A>(0.0f);
+            for (std::size_t t = 0; t < count; ++t) {
+                const storage* v = values + (t0 + t) * p.value_stride + d0;
+                for (std::size_t j = 0; j < tile; ++j) {
+                    if (j >= batches) break;
+                    const floats<A> vv = loader<A, D>::load(v + j * lanes);
+                    for (std::size_t h = 0; h < H; ++h) acc[h][j] = xsimd::fma(floats<A>(weights[h][t]), vv, acc[h][j]);
+                }
+            }
+            for (std::size_t h = 0; h < H; ++h)
+                for (std::size_t j = 0; j < batches; ++j) acc[h][j].store_unaligned(s.acc + (g0 + h) * dim + d0 + j * lanes);
+        }
+        for (std::size_t d = full; d < dim; ++d)
+            for (std::size_t h = 0; h < H; ++h) {
+                float total = s.acc[(g0 + h) * dim + d];
+                for (std::size_t t = 0; t < count; ++t)
+                    total += weights[h][t] * common::element<A, D>::load(values + (t0 + t) * p.value_stride + d);
+                s.acc[(g0 + h) * dim + d] = total;
+            }
+    }
+}
+
+template <class A, dtype D>
+void attend_partial(const decode_problem& p, const decode_state& s) noexcept {
+    std::size_t g0 = 0;
+    for (; g0 + 4 <= p.group; g0 += 4) attend_heads<A, D, 4>(p, s, g0);
+    switch (p.group - g0) {
+    case 3: attend_heads<A, D, 3>(p, s, g0); break;
+    case 2: attend_heads<A, D, 2>(p, s, g0); break;
+    case 1: attend_heads<A, D, 1>(p, s, g0); break;
+    default: break;
     }
 }
 
