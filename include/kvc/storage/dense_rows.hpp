@@ -81,6 +81,29 @@ public:
         detail::convert_row(k, from, value, type_, value_row(t), dim_);
     }
 
+    // Keeps only the rows at `indices` (ascending, each < tokens()), moved to
+    // the front in that order: the compaction step of eviction. Memory is
+    // returned by a following shrink_to_fit().
+    void keep(const std::uint32_t* indices, std::size_t count) noexcept {
+        const std::size_t bytes = row_bytes();
+        for (std::size_t i = 0; i < count; ++i) {
+            if (indices[i] == i) continue;
+            std::memmove(key_row(i), key_row(indices[i]), bytes);
+            std::memmove(value_row(i), value_row(indices[i]), bytes);
+        }
+        truncate(count);
+    }
+
+    // Rows [first, first + count) widened to fp32, [count][dim]: what scorers read.
+    void decode_keys(const kernels::kernel_table& k, std::size_t first, std::size_t count, float* out) const noexcept {
+        for (std::size_t t = 0; t < count; ++t) k.to_f32[kernels::index_of(type_)](key_row(first + t), out + t * dim_, dim_);
+    }
+    void decode_values(const kernels::kernel_table& k, std::size_t first, std::size_t count,
+                       float* out) const noexcept {
+        for (std::size_t t = 0; t < count; ++t)
+            k.to_f32[kernels::index_of(type_)](value_row(first + t), out + t * dim_, dim_);
+    }
+
     // Keeps the first `rows` rows.
     void truncate(std::size_t rows) noexcept {
         if (rows < tokens()) {

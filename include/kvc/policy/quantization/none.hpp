@@ -8,6 +8,9 @@
 //   push_back(kernels, from, key, value)       encode one row pair (noexcept, capacity reserved)
 //   attend(kernels, problem, state)            fold every row into a running softmax state
 //   prefill(kernels, problem, workspace)       causal chunk attention over the rows
+//   decode_keys / decode_values(kernels, first, count, out)
+//                                              rows widened to fp32 (what scorers and tools read)
+//   keep(indices, count)                       compact to the rows at ascending indices (eviction), noexcept
 //   reserve(n), shrink_to_fit(), release()
 // and a factory `make_head(config)`. `none<T>` stores rows of T with
 // dense_rows, the same storage and kernels as full_cache.
