@@ -19,7 +19,7 @@
 #include "kvc/kernels/dispatch.hpp"
 
 #include "kvc/policy/traits.hpp"
-#include "kvc/policy/eviction/none.hpp"
+#include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/projection/none.hpp"

@@ -1,28 +1,35 @@
 // kvc/cache/compressed_cache.hpp -- the composition host of the four policy families.
 //
-//   kvc::compressed_cache<Eviction, Merging, Quantization, Projection> cache(config);
+//   kvc::compressed_cache<Eviction, Merging, Quantization, Projection> cache(config, eviction, ...);
 //
-// Each (layer, KV head) owns its own store of encoded rows and their original
-// positions, so heads can hold different numbers of tokens once eviction
-// frees memory per head (ragged storage). The data flow of one decode step is
-//   append(layer, k, v, pos) -> attend(layer, q, out) -> [trigger -> scorer ->
-//   selector -> merger] -> codec -> storage
-// where the bracketed steps belong to the eviction and merging families.
+// Each (layer, KV head) owns its own store of encoded rows, their original
+// positions and its policies' running state, so heads hold different numbers
+// of tokens once eviction runs, and evicted memory really goes back to the
+// memory resource (ragged storage, not masking). One decode step is
+//   append(layer, k, v, pos)   -> [schedule: compress(layer)] -> codec -> storage
+//   attend(layer, q, out)      -> fused attention over the stored form, emitting
+//                                 the statistics the policies asked for
+// and compress(layer) is scorer -> selector -> compaction.
 //
 // config.storage is full_cache's; here the codec decides how rows are stored.
 // Policies are small value types given to the constructor (default-constructed
-// when not given); their running state lives in the cache's per-head storage.
+// when not given). The cache collects exactly what they ask for
+// (needs_attention_stats, needs_queries) and nothing when they ask for nothing.
 // With every slot `none` the cache runs the same storage and kernels as
 // kvc::full_cache and produces bit-identical outputs (tested).
 //
-// Thread safety and errors as full_cache: different layers may be used
-// concurrently; every call checks its arguments before changing anything.
+// Thread safety as full_cache: different layers may be used concurrently.
+// Errors: every call checks its arguments before changing anything. An append
+// may first run the compression its schedule asks for; an allocation failure
+// after that leaves the new tokens out and every stored token intact.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory_resource>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -30,9 +37,27 @@
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/cache/head_attention.hpp"
 #include "kvc/kernels/dispatch.hpp"
+#include "kvc/policy/eviction/none.hpp"
+#include "kvc/policy/eviction/policy.hpp"
 #include "kvc/policy/traits.hpp"
 
 namespace kvc {
+
+namespace detail {
+
+// Moves the elements at ascending `indices` to the front and drops the rest.
+template <class T>
+void keep_elements(aligned_buffer<T>& buffer, const std::uint32_t* indices, std::size_t count) noexcept {
+    for (std::size_t i = 0; i < count; ++i) buffer[i] = buffer[indices[i]];
+    buffer.resize_within_capacity(count);
+}
+
+template <class P, class = void>
+struct has_validate : std::false_type {};
+template <class P>
+struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
+
+} // namespace detail
 
 template <class Eviction, class Merging, class Quantization, class Projection>
 class compressed_cache {
@@ -56,6 +81,7 @@ public:
     using projection_type = Projection;
     using head_storage = typename Quantization::head_storage;
 
+    static constexpr bool evicts = Eviction::evicts;
     // What the cache collects for its policies: nothing that none of them asks for.
     static constexpr bool collects_attention_stats = needs_attention_stats_v<Eviction> ||
                                                      needs_attention_stats_v<Merging> ||
@@ -65,23 +91,20 @@ public:
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
                               Quantization quantization = {}, Projection projection = {})
-        : config_(checked(config)), eviction_(std::move(eviction)), merging_(std::move(merging)),
-          quantization_(std::move(quantization)), projection_(std::move(projection)), heads_(config_.resource),
-          positions_(config_.resource), last_position_(config_.layers, -1, config_.resource) {
+        : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
+          quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
+          heads_(config_.resource), layers_(config_.resource) {
         const std::size_t count = config_.layers * config_.kv_heads;
         heads_.reserve(count);
-        positions_.reserve(count);
-        for (std::size_t i = 0; i < count; ++i) {
-            heads_.push_back(Quantization::make_head(config_));
-            positions_.emplace_back(config_.resource);
-        }
+        for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{Quantization::make_head(config_), config_.resource});
+        layers_.reserve(config_.layers);
+        for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
     }
 
     compressed_cache(const compressed_cache& other)
         : config_(other.config_), eviction_(other.eviction_), merging_(other.merging_),
           quantization_(other.quantization_), projection_(other.projection_),
-          heads_(other.heads_, other.config_.resource), positions_(other.positions_, other.config_.resource),
-          last_position_(other.last_position_, other.config_.resource) {}
+          heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource) {}
     compressed_cache& operator=(const compressed_cache& other) {
         if (this != &other) {
             compressed_cache copy(other);
@@ -99,50 +122,80 @@ public:
     const Quantization& quantization() const noexcept { return quantization_; }
     const Projection& projection() const noexcept { return projection_; }
 
-    // As full_cache::append.
+    // As full_cache::append. With an evicting policy, the schedule may first
+    // compress the layer (after prefill, or when a head is `interval` over budget).
     template <class KeyView, class ValueView>
     void append(std::size_t layer, const KeyView& keys, const ValueView& values, std::int64_t first_position) {
         detail::validate_layer(config_, layer, "compressed_cache::append");
         detail::validate_kv_views(config_, keys, values, "compressed_cache::append");
         const std::size_t count = keys.tokens();
-        detail::require(first_position > last_position_[layer], "compressed_cache::append: first_position ",
-                        first_position, " must be greater than the last appended position ",
-                        last_position_[layer]);
+        layer_state& state = layers_[layer];
+        detail::require(first_position > state.last_position, "compressed_cache::append: first_position ",
+                        first_position, " must be greater than the last appended position ", state.last_position);
         detail::require(first_position >= 0 && static_cast<std::uint64_t>(first_position) + count <=
                                                     static_cast<std::uint64_t>(std::numeric_limits<std::int32_t>::max()),
                         "compressed_cache::append: expected positions in 0..2^31-1, got first_position ",
                         first_position, " with ", count, " tokens");
         if (count == 0) return;
+        if constexpr (evicts) {
+            // The prompt is complete once decoding starts: compress it first.
+            if (eviction_.when.after_prefill && state.prefill_pending && count == 1) compress(layer);
+        }
 
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-            mutable_positions(layer, h).reserve_for_append(count);
-            mutable_head(layer, h).reserve_for_append(count);
+            head_slot& slot = mutable_head(layer, h);
+            slot.positions.reserve_for_append(count);
+            slot.rows.reserve_for_append(count);
+            if constexpr (collects_attention_stats) slot.stats.reserve_for_append(count);
         }
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
             for (std::size_t h = 0; h < config_.kv_heads; ++h)
-                mutable_head(layer, h).push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
+                mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-            auto& stored = mutable_positions(layer, h);
-            const std::size_t old = stored.size();
-            stored.resize_within_capacity(old + count);
-            for (std::size_t t = 0; t < count; ++t) stored[old + t] = static_cast<std::int32_t>(first_position + t);
+            head_slot& slot = mutable_head(layer, h);
+            const std::size_t old = slot.positions.size();
+            slot.positions.resize_within_capacity(old + count);
+            for (std::size_t t = 0; t < count; ++t)
+                slot.positions[old + t] = static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t));
+            if constexpr (collects_attention_stats) {
+                slot.stats.resize_within_capacity(old + count);
+                for (std::size_t t = 0; t < count; ++t) slot.stats[old + t] = 0.0f;
+            }
         }
-        last_position_[layer] = first_position + static_cast<std::int64_t>(count) - 1;
+        if (state.last_position < 0) state.first_position = first_position;
+        state.last_position = first_position + static_cast<std::int64_t>(count) - 1;
+        state.seen += count;
+
+        if constexpr (evicts) {
+            if (eviction_.when.interval != 0 && !state.prefill_pending) {
+                bool over = false;
+                for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                    const std::size_t held = tokens(layer, h);
+                    over = over || held > eviction_.keep.target(held, state.seen) + eviction_.when.interval;
+                }
+                if (over) compress(layer);
+            }
+        }
     }
 
-    // As full_cache::attend; mass holds, head after head, tokens(layer, h) floats.
-    void attend(std::size_t layer, const float* queries, float* out, float* mass = nullptr) const {
+    // As full_cache::attend; mass (optional) holds, head after head, tokens(layer, h) floats.
+    // Records the statistics and queries the policies asked for.
+    void attend(std::size_t layer, const float* queries, float* out, float* mass = nullptr) {
         detail::validate_layer(config_, layer, "compressed_cache::attend");
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend: expected non-null queries and out");
+        std::vector<float> local; // statistics for the policies when the caller wants none
+        float* statistics = statistics_buffer(layer, mass, local);
         detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); }, queries,
-                             out, mass);
+                             out, statistics);
+        observe(layer, statistics, queries, 1);
     }
 
-    // As full_cache::attend_chunk.
+    // As full_cache::attend_chunk. Marks the layer as prefilled: with
+    // schedule::after_prefill, the next single-token append compresses it.
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out,
-                      float* mass = nullptr) const {
+                      float* mass = nullptr) {
         detail::validate_layer(config_, layer, "compressed_cache::attend_chunk");
         std::size_t shortest = head(layer, 0).tokens();
         for (std::size_t h = 1; h < config_.kv_heads; ++h)
@@ -151,8 +204,78 @@ public:
                         shortest, " (the tokens every head holds), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend_chunk: expected non-null queries and out");
+        std::vector<float> local;
+        float* statistics = statistics_buffer(layer, mass, local);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); },
-                                   queries, chunk, out, mass);
+                                   queries, chunk, out, statistics);
+        observe(layer, statistics, queries, chunk);
+        layers_[layer].prefill_pending = true;
+    }
+
+    // Runs the eviction policy on `layer` now: scores every KV head, selects
+    // what the budget keeps, compacts, and returns the freed memory. Scoring
+    // and selection (the steps that allocate) finish for every head before any
+    // head changes, so a failure leaves the layer as it was.
+    void compress(std::size_t layer) {
+        detail::validate_layer(config_, layer, "compressed_cache::compress");
+        if constexpr (evicts) {
+            layer_state& state = layers_[layer];
+            const kernels::kernel_table& k = kernels::active();
+            using scorer_type = typename Eviction::scorer_type;
+            std::vector<std::vector<std::uint32_t>> keep(config_.kv_heads);
+            std::vector<char> changes(config_.kv_heads, 0);
+            std::vector<float> keys, values, scores, recent;
+            const std::size_t group = config_.group(), dim = config_.head_dim;
+            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                const head_slot& slot = head_slot_at(layer, h);
+                const std::size_t held = slot.rows.tokens();
+                const std::size_t target = eviction_.keep.target(held, state.seen);
+                if (target >= held) continue;
+                evict::head_inputs in;
+                in.layer = layer;
+                in.kv_head = h;
+                in.tokens = held;
+                in.dim = dim;
+                in.positions = slot.positions.data();
+                in.last_position = state.last_position;
+                in.scale = config_.logit_scale();
+                in.kernels = &k;
+                in.group = group;
+                if constexpr (scorer_type::needs_keys) {
+                    keys.resize(held * dim);
+                    slot.rows.decode_keys(k, 0, held, keys.data());
+                    in.keys = keys.data();
+                }
+                if constexpr (scorer_type::needs_values) {
+                    values.resize(held * dim);
+                    slot.rows.decode_values(k, 0, held, values.data());
+                    in.values = values.data();
+                }
+                if constexpr (collects_attention_stats) in.attention = slot.stats.data();
+                if constexpr (collects_queries) {
+                    in.query_count = gather_queries(state, h, recent);
+                    in.queries = recent.data();
+                }
+                scores.resize(held);
+                eviction_.scorer.score(in, scores.data());
+                eviction_.selector.select(scores.data(), slot.positions.data(), held, target, eviction_.keep,
+                                          state.first_position, keep[h]);
+                changes[h] = 1;
+            }
+            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                if (!changes[h]) continue;
+                head_slot& slot = mutable_head(layer, h);
+                slot.rows.keep(keep[h].data(), keep[h].size());
+                detail::keep_elements(slot.positions, keep[h].data(), keep[h].size());
+                if constexpr (collects_attention_stats) detail::keep_elements(slot.stats, keep[h].data(), keep[h].size());
+            }
+            state.prefill_pending = false;
+            for (std::size_t h = 0; h < config_.kv_heads; ++h)
+                if (changes[h]) release_spare(mutable_head(layer, h));
+        }
+    }
+    void compress() {
+        for (std::size_t l = 0; l < config_.layers; ++l) compress(l);
     }
 
     // Tokens held by one KV head (heads may differ once eviction runs).
@@ -163,52 +286,166 @@ public:
         for (std::size_t h = 0; h < config_.kv_heads; ++h) total += tokens(layer, h);
         return total;
     }
+    // Tokens appended to the layer so far, evicted or not.
+    std::size_t tokens_seen(std::size_t layer) const noexcept { return layers_[layer].seen; }
     // Original positions of the tokens one KV head holds.
     const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const noexcept {
-        return positions_[layer * config_.kv_heads + kv_head].data();
+        return head_slot_at(layer, kv_head).positions.data();
+    }
+    // The running attention statistic of one head (empty unless a policy asked for it).
+    const float* attention_statistic(std::size_t layer, std::size_t kv_head) const noexcept {
+        return head_slot_at(layer, kv_head).stats.data();
     }
 
     const head_storage& head(std::size_t layer, std::size_t kv_head) const noexcept {
-        return heads_[layer * config_.kv_heads + kv_head];
+        return head_slot_at(layer, kv_head).rows;
     }
 
-    // Every byte taken from the memory resource: encoded rows, positions and bookkeeping.
+    // Every byte taken from the memory resource: encoded rows, positions,
+    // policy state, recent queries and bookkeeping.
     std::size_t bytes() const noexcept {
-        std::size_t total = heads_.capacity() * sizeof(head_storage) +
-                            positions_.capacity() * sizeof(aligned_buffer<std::int32_t>) +
-                            last_position_.capacity() * sizeof(std::int64_t);
-        for (const head_storage& store : heads_) total += store.bytes();
-        for (const auto& stored : positions_) total += stored.bytes();
+        std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
+        for (const head_slot& slot : heads_) total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes();
+        for (const layer_state& state : layers_) total += state.queries.bytes();
         return total;
     }
 
     void reserve(std::size_t tokens) {
-        for (std::size_t i = 0; i < heads_.size(); ++i) {
-            heads_[i].reserve(tokens);
-            positions_[i].reserve(tokens);
+        for (head_slot& slot : heads_) {
+            slot.rows.reserve(tokens);
+            slot.positions.reserve(tokens);
+            if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
         }
     }
     void shrink_to_fit() {
-        for (head_storage& store : heads_) store.shrink_to_fit();
-        for (auto& stored : positions_) stored.shrink_to_fit();
+        for (head_slot& slot : heads_) {
+            slot.rows.shrink_to_fit();
+            slot.positions.shrink_to_fit();
+            slot.stats.shrink_to_fit();
+        }
     }
     void clear() noexcept {
-        for (head_storage& store : heads_) store.release();
-        for (auto& stored : positions_) stored.release();
-        for (auto& last : last_position_) last = -1;
+        for (head_slot& slot : heads_) {
+            slot.rows.release();
+            slot.positions.release();
+            slot.stats.release();
+        }
+        for (layer_state& state : layers_) {
+            state.queries.release();
+            state.last_position = -1;
+            state.first_position = 0;
+            state.seen = 0;
+            state.query_count = 0;
+            state.query_next = 0;
+            state.prefill_pending = false;
+        }
     }
 
 private:
+    // Everything one (layer, KV head) owns.
+    struct head_slot {
+        head_storage rows;
+        aligned_buffer<std::int32_t> positions;
+        aligned_buffer<float> stats; // running attention statistic of the scorer
+        head_slot(head_storage rows_, memory_resource* resource)
+            : rows(std::move(rows_)), positions(resource), stats(resource) {}
+    };
+    // Everything one layer owns besides its heads.
+    struct layer_state {
+        std::int64_t last_position = -1;
+        std::int64_t first_position = 0;
+        std::size_t seen = 0;
+        bool prefill_pending = false;
+        aligned_buffer<float> queries; // ring of the most recent queries, [window][query_heads][dim]
+        std::size_t query_count = 0;   // queries in the ring (<= window)
+        std::size_t query_next = 0;    // ring slot the next query goes to
+        explicit layer_state(memory_resource* resource) : queries(resource) {}
+    };
+
+    static constexpr std::size_t query_window() noexcept {
+        if constexpr (needs_queries_v<Eviction>) return Eviction::scorer_type::query_window;
+        else return 0;
+    }
+
     static cache_config checked(cache_config config) {
         detail::validate(config, "compressed_cache");
         if (config.resource == nullptr) config.resource = default_resource();
         return config;
     }
-    head_storage& mutable_head(std::size_t layer, std::size_t kv_head) noexcept {
+    template <class P>
+    static P validated(P policy) {
+        if constexpr (detail::has_validate<P>::value) policy.validate();
+        return policy;
+    }
+
+    // Where attention statistics go: the caller's buffer, or `local` when only a policy wants them.
+    float* statistics_buffer(std::size_t layer, float* caller_mass, std::vector<float>& local) const {
+        if constexpr (collects_attention_stats) {
+            if (caller_mass) return caller_mass;
+            local.resize(tokens(layer));
+            return local.data();
+        } else {
+            (void)layer, (void)local;
+            return caller_mass;
+        }
+    }
+
+    // Feeds one attention call's statistics and queries to the policies' state.
+    void observe(std::size_t layer, const float* mass, const float* queries, std::size_t query_tokens) {
+        if constexpr (collects_attention_stats) {
+            std::size_t offset = 0;
+            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                head_slot& slot = mutable_head(layer, h);
+                const std::size_t held = slot.rows.tokens();
+                eviction_.scorer.observe(slot.stats.data(), mass + offset, held, query_tokens);
+                offset += held;
+            }
+        }
+        if constexpr (collects_queries) {
+            layer_state& state = layers_[layer];
+            const std::size_t row = config_.query_heads * config_.head_dim, window = query_window();
+            if (state.queries.capacity() < window * row) state.queries.reserve(window * row);
+            state.queries.resize_within_capacity(window * row);
+            const std::size_t first = query_tokens > window ? query_tokens - window : 0;
+            for (std::size_t i = first; i < query_tokens; ++i) {
+                std::memcpy(state.queries.data() + state.query_next * row, queries + i * row, row * sizeof(float));
+                state.query_next = (state.query_next + 1) % window;
+                state.query_count = state.query_count < window ? state.query_count + 1 : window;
+            }
+        } else {
+            (void)layer, (void)queries, (void)query_tokens;
+        }
+    }
+
+    // The recorded queries of KV head h's group, oldest first: [count][group][dim].
+    std::size_t gather_queries(const layer_state& state, std::size_t h, std::vector<float>& out) const {
+        const std::size_t group = config_.group(), dim = config_.head_dim, window = query_window();
+        const std::size_t row = config_.query_heads * dim;
+        out.resize(state.query_count * group * dim);
+        const std::size_t oldest = (state.query_next + window - state.query_count) % (window ? window : 1);
+        for (std::size_t i = 0; i < state.query_count; ++i) {
+            const float* src = state.queries.data() + ((oldest + i) % window) * row + h * group * dim;
+            std::memcpy(out.data() + i * group * dim, src, group * dim * sizeof(float));
+        }
+        return state.query_count;
+    }
+
+    // Returns evicted capacity to the resource. Shrinking reallocates; if that
+    // fails the cache stays correct, just holding its old capacity.
+    static void release_spare(head_slot& slot) noexcept {
+        try {
+            slot.rows.shrink_to_fit();
+            slot.positions.shrink_to_fit();
+            slot.stats.shrink_to_fit();
+        } catch (const std::bad_alloc&) {
+        }
+    }
+
+    const head_slot& head_slot_at(std::size_t layer, std::size_t kv_head) const noexcept {
         return heads_[layer * config_.kv_heads + kv_head];
     }
-    aligned_buffer<std::int32_t>& mutable_positions(std::size_t layer, std::size_t kv_head) noexcept {
-        return positions_[layer * config_.kv_heads + kv_head];
+    head_slot& mutable_head(std::size_t layer, std::size_t kv_head) noexcept {
+        return heads_[layer * config_.kv_heads + kv_head];
     }
 
     cache_config config_;
@@ -216,9 +453,8 @@ private:
     Merging merging_;
     Quantization quantization_;
     Projection projection_;
-    std::pmr::vector<head_storage> heads_;                     // [layer][kv_head]
-    std::pmr::vector<aligned_buffer<std::int32_t>> positions_; // [layer][kv_head]
-    std::pmr::vector<std::int64_t> last_position_; // [layer], -1 before the first append
+    std::pmr::vector<head_slot> heads_;    // [layer][kv_head]
+    std::pmr::vector<layer_state> layers_; // [layer]
 };
 
 } // namespace kvc
