@@ -235,6 +235,7 @@ public:
                 in.layer = layer;
                 in.kv_head = h;
                 in.tokens = held;
+                in.target = target;
                 in.dim = dim;
                 in.positions = slot.positions.data();
                 in.last_position = state.last_position;

@@ -82,6 +82,7 @@ struct schedule {
 struct head_inputs {
     std::size_t layer = 0, kv_head = 0;
     std::size_t tokens = 0, dim = 0;
+    std::size_t target = 0;                    // tokens the selector will keep (two-stage scorers use it)
     const float* keys = nullptr;               // if Scorer::needs_keys
     const float* values = nullptr;             // if Scorer::needs_values
     const std::int32_t* positions = nullptr;   // original positions, ascending
