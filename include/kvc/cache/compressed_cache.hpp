@@ -53,7 +53,17 @@ void keep_elements(aligned_buffer<T>& buffer, const std::uint32_t* indices, std:
 }
 
 template <class P, class = void>
+struct needs_external_scores_of : std::false_type {};
+template <class P>
+struct needs_external_scores_of<P, std::void_t<decltype(P::scorer_type::needs_external_scores)>>
+    : std::bool_constant<P::scorer_type::needs_external_scores> {};
+
+template <class P, class = void>
 struct has_validate : std::false_type {};
+template <class P, class = void>
+struct has_layer_validate : std::false_type {};
+template <class P>
+struct has_layer_validate<P, std::void_t<decltype(std::declval<const P&>().validate(std::size_t{}))>> : std::true_type {};
 template <class P>
 struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
 
@@ -88,6 +98,7 @@ public:
                                                      needs_attention_stats_v<Quantization>;
     static constexpr bool collects_queries = needs_queries_v<Eviction> || needs_queries_v<Merging> ||
                                              needs_queries_v<Quantization> || needs_queries_v<Projection>;
+    static constexpr bool collects_external = detail::needs_external_scores_of<Eviction>::value;
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
                               Quantization quantization = {}, Projection projection = {})
@@ -147,6 +158,7 @@ public:
             slot.positions.reserve_for_append(count);
             slot.rows.reserve_for_append(count);
             if constexpr (collects_attention_stats) slot.stats.reserve_for_append(count);
+            if constexpr (collects_external) slot.external.reserve_for_append(count);
         }
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
@@ -162,6 +174,10 @@ public:
                 slot.stats.resize_within_capacity(old + count);
                 for (std::size_t t = 0; t < count; ++t) slot.stats[old + t] = 0.0f;
             }
+            if constexpr (collects_external) {
+                slot.external.resize_within_capacity(old + count);
+                for (std::size_t t = 0; t < count; ++t) slot.external[old + t] = 0.0f;
+            }
         }
         if (state.last_position < 0) state.first_position = first_position;
         state.last_position = first_position + static_cast<std::int64_t>(count) - 1;
@@ -172,7 +188,7 @@ public:
                 bool over = false;
                 for (std::size_t h = 0; h < config_.kv_heads; ++h) {
                     const std::size_t held = tokens(layer, h);
-                    over = over || held > eviction_.keep.target(held, state.seen) + eviction_.when.interval;
+                    over = over || held > target_of(layer, held) + eviction_.when.interval;
                 }
                 if (over) compress(layer);
             }
@@ -222,15 +238,29 @@ public:
             layer_state& state = layers_[layer];
             const kernels::kernel_table& k = kernels::active();
             using scorer_type = typename Eviction::scorer_type;
-            std::vector<std::vector<std::uint32_t>> keep(config_.kv_heads);
-            std::vector<char> changes(config_.kv_heads, 0);
-            std::vector<float> keys, values, scores, recent;
-            const std::size_t group = config_.group(), dim = config_.head_dim;
-            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+            using selector_type = typename Eviction::selector_type;
+            const std::size_t heads = config_.kv_heads, group = config_.group(), dim = config_.head_dim;
+            std::vector<std::vector<float>> scores(heads);
+            std::vector<float> keys, values, recent;
+            evict::layer_candidates candidates;
+            candidates.heads.resize(heads);
+            candidates.keep = &eviction_.keep;
+            candidates.first_position = state.first_position;
+            bool any = false;
+            for (std::size_t h = 0; h < heads; ++h) {
                 const head_slot& slot = head_slot_at(layer, h);
                 const std::size_t held = slot.rows.tokens();
-                const std::size_t target = eviction_.keep.target(held, state.seen);
-                if (target >= held) continue;
+                const std::size_t target = target_of(layer, held);
+                evict::head_candidates& candidate = candidates.heads[h];
+                candidate.positions = slot.positions.data();
+                candidate.held = held;
+                candidate.target = target;
+                if (held == 0 || (selector_type::uses_target && target >= held)) {
+                    candidate.target = held; // nothing to drop
+                    scores[h].assign(held, 0.0f);
+                    candidate.scores = scores[h].data();
+                    continue;
+                }
                 evict::head_inputs in;
                 in.layer = layer;
                 in.kv_head = h;
@@ -253,26 +283,33 @@ public:
                     in.values = values.data();
                 }
                 if constexpr (collects_attention_stats) in.attention = slot.stats.data();
+                if constexpr (collects_external) in.external = slot.external.data();
                 if constexpr (collects_queries) {
                     in.query_count = gather_queries(state, h, recent);
                     in.queries = recent.data();
                 }
-                scores.resize(held);
-                eviction_.scorer.score(in, scores.data());
-                eviction_.selector.select(scores.data(), slot.positions.data(), held, target, eviction_.keep,
-                                          state.first_position, keep[h]);
-                changes[h] = 1;
+                scores[h].resize(held);
+                eviction_.scorer.score(in, scores[h].data());
+                candidate.scores = scores[h].data();
+                any = true;
             }
-            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                if (!changes[h]) continue;
+            if (!any) {
+                state.prefill_pending = false;
+                return;
+            }
+            std::vector<std::vector<std::uint32_t>> keep;
+            eviction_.selector.select(candidates, keep);
+            // Every allocation is done: from here on nothing throws.
+            for (std::size_t h = 0; h < heads; ++h) {
+                if (keep[h].size() == candidates.heads[h].held) continue;
                 head_slot& slot = mutable_head(layer, h);
                 slot.rows.keep(keep[h].data(), keep[h].size());
                 detail::keep_elements(slot.positions, keep[h].data(), keep[h].size());
                 if constexpr (collects_attention_stats) detail::keep_elements(slot.stats, keep[h].data(), keep[h].size());
+                if constexpr (collects_external) detail::keep_elements(slot.external, keep[h].data(), keep[h].size());
+                release_spare(slot);
             }
             state.prefill_pending = false;
-            for (std::size_t h = 0; h < config_.kv_heads; ++h)
-                if (changes[h]) release_spare(mutable_head(layer, h));
         }
     }
     void compress() {
@@ -293,6 +330,13 @@ public:
     const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const noexcept {
         return head_slot_at(layer, kv_head).positions.data();
     }
+    // E18: scores the engine computes itself (a reconstruction pass, a draft
+    // model's attention), one float per token the head holds, in the order of
+    // positions(layer, h); the `external` scorer ranks by them. New tokens start at 0.
+    float* external_scores(std::size_t layer, std::size_t kv_head) noexcept {
+        return mutable_head(layer, kv_head).external.data();
+    }
+
     // The running attention statistic of one head (empty unless a policy asked for it).
     const float* attention_statistic(std::size_t layer, std::size_t kv_head) const noexcept {
         return head_slot_at(layer, kv_head).stats.data();
@@ -306,7 +350,8 @@ public:
     // policy state, recent queries and bookkeeping.
     std::size_t bytes() const noexcept {
         std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
-        for (const head_slot& slot : heads_) total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes();
+        for (const head_slot& slot : heads_)
+            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes();
         for (const layer_state& state : layers_) total += state.queries.bytes();
         return total;
     }
@@ -316,6 +361,7 @@ public:
             slot.rows.reserve(tokens);
             slot.positions.reserve(tokens);
             if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
+            if constexpr (collects_external) slot.external.reserve(tokens);
         }
     }
     void shrink_to_fit() {
@@ -323,6 +369,7 @@ public:
             slot.rows.shrink_to_fit();
             slot.positions.shrink_to_fit();
             slot.stats.shrink_to_fit();
+            slot.external.shrink_to_fit();
         }
     }
     void clear() noexcept {
@@ -330,6 +377,7 @@ public:
             slot.rows.release();
             slot.positions.release();
             slot.stats.release();
+            slot.external.release();
         }
         for (layer_state& state : layers_) {
             state.queries.release();
@@ -347,9 +395,10 @@ private:
     struct head_slot {
         head_storage rows;
         aligned_buffer<std::int32_t> positions;
-        aligned_buffer<float> stats; // running attention statistic of the scorer
+        aligned_buffer<float> stats;    // running attention statistic of the scorer
+        aligned_buffer<float> external; // engine-supplied scores (E18)
         head_slot(head_storage rows_, memory_resource* resource)
-            : rows(std::move(rows_)), positions(resource), stats(resource) {}
+            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource) {}
     };
     // Everything one layer owns besides its heads.
     struct layer_state {
@@ -374,9 +423,16 @@ private:
         return config;
     }
     template <class P>
-    static P validated(P policy) {
-        if constexpr (detail::has_validate<P>::value) policy.validate();
+    P validated(P policy) const {
+        if constexpr (detail::has_layer_validate<P>::value) policy.validate(config_.layers);
+        else if constexpr (detail::has_validate<P>::value) policy.validate();
         return policy;
+    }
+
+    // The budget's tokens for one head of `layer` holding `held` tokens.
+    std::size_t target_of(std::size_t layer, std::size_t held) const noexcept {
+        if constexpr (evicts) return eviction_.keep.target(held, layers_[layer].seen, layer, config_.layers);
+        else return held;
     }
 
     // Where attention statistics go: the caller's buffer, or `local` when only a policy wants them.
@@ -438,6 +494,7 @@ private:
             slot.rows.shrink_to_fit();
             slot.positions.shrink_to_fit();
             slot.stats.shrink_to_fit();
+            slot.external.shrink_to_fit();
         } catch (const std::bad_alloc&) {
         }
     }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kvc/policy/eviction/cur.hpp"
+#include "kvc/policy/eviction/external.hpp"
 #include "kvc/policy/eviction/h2o.hpp"
 #include "kvc/policy/eviction/keydiff.hpp"
 #include "kvc/policy/eviction/knorm.hpp"

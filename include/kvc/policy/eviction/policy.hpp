@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <utility>
@@ -29,12 +30,72 @@
 
 namespace kvc::evict {
 
+// How a budget is spread over layers (B3 PyramidKV, B7 layer weights). The
+// per-layer budgets average the uniform one, so the cache's total stays put.
+struct layer_allocation {
+    enum class kind { uniform, pyramid, weights };
+    kind mode = kind::uniform;
+    double beta = 20.0;          // pyramid: the last layer gets 1/beta of the mean, the first 2 - 1/beta
+    std::vector<double> weights; // weights: one importance weight per layer (e.g. 1 - cos(h_in, h_out))
+
+    static layer_allocation uniform() { return {}; }
+    static layer_allocation pyramid(double beta = 20.0) {
+        layer_allocation a;
+        a.mode = kind::pyramid;
+        a.beta = beta;
+        return a;
+    }
+    static layer_allocation by_weights(std::vector<double> weights) {
+        layer_allocation a;
+        a.mode = kind::weights;
+        a.weights = std::move(weights);
+        return a;
+    }
+
+    // The factor layer `layer` of `layers` applies to the mean budget.
+    double factor(std::size_t layer, std::size_t layers) const noexcept {
+        switch (mode) {
+        case kind::uniform: return 1.0;
+        case kind::pyramid: {
+            if (layers < 2) return 1.0;
+            const double low = 1.0 / beta, high = 2.0 - 1.0 / beta;
+            return high - (high - low) * static_cast<double>(layer) / static_cast<double>(layers - 1);
+        }
+        case kind::weights: {
+            double sum = 0.0;
+            for (double w : weights) sum += w;
+            return weights[layer] * static_cast<double>(layers) / sum;
+        }
+        }
+        return 1.0;
+    }
+
+    void validate(std::size_t layers) const {
+        if (mode == kind::pyramid)
+            detail::require(beta >= 1.0 && std::isfinite(beta), "evict::layer_allocation: expected pyramid beta >= 1, got ",
+                            beta);
+        if (mode == kind::weights) {
+            detail::require(weights.size() == layers, "evict::layer_allocation: expected one weight per layer (",
+                            layers, "), got ", weights.size());
+            double sum = 0.0;
+            for (std::size_t l = 0; l < weights.size(); ++l) {
+                detail::require(std::isfinite(weights[l]) && weights[l] >= 0.0,
+                                "evict::layer_allocation: expected finite weights >= 0, got weights[", l, "] = ",
+                                weights[l]);
+                sum += weights[l];
+            }
+            detail::require(sum > 0.0, "evict::layer_allocation: expected some positive layer weight");
+        }
+    }
+};
+
 // How many tokens a KV head keeps after compression.
 struct budget {
     double keep_ratio = 1.0;     // fraction of the tokens the head has seen (used when tokens == 0)
     std::size_t tokens = 0;      // absolute tokens per head; overrides keep_ratio when nonzero
     std::size_t sinks = 4;       // the first tokens of the sequence, always kept (attention sinks)
     std::size_t window = 16;     // the most recent tokens, always kept
+    layer_allocation layers{};   // how the budget is spread over layers
 
     static budget ratio(double keep_ratio, std::size_t sinks = 4, std::size_t window = 16) {
         budget b;
@@ -50,22 +111,32 @@ struct budget {
         b.window = window;
         return b;
     }
+    budget with_layers(layer_allocation allocation) const {
+        budget b = *this;
+        b.layers = std::move(allocation);
+        return b;
+    }
 
-    // Tokens to keep for a head that holds `held` tokens and has seen `seen`.
-    // Never below the protected sinks + window (the budget counts them), never above `held`.
-    std::size_t target(std::size_t held, std::size_t seen) const noexcept {
-        std::size_t want = tokens != 0 ? tokens
-                                       : static_cast<std::size_t>(std::ceil(keep_ratio * static_cast<double>(seen)));
+    // Tokens to keep for a head of `layer` (of `layers`) that holds `held`
+    // tokens and has seen `seen`. Never below the protected sinks + window
+    // (the budget counts them), never above `held`.
+    std::size_t target(std::size_t held, std::size_t seen, std::size_t layer = 0, std::size_t layers = 1) const noexcept {
+        const double mean = tokens != 0 ? static_cast<double>(tokens) : keep_ratio * static_cast<double>(seen);
+        std::size_t want = static_cast<std::size_t>(std::ceil(mean * layers_factor(layer, layers) - 1e-9));
         want = std::max(want, sinks + window);
         return std::min(want, held);
     }
 
-    void validate() const {
+    void validate(std::size_t layer_count = 1) const {
         detail::require(tokens != 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0),
                         "evict::budget: expected keep_ratio in (0, 1] or tokens > 0, got keep_ratio ", keep_ratio);
         detail::require(tokens == 0 || tokens >= sinks + window, "evict::budget: tokens ", tokens,
                         " must be at least sinks + window = ", sinks + window, " (the budget counts them)");
+        layers.validate(layer_count);
     }
+
+private:
+    double layers_factor(std::size_t layer, std::size_t count) const noexcept { return layers.factor(layer, count); }
 };
 
 // When compression runs (B9). After the prompt: at the first decode append
@@ -95,40 +166,180 @@ struct head_inputs {
     const kernels::kernel_table* kernels = nullptr;
 };
 
+// What a selector sees of one KV head and of a layer.
+struct head_candidates {
+    const float* scores = nullptr;
+    const std::int32_t* positions = nullptr;
+    std::size_t held = 0;
+    std::size_t target = 0; // the budget's tokens for this head
+};
+struct layer_candidates {
+    std::vector<head_candidates> heads; // every KV head of the layer (held == 0 or target >= held: nothing to drop)
+    const budget* keep = nullptr;
+    std::int64_t first_position = 0;    // position of the sequence's first token (the sinks)
+};
+
+namespace selection {
+
+// Marks the sinks (first positions of the sequence) and the recent window of
+// one head, at most `limit` tokens; returns how many it marked.
+inline std::size_t protect(const head_candidates& head, const budget& b, std::int64_t first_position,
+                           std::size_t limit, std::vector<char>& chosen) {
+    chosen.assign(head.held, 0);
+    std::size_t taken = 0;
+    for (std::size_t t = 0;
+         t < head.held && head.positions[t] < first_position + static_cast<std::int64_t>(b.sinks) && taken < limit; ++t)
+        chosen[t] = 1, ++taken;
+    for (std::size_t i = 0; i < b.window && i < head.held && taken < limit; ++i)
+        if (!chosen[head.held - 1 - i]) chosen[head.held - 1 - i] = 1, ++taken;
+    return taken;
+}
+
+// Higher score first; NaN last (a broken scorer cannot evict what is useful);
+// ties go to the more recent token.
+inline bool better(const float* scores, std::uint32_t a, std::uint32_t c) {
+    const float sa = scores[a], sc = scores[c];
+    if (std::isnan(sa) != std::isnan(sc)) return std::isnan(sc);
+    return sa > sc || (sa == sc && a > c);
+}
+
+inline void to_indices(const std::vector<char>& chosen, std::vector<std::uint32_t>& keep) {
+    keep.clear();
+    for (std::size_t t = 0; t < chosen.size(); ++t)
+        if (chosen[t]) keep.push_back(static_cast<std::uint32_t>(t));
+}
+
+// Adds the `count` best unchosen tokens of a head to `chosen`.
+inline void take_best(const head_candidates& head, std::size_t count, std::vector<char>& chosen) {
+    std::vector<std::uint32_t> order;
+    for (std::size_t t = 0; t < head.held; ++t)
+        if (!chosen[t]) order.push_back(static_cast<std::uint32_t>(t));
+    count = std::min(count, order.size());
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(count), order.end(),
+                      [&](std::uint32_t a, std::uint32_t c) { return better(head.scores, a, c); });
+    for (std::size_t i = 0; i < count; ++i) chosen[order[i]] = 1;
+}
+
+} // namespace selection
+
 // B1: each head keeps its `target` best tokens; sinks and the recent window
-// first. Ties go to the more recent token. Writes ascending indices.
+// first (they count inside the target). Writes ascending indices per head.
 struct per_head_topk {
-    void select(const float* scores, const std::int32_t* positions, std::size_t held, std::size_t target,
-                const budget& b, std::int64_t first_position, std::vector<std::uint32_t>& keep) const {
-        keep.clear();
-        if (target >= held) {
-            keep.resize(held);
-            std::iota(keep.begin(), keep.end(), 0u);
-            return;
+    static constexpr bool uses_target = true;
+    void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {
+        keep.resize(layer.heads.size());
+        std::vector<char> chosen;
+        for (std::size_t h = 0; h < layer.heads.size(); ++h) {
+            const head_candidates& head = layer.heads[h];
+            const std::size_t target = std::min(head.target, head.held);
+            const std::size_t taken = selection::protect(head, *layer.keep, layer.first_position, target, chosen);
+            selection::take_best(head, target - taken, chosen);
+            selection::to_indices(chosen, keep[h]);
         }
-        std::vector<std::uint32_t> order;
-        order.reserve(held);
-        std::vector<char> chosen(held, 0);
-        std::size_t taken = 0;
-        // Sinks: the first b.sinks positions of the sequence that the head still holds.
-        for (std::size_t t = 0; t < held && positions[t] < first_position + static_cast<std::int64_t>(b.sinks); ++t)
-            if (taken < target) chosen[t] = 1, ++taken;
-        // The recent window.
-        for (std::size_t i = 0; i < b.window && i < held && taken < target; ++i)
-            if (!chosen[held - 1 - i]) chosen[held - 1 - i] = 1, ++taken;
-        for (std::size_t t = 0; t < held; ++t)
-            if (!chosen[t]) order.push_back(static_cast<std::uint32_t>(t));
-        const std::size_t rest = target - taken;
-        std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(rest), order.end(),
-                          [&](std::uint32_t a, std::uint32_t c) {
-                              const float sa = scores[a], sc = scores[c];
-                              // NaN scores rank last, so a broken scorer cannot evict everything useful.
-                              if (std::isnan(sa) != std::isnan(sc)) return std::isnan(sc);
-                              return sa > sc || (sa == sc && a > c);
+    }
+};
+
+// B2 AdaKV: the layer's budget (the sum of its heads' targets) is shared.
+// Each head first keeps `alpha` of its fair share (its protected tokens
+// count there), then the rest goes to the best remaining tokens of any head,
+// so heads end with different lengths and the layer with exactly its total.
+// Scores are compared across heads as the scorer gives them (attention-based
+// scores are probabilities, so they compare naturally).
+struct adakv {
+    static constexpr bool uses_target = true;
+    double alpha = 0.2;
+
+    void validate() const {
+        detail::require(alpha >= 0.0 && alpha <= 1.0, "evict::adakv: expected alpha in [0, 1], got ", alpha);
+    }
+    void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {
+        const std::size_t heads = layer.heads.size();
+        keep.resize(heads);
+        std::vector<std::vector<char>> chosen(heads);
+        std::size_t total = 0, used = 0;
+        for (std::size_t h = 0; h < heads; ++h) {
+            const head_candidates& head = layer.heads[h];
+            const std::size_t target = std::min(head.target, head.held);
+            total += target;
+            const std::size_t floor = std::max<std::size_t>(
+                static_cast<std::size_t>(std::ceil(alpha * static_cast<double>(target))), 0);
+            const std::size_t taken = selection::protect(head, *layer.keep, layer.first_position, target, chosen[h]);
+            const std::size_t first = floor > taken ? std::min(floor, target) - taken : 0;
+            selection::take_best(head, first, chosen[h]);
+            used += taken + first;
+        }
+        // The rest of the layer's budget: globally best tokens across heads.
+        struct candidate {
+            float score;
+            std::uint32_t head, token;
+        };
+        std::vector<candidate> pool;
+        for (std::size_t h = 0; h < heads; ++h)
+            for (std::size_t t = 0; t < layer.heads[h].held; ++t)
+                if (!chosen[h][t])
+                    pool.push_back({layer.heads[h].scores[t], static_cast<std::uint32_t>(h), static_cast<std::uint32_t>(t)});
+        const std::size_t rest = std::min(total - std::min(total, used), pool.size());
+        std::partial_sort(pool.begin(), pool.begin() + static_cast<std::ptrdiff_t>(rest), pool.end(),
+                          [](const candidate& a, const candidate& c) {
+                              if (std::isnan(a.score) != std::isnan(c.score)) return std::isnan(c.score);
+                              if (a.score != c.score) return a.score > c.score;
+                              return a.head != c.head ? a.head < c.head : a.token > c.token;
                           });
-        for (std::size_t i = 0; i < rest; ++i) chosen[order[i]] = 1;
-        for (std::size_t t = 0; t < held; ++t)
-            if (chosen[t]) keep.push_back(static_cast<std::uint32_t>(t));
+        for (std::size_t i = 0; i < rest; ++i) chosen[pool[i].head][pool[i].token] = 1;
+        for (std::size_t h = 0; h < heads; ++h) selection::to_indices(chosen[h], keep[h]);
+    }
+};
+
+// B5 top-p (Twilight): each head keeps its best tokens until their share of
+// the head's total score reaches p; B5 threshold (DMS-like): every token
+// whose score exceeds tau. The kept length is an output; sinks and window
+// stay. Scores are shifted so the smallest is 0 before shares are taken
+// (scorers such as knorm give negative scores).
+struct top_p {
+    static constexpr bool uses_target = false;
+    double p = 0.9;
+
+    void validate() const { detail::require(p > 0.0 && p <= 1.0, "evict::top_p: expected p in (0, 1], got ", p); }
+    void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {
+        keep.resize(layer.heads.size());
+        std::vector<char> chosen;
+        for (std::size_t h = 0; h < layer.heads.size(); ++h) {
+            const head_candidates& head = layer.heads[h];
+            selection::protect(head, *layer.keep, layer.first_position, head.held, chosen);
+            float lowest = std::numeric_limits<float>::infinity();
+            for (std::size_t t = 0; t < head.held; ++t)
+                if (!std::isnan(head.scores[t])) lowest = std::min(lowest, head.scores[t]);
+            double total = 0.0;
+            for (std::size_t t = 0; t < head.held; ++t)
+                if (!std::isnan(head.scores[t])) total += static_cast<double>(head.scores[t] - lowest);
+            std::vector<std::uint32_t> order(head.held);
+            std::iota(order.begin(), order.end(), 0u);
+            std::sort(order.begin(), order.end(),
+                      [&](std::uint32_t a, std::uint32_t c) { return selection::better(head.scores, a, c); });
+            double mass = 0.0;
+            for (std::uint32_t t : order) {
+                if (total <= 0.0 || mass >= p * total || std::isnan(head.scores[t])) break;
+                chosen[t] = 1;
+                mass += static_cast<double>(head.scores[t] - lowest);
+            }
+            selection::to_indices(chosen, keep[h]);
+        }
+    }
+};
+
+struct threshold {
+    static constexpr bool uses_target = false;
+    float tau = 0.0f;
+    void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {
+        keep.resize(layer.heads.size());
+        std::vector<char> chosen;
+        for (std::size_t h = 0; h < layer.heads.size(); ++h) {
+            const head_candidates& head = layer.heads[h];
+            selection::protect(head, *layer.keep, layer.first_position, head.held, chosen);
+            for (std::size_t t = 0; t < head.held; ++t)
+                if (head.scores[t] > tau) chosen[t] = 1;
+            selection::to_indices(chosen, keep[h]);
+        }
     }
 };
 
@@ -151,9 +362,12 @@ struct policy {
     explicit policy(budget keep_budget, schedule when_to = {}, Scorer scorer_ = {}, Selector selector_ = {})
         : keep(keep_budget), when(when_to), scorer(std::move(scorer_)), selector(std::move(selector_)) {}
 
-    void validate() const {
-        keep.validate();
+    // Checks every parameter against the model's shape (the cache calls this
+    // at construction, before anything is stored or evicted).
+    void validate(std::size_t layers = 1) const {
+        keep.validate(layers);
         if constexpr (has_validate<Scorer>::value) scorer.validate();
+        if constexpr (has_validate<Selector>::value) selector.validate();
     }
 
 private:

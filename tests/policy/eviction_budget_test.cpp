@@ -1,0 +1,154 @@
+// Budgets and selectors (B1-B7 of METHODS.md): lengths and totals where the answer is known.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "../cache/cache_test_util.hpp"
+#include "kvc/cache/compressed_cache.hpp"
+#include "kvc/policy/eviction/all.hpp"
+#include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/quantization/none.hpp"
+#include "kvc/view/kv_view.hpp"
+
+namespace {
+
+using kvc_test::random_floats;
+using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+namespace evict = kvc::evict;
+
+template <class Policy>
+using evicting_cache = kvc::compressed_cache<Policy, kvc::merge::none, kvc::quant::none<float>, kvc::project::none>;
+
+kvc::cache_config shape(std::size_t layers, std::size_t kv_heads, std::size_t dim) {
+    kvc::cache_config c;
+    c.layers = layers;
+    c.kv_heads = kv_heads;
+    c.query_heads = kv_heads;
+    c.head_dim = dim;
+    return c;
+}
+
+template <class Cache>
+void fill_all(Cache& cache, const kvc::cache_config& c, std::size_t tokens, std::uint32_t seed) {
+    const auto keys = random_floats(tokens * c.kv_heads * c.head_dim, seed);
+    for (std::size_t l = 0; l < c.layers; ++l)
+        cache.append(l, token_major(keys.data(), tokens, c.kv_heads, c.head_dim),
+                     token_major(keys.data(), tokens, c.kv_heads, c.head_dim), 0);
+}
+
+TEST(Budgets, AdaKVGivesHeadsDifferentLengthsAndTheLayerItsExactTotal) {
+    const auto c = shape(1, 4, 16);
+    using policy = evict::policy<evict::score::external, evict::adakv>;
+    evicting_cache<policy> cache(c, policy(evict::budget::absolute(40, 2, 2)));
+    fill_all(cache, c, 200, 1);
+    // Head 0's tokens score high everywhere, head 3's low: AdaKV moves budget to head 0.
+    for (std::size_t h = 0; h < 4; ++h) {
+        float* scores = cache.external_scores(0, h);
+        for (std::size_t t = 0; t < 200; ++t) scores[t] = static_cast<float>(4 - h) + 0.001f * static_cast<float>(t % 7);
+    }
+    cache.compress(0);
+    std::size_t total = 0;
+    for (std::size_t h = 0; h < 4; ++h) total += cache.tokens(0, h);
+    EXPECT_EQ(total, 4u * 40u);                    // the layer's budget, exactly
+    EXPECT_GT(cache.tokens(0, 0), cache.tokens(0, 3)); // ragged: the strong head keeps more
+    // Each head kept at least alpha (0.2) of its fair share.
+    for (std::size_t h = 0; h < 4; ++h) EXPECT_GE(cache.tokens(0, h), 8u) << h;
+    // Head 0 takes everything the floors leave: 160 - 3 heads x 8.
+    EXPECT_EQ(cache.tokens(0, 0), 160u - 3u * 8u);
+}
+
+TEST(Budgets, PerHeadTopKGivesEveryHeadTheSameLength) {
+    const auto c = shape(1, 3, 8);
+    evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::ratio(0.3)));
+    fill_all(cache, c, 101, 2);
+    cache.compress(0);
+    for (std::size_t h = 0; h < 3; ++h) EXPECT_EQ(cache.tokens(0, h), 31u); // ceil(0.3 * 101)
+}
+
+TEST(Budgets, PyramidBudgetsFallLinearlyAndAverageTheTarget) {
+    const auto c = shape(5, 1, 8);
+    evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::absolute(100, 4, 4).with_layers(
+                                                           evict::layer_allocation::pyramid(20.0))));
+    fill_all(cache, c, 400, 3);
+    cache.compress();
+    // mean 100: first layer 2 - 1/20 = 1.95x, last 1/20 = 0.05x but at least sinks + window (8).
+    const std::size_t expected[5] = {195, 148, 100, 53, 8};
+    for (std::size_t l = 0; l < 5; ++l) EXPECT_EQ(cache.tokens(l, 0), expected[l]) << "layer " << l;
+    for (std::size_t l = 1; l < 5; ++l) EXPECT_LT(cache.tokens(l, 0), cache.tokens(l - 1, 0));
+}
+
+TEST(Budgets, LayerWeightsSplitTheBudgetProportionally) {
+    const auto c = shape(4, 1, 8);
+    evicting_cache<evict::knorm> cache(
+        c, evict::knorm(evict::budget::absolute(50, 2, 2).with_layers(evict::layer_allocation::by_weights({1, 2, 3, 2}))));
+    fill_all(cache, c, 300, 4);
+    cache.compress();
+    const std::size_t expected[4] = {25, 50, 75, 50}; // 200 tokens split 1:2:3:2
+    for (std::size_t l = 0; l < 4; ++l) EXPECT_EQ(cache.tokens(l, 0), expected[l]);
+}
+
+TEST(Budgets, LayerWeightsThatDoNotMatchTheModelAreRejected) {
+    const auto c = shape(4, 1, 8);
+    EXPECT_THROW(evicting_cache<evict::knorm>(c, evict::knorm(evict::budget::ratio(0.5).with_layers(
+                                                      evict::layer_allocation::by_weights({1, 2, 3})))),
+                 kvc::error);
+    EXPECT_THROW(evicting_cache<evict::knorm>(c, evict::knorm(evict::budget::ratio(0.5).with_layers(
+                                                      evict::layer_allocation::by_weights({1, -2, 3, 1})))),
+                 kvc::error);
+    EXPECT_THROW(evicting_cache<evict::knorm>(
+                     c, evict::knorm(evict::budget::ratio(0.5).with_layers(evict::layer_allocation::pyramid(0.5)))),
+                 kvc::error);
+    using ada = evict::policy<evict::score::knorm, evict::adakv>;
+    ada bad(evict::budget::ratio(0.5));
+    bad.selector.alpha = 1.5;
+    EXPECT_THROW(evicting_cache<ada>(c, bad), kvc::error);
+}
+
+TEST(Budgets, TopPKeepsTheSmallestSetReachingTheShare) {
+    const auto c = shape(1, 1, 8);
+    using policy = evict::policy<evict::score::external, evict::top_p>;
+    policy p(evict::budget::absolute(2, 1, 1));
+    p.selector.p = 0.5;
+    evicting_cache<policy> cache(c, p);
+    fill_all(cache, c, 10, 5);
+    // Scores 0..9 (shifted minimum 0): total 45; the best 9+8+7 = 24 < 22.5? 9+8 = 17 < 22.5, 9+8+7 = 24 >= 22.5.
+    float* scores = cache.external_scores(0, 0);
+    for (std::size_t t = 0; t < 10; ++t) scores[t] = static_cast<float>(t);
+    cache.compress(0);
+    const std::vector<std::int32_t> kept(cache.positions(0, 0), cache.positions(0, 0) + cache.tokens(0, 0));
+    // Sink 0 and window 9 are protected; top-p adds 9, 8, 7.
+    EXPECT_EQ(kept, (std::vector<std::int32_t>{0, 7, 8, 9}));
+}
+
+TEST(Budgets, ThresholdKeepsEveryTokenAboveTau) {
+    const auto c = shape(1, 1, 8);
+    using policy = evict::policy<evict::score::external, evict::threshold>;
+    policy p(evict::budget::absolute(2, 1, 1));
+    p.selector.tau = 0.5f;
+    evicting_cache<policy> cache(c, p);
+    fill_all(cache, c, 12, 6);
+    float* scores = cache.external_scores(0, 0);
+    for (std::size_t t = 0; t < 12; ++t) scores[t] = (t % 3 == 0) ? 1.0f : 0.0f;
+    cache.compress(0);
+    const std::vector<std::int32_t> kept(cache.positions(0, 0), cache.positions(0, 0) + cache.tokens(0, 0));
+    EXPECT_EQ(kept, (std::vector<std::int32_t>{0, 3, 6, 9, 11}));
+}
+
+TEST(Budgets, ExternalScoresFollowTheirTokensThroughCompaction) {
+    const auto c = shape(1, 1, 8);
+    evicting_cache<evict::external> cache(c, evict::external(evict::budget::absolute(20, 2, 2)));
+    fill_all(cache, c, 60, 7);
+    float* scores = cache.external_scores(0, 0);
+    for (std::size_t t = 0; t < 60; ++t) scores[t] = static_cast<float>((t * 37) % 60);
+    cache.compress(0);
+    ASSERT_EQ(cache.tokens(0, 0), 20u);
+    for (std::size_t i = 0; i < 20; ++i) {
+        const auto p = static_cast<std::size_t>(cache.positions(0, 0)[i]);
+        EXPECT_EQ(cache.external_scores(0, 0)[i], static_cast<float>((p * 37) % 60));
+    }
+}
+
+} // namespace
