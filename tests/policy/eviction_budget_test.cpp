@@ -152,3 +152,78 @@ TEST(Budgets, ExternalScoresFollowTheirTokensThroughCompaction) {
 }
 
 } // namespace
+
+namespace {
+
+// RoPE of a raw key at a position, in double (llama2.c pairing), as the oracle.
+std::vector<float> rope_at(const float* raw, std::size_t dim, std::int64_t position, double theta = 10000.0) {
+    std::vector<float> out(raw, raw + dim);
+    for (std::size_t i = 0; i < dim / 2; ++i) {
+        const double angle = static_cast<double>(position) * std::pow(theta, -2.0 * double(i) / double(dim));
+        const double x = raw[2 * i], y = raw[2 * i + 1];
+        out[2 * i] = static_cast<float>(x * std::cos(angle) - y * std::sin(angle));
+        out[2 * i + 1] = static_cast<float>(x * std::sin(angle) + y * std::cos(angle));
+    }
+    return out;
+}
+
+template <class Element>
+void check_rerotation(double tolerance) {
+    const std::size_t dim = 64, tokens = 3000;
+    kvc::cache_config c;
+    c.layers = 1;
+    c.kv_heads = 2;
+    c.query_heads = 2;
+    c.head_dim = dim;
+    const auto raw = random_floats(tokens * 2 * dim, 40);
+    std::vector<float> keys(raw.size());
+    for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t h = 0; h < 2; ++h) {
+            const auto rotated = rope_at(&raw[(t * 2 + h) * dim], dim, static_cast<std::int64_t>(t));
+            std::copy(rotated.begin(), rotated.end(), &keys[(t * 2 + h) * dim]);
+        }
+    using cache_type = kvc::compressed_cache<evict::streaming, kvc::merge::none, kvc::quant::none<Element>, kvc::project::none>;
+    evict::streaming policy(evict::budget::absolute(100, 4, 0));
+    policy.rerotate.enabled = true;
+    cache_type cache(c, policy);
+    cache.append(0, token_major(keys.data(), tokens, 2, dim), token_major(keys.data(), tokens, 2, dim), 0);
+    cache.compress(0);
+    ASSERT_EQ(cache.tokens(0, 0), 100u);
+    EXPECT_EQ(cache.next_position(0), 100);
+    std::vector<float> stored(dim);
+    for (std::size_t h = 0; h < 2; ++h)
+        for (std::size_t i = 0; i < 100; ++i) {
+            EXPECT_EQ(cache.positions(0, h)[i], static_cast<std::int32_t>(i));
+            // Kept token i was originally at 0..3 (sinks) or at tokens - 96 + (i - 4).
+            const std::size_t original = i < 4 ? i : tokens - 96 + (i - 4);
+            const auto expected = rope_at(&raw[(original * 2 + h) * dim], dim, static_cast<std::int64_t>(i));
+            cache.head(0, h).decode_keys(kvc::kernels::active(), i, 1, stored.data());
+            EXPECT_LT(kvc_test::relative_error(stored, expected), tolerance) << "head " << h << " kept token " << i;
+        }
+    // Generation goes on from the contiguous positions.
+    cache.append(0, token_major(keys.data(), 1, 2, dim), token_major(keys.data(), 1, 2, dim), cache.next_position(0));
+    EXPECT_EQ(cache.next_position(0), 101);
+}
+
+TEST(KeyRerotation, ARerotatedKeyEqualsTheKeyComputedAtItsNewPosition) {
+    check_rerotation<float>(1e-6);          // fp32: rounding of one rotation
+    check_rerotation<kvc::half>(2e-3);      // fp16: the storage's own rounding, twice
+}
+
+TEST(KeyRerotation, NeedsEqualHeadLengthsAndAValidTheta) {
+    kvc::cache_config c;
+    c.layers = 1;
+    c.kv_heads = 1;
+    c.query_heads = 1;
+    c.head_dim = 8;
+    using ada = evict::policy<evict::score::knorm, evict::adakv>;
+    ada ragged(evict::budget::ratio(0.5));
+    ragged.rerotate.enabled = true;
+    EXPECT_THROW(evicting_cache<ada>(c, ragged), kvc::error);
+    evict::knorm bad_theta(evict::budget::ratio(0.5));
+    bad_theta.rerotate.enabled = true;
+    bad_theta.rerotate.rope.theta = 0.0;
+    EXPECT_THROW(evicting_cache<evict::knorm>(c, bad_theta), kvc::error);
+}
+
+} // namespace

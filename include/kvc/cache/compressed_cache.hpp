@@ -58,6 +58,13 @@ template <class P>
 struct needs_external_scores_of<P, std::void_t<decltype(P::scorer_type::needs_external_scores)>>
     : std::bool_constant<P::scorer_type::needs_external_scores> {};
 
+template <class S, class = void>
+struct has_store_key : std::false_type {};
+template <class S>
+struct has_store_key<S, std::void_t<decltype(std::declval<S&>().store_key(std::declval<const kernels::kernel_table&>(),
+                                                                           std::size_t{}, std::declval<const float*>()))>>
+    : std::true_type {};
+
 template <class P, class = void>
 struct has_validate : std::false_type {};
 template <class P, class = void>
@@ -110,6 +117,10 @@ public:
         for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{Quantization::make_head(config_), config_.resource});
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
+        if constexpr (evicts)
+            detail::require(!eviction_.rerotate.enabled || detail::has_store_key<head_storage>::value,
+                            "compressed_cache: key re-rotation needs a codec that can rewrite stored keys "
+                            "(quant::none); this codec cannot");
     }
 
     compressed_cache(const compressed_cache& other)
@@ -307,11 +318,18 @@ public:
                 detail::keep_elements(slot.positions, keep[h].data(), keep[h].size());
                 if constexpr (collects_attention_stats) detail::keep_elements(slot.stats, keep[h].data(), keep[h].size());
                 if constexpr (collects_external) detail::keep_elements(slot.external, keep[h].data(), keep[h].size());
+                if (eviction_.rerotate.enabled) rerotate(k, slot, state.first_position);
                 release_spare(slot);
             }
+            if (eviction_.rerotate.enabled && heads != 0)
+                state.last_position = state.first_position + static_cast<std::int64_t>(tokens(layer, 0)) - 1;
             state.prefill_pending = false;
         }
     }
+
+    // The position the engine gives the next token of `layer`: one past the
+    // last appended, or, after key re-rotation, one past the contiguous kept positions.
+    std::int64_t next_position(std::size_t layer) const noexcept { return layers_[layer].last_position + 1; }
     void compress() {
         for (std::size_t l = 0; l < config_.layers; ++l) compress(l);
     }
@@ -485,6 +503,24 @@ private:
             std::memcpy(out.data() + i * group * dim, src, group * dim * sizeof(float));
         }
         return state.query_count;
+    }
+
+    // B10: moves kept token i of a head to position first + i, rotating its key by the difference.
+    void rerotate(const kernels::kernel_table& k, head_slot& slot, std::int64_t first) noexcept {
+        if constexpr (detail::has_store_key<head_storage>::value) {
+            float row[max_head_dim];
+            for (std::size_t i = 0; i < slot.positions.size(); ++i) {
+                const std::int64_t target = first + static_cast<std::int64_t>(i);
+                const std::int64_t delta = target - slot.positions[i];
+                if (delta == 0) continue;
+                slot.rows.decode_keys(k, i, 1, row);
+                kernels::rope_rotate(eviction_.rerotate.rope, row, config_.head_dim, delta);
+                slot.rows.store_key(k, i, row);
+                slot.positions[i] = static_cast<std::int32_t>(target);
+            }
+        } else {
+            (void)k, (void)slot, (void)first;
+        }
     }
 
     // Returns evicted capacity to the resource. Shrinking reallocates; if that

@@ -104,6 +104,11 @@ public:
             k.to_f32[kernels::index_of(type_)](value_row(first + t), out + t * dim_, dim_);
     }
 
+    // Overwrites key row t with `row` (fp32, rounded to the storage format).
+    void store_key(const kernels::kernel_table& k, std::size_t t, const float* row) noexcept {
+        detail::convert_row(k, dtype::f32, row, type_, key_row(t), dim_);
+    }
+
     // Keeps the first `rows` rows.
     void truncate(std::size_t rows) noexcept {
         if (rows < tokens()) {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kvc/core/error.hpp"
+#include "kvc/kernels/rope.hpp"
 #include "kvc/kernels/table.hpp"
 #include "kvc/policy/traits.hpp"
 
@@ -146,6 +147,16 @@ private:
 struct schedule {
     bool after_prefill = true;
     std::size_t interval = 0; // 0: no decode-time compression
+};
+
+// B10: after eviction, rotate the kept keys so their positions become
+// contiguous again (first position, first + 1, ...), as unbounded streaming
+// generation needs: the engine then takes the next position from
+// cache.next_position(layer) for its own RoPE. Needs the model's RoPE and
+// the same kept length in every head (B1 per-head top-k).
+struct rerotation {
+    bool enabled = false;
+    rope_config rope{};
 };
 
 // What a scorer sees of one KV head. Rows are fp32, [tokens][dim], decoded
@@ -357,6 +368,7 @@ struct policy {
     schedule when{};
     Scorer scorer{};
     Selector selector{};
+    rerotation rerotate{};
 
     policy() = default;
     explicit policy(budget keep_budget, schedule when_to = {}, Scorer scorer_ = {}, Selector selector_ = {})
@@ -368,6 +380,11 @@ struct policy {
         keep.validate(layers);
         if constexpr (has_validate<Scorer>::value) scorer.validate();
         if constexpr (has_validate<Selector>::value) selector.validate();
+        detail::require(!rerotate.enabled || std::is_same_v<Selector, per_head_topk>,
+                        "evict::policy: key re-rotation needs the same kept length in every head "
+                        "(selector per_head_topk)");
+        detail::require(!rerotate.enabled || (rerotate.rope.theta > 0.0 && std::isfinite(rerotate.rope.theta)),
+                        "evict::policy: expected a RoPE theta > 0 for key re-rotation, got ", rerotate.rope.theta);
     }
 
 private:
