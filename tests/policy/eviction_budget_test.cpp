@@ -227,3 +227,30 @@ TEST(KeyRerotation, NeedsEqualHeadLengthsAndAValidTheta) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(ByteBudget, FewerBitsPerTokenBuyMoreTokensForTheSameBytes) {
+    kvc::cache_config c;
+    c.layers = 2;
+    c.kv_heads = 2;
+    c.query_heads = 2;
+    c.head_dim = 64;
+    const std::size_t budget_bytes = 600 * 1024;
+    // Per token and head: fp32 rows 2 x 256 B + 4 B position = 516 B; fp16 rows 2 x 128 B + 4 B = 260 B.
+    evicting_cache<evict::knorm> wide(c, evict::knorm(evict::budget::in_bytes(budget_bytes)));
+    kvc::compressed_cache<evict::knorm, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none> narrow(
+        c, evict::knorm(evict::budget::in_bytes(budget_bytes)));
+    fill_all(wide, c, 1000, 50);
+    fill_all(narrow, c, 1000, 50);
+    wide.compress();
+    narrow.compress();
+    EXPECT_EQ(wide.tokens(0, 0), budget_bytes / (4 * 516));
+    EXPECT_EQ(narrow.tokens(0, 0), budget_bytes / (4 * 260));
+    EXPECT_GT(narrow.tokens(1, 1), wide.tokens(1, 1));
+    // The rows and positions the budget pays for fit in it.
+    EXPECT_LE(4 * wide.tokens(0, 0) * 516, budget_bytes);
+    EXPECT_THROW(evicting_cache<evict::knorm>(c, evict::knorm(evict::budget::in_bytes(1000))), kvc::error);
+}
+
+} // namespace

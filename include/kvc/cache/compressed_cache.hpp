@@ -65,6 +65,11 @@ struct has_store_key<S, std::void_t<decltype(std::declval<S&>().store_key(std::d
                                                                            std::size_t{}, std::declval<const float*>()))>>
     : std::true_type {};
 
+template <class S, class = void>
+struct has_bytes_per_token : std::false_type {};
+template <class S>
+struct has_bytes_per_token<S, std::void_t<decltype(std::declval<const S&>().bytes_per_token())>> : std::true_type {};
+
 template <class P, class = void>
 struct has_validate : std::false_type {};
 template <class P, class = void>
@@ -117,10 +122,18 @@ public:
         for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{Quantization::make_head(config_), config_.resource});
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
-        if constexpr (evicts)
+        if constexpr (evicts) {
             detail::require(!eviction_.rerotate.enabled || detail::has_store_key<head_storage>::value,
                             "compressed_cache: key re-rotation needs a codec that can rewrite stored keys "
                             "(quant::none); this codec cannot");
+            detail::require(eviction_.keep.bytes == 0 || detail::has_bytes_per_token<head_storage>::value,
+                            "compressed_cache: a byte budget needs a codec that reports bytes_per_token()");
+            detail::require(eviction_.keep.bytes == 0 ||
+                                tokens_for_bytes() >= eviction_.keep.sinks + eviction_.keep.window,
+                            "compressed_cache: byte budget ", eviction_.keep.bytes,
+                            " buys fewer tokens per head than sinks + window (", eviction_.keep.sinks +
+                            eviction_.keep.window, ")");
+        }
     }
 
     compressed_cache(const compressed_cache& other)
@@ -449,8 +462,27 @@ private:
 
     // The budget's tokens for one head of `layer` holding `held` tokens.
     std::size_t target_of(std::size_t layer, std::size_t held) const noexcept {
-        if constexpr (evicts) return eviction_.keep.target(held, layers_[layer].seen, layer, config_.layers);
-        else return held;
+        if constexpr (evicts) {
+            return eviction_.keep.target(held, layers_[layer].seen, layer, config_.layers, tokens_for_bytes());
+        } else {
+            (void)layer;
+            return held;
+        }
+    }
+
+    // B8: tokens per head a byte budget buys, with everything a token costs
+    // here: the codec's rows, its position, and the policy state kept for it.
+    std::size_t tokens_for_bytes() const noexcept {
+        if constexpr (evicts && detail::has_bytes_per_token<head_storage>::value) {
+            if (eviction_.keep.bytes == 0) return 0;
+            const std::size_t per_token = heads_.empty() ? 1
+                                          : heads_[0].rows.bytes_per_token() + sizeof(std::int32_t) +
+                                                (collects_attention_stats ? sizeof(float) : 0) +
+                                                (collects_external ? sizeof(float) : 0);
+            return eviction_.keep.bytes / (config_.layers * config_.kv_heads * per_token);
+        } else {
+            return 0;
+        }
     }
 
     // Where attention statistics go: the caller's buffer, or `local` when only a policy wants them.

@@ -58,6 +58,9 @@ public:
     void* key_row(std::size_t t) noexcept { return keys_.data() + t * row_bytes(); }
     void* value_row(std::size_t t) noexcept { return values_.data() + t * row_bytes(); }
 
+    // Bytes one more token costs: its key and value rows.
+    std::size_t bytes_per_token() const noexcept { return 2 * row_bytes(); }
+
     // Bytes held (allocated), keys and values.
     std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes(); }
 

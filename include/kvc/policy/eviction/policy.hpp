@@ -94,6 +94,7 @@ struct layer_allocation {
 struct budget {
     double keep_ratio = 1.0;     // fraction of the tokens the head has seen (used when tokens == 0)
     std::size_t tokens = 0;      // absolute tokens per head; overrides keep_ratio when nonzero
+    std::size_t bytes = 0;       // B8: bytes for the whole cache's tokens; overrides tokens and keep_ratio
     std::size_t sinks = 4;       // the first tokens of the sequence, always kept (attention sinks)
     std::size_t window = 16;     // the most recent tokens, always kept
     layer_allocation layers{};   // how the budget is spread over layers
@@ -112,6 +113,16 @@ struct budget {
         b.window = window;
         return b;
     }
+    // B8: one budget in bytes over the whole cache. The cache turns it into
+    // tokens per head with what its codec spends per token, so a codec with
+    // fewer bits keeps more tokens for the same bytes.
+    static budget in_bytes(std::size_t bytes, std::size_t sinks = 4, std::size_t window = 16) {
+        budget b;
+        b.bytes = bytes;
+        b.sinks = sinks;
+        b.window = window;
+        return b;
+    }
     budget with_layers(layer_allocation allocation) const {
         budget b = *this;
         b.layers = std::move(allocation);
@@ -121,15 +132,19 @@ struct budget {
     // Tokens to keep for a head of `layer` (of `layers`) that holds `held`
     // tokens and has seen `seen`. Never below the protected sinks + window
     // (the budget counts them), never above `held`.
-    std::size_t target(std::size_t held, std::size_t seen, std::size_t layer = 0, std::size_t layers = 1) const noexcept {
-        const double mean = tokens != 0 ? static_cast<double>(tokens) : keep_ratio * static_cast<double>(seen);
+    // `tokens_for_bytes` is what a byte budget buys per head (the cache computes it).
+    std::size_t target(std::size_t held, std::size_t seen, std::size_t layer = 0, std::size_t layers = 1,
+                       std::size_t tokens_for_bytes = 0) const noexcept {
+        const double mean = bytes != 0    ? static_cast<double>(tokens_for_bytes)
+                            : tokens != 0 ? static_cast<double>(tokens)
+                                          : keep_ratio * static_cast<double>(seen);
         std::size_t want = static_cast<std::size_t>(std::ceil(mean * layers_factor(layer, layers) - 1e-9));
         want = std::max(want, sinks + window);
         return std::min(want, held);
     }
 
     void validate(std::size_t layer_count = 1) const {
-        detail::require(tokens != 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0),
+        detail::require(bytes != 0 || tokens != 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0),
                         "evict::budget: expected keep_ratio in (0, 1] or tokens > 0, got keep_ratio ", keep_ratio);
         detail::require(tokens == 0 || tokens >= sinks + window, "evict::budget: tokens ", tokens,
                         " must be at least sinks + window = ", sinks + window, " (the budget counts them)");
