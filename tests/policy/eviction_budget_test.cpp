@@ -254,3 +254,32 @@ TEST(ByteBudget, FewerBitsPerTokenBuyMoreTokensForTheSameBytes) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(ChunkKV, KeepsWholeChunksChosenByTheirScoreOverAllHeads) {
+    kvc::cache_config c;
+    c.layers = 1;
+    c.kv_heads = 2;
+    c.query_heads = 2;
+    c.head_dim = 8;
+    using policy = evict::policy<evict::score::external, evict::chunkkv>;
+    evicting_cache<policy> cache(c, policy(evict::budget::absolute(34, 4, 10)));
+    fill_all(cache, c, 104, 60); // sinks 0-3, window 94-103, chunks of 10 positions: 0-9, 10-19, ...
+    // Chunk 3 (30-39) scores high in head 0 only, chunk 7 (70-79) in head 1 only: both win on the layer's sum.
+    for (std::size_t t = 0; t < 104; ++t) {
+        cache.external_scores(0, 0)[t] = (t >= 30 && t < 40) ? 5.0f : 0.1f;
+        cache.external_scores(0, 1)[t] = (t >= 70 && t < 80) ? 4.0f : 0.1f;
+    }
+    cache.compress(0);
+    for (std::size_t h = 0; h < 2; ++h) {
+        std::vector<std::int32_t> expected = {0, 1, 2, 3};
+        for (std::int32_t p = 30; p < 40; ++p) expected.push_back(p);
+        for (std::int32_t p = 70; p < 80; ++p) expected.push_back(p);
+        for (std::int32_t p = 94; p < 104; ++p) expected.push_back(p);
+        const std::vector<std::int32_t> kept(cache.positions(0, h), cache.positions(0, h) + cache.tokens(0, h));
+        EXPECT_EQ(kept, expected) << "head " << h; // the same chunks in both heads, 34 tokens
+    }
+}
+
+} // namespace

@@ -369,6 +369,59 @@ struct threshold {
     }
 };
 
+// B4 ChunkKV: tokens are grouped in chunks of `chunk` consecutive positions;
+// a chunk's score is the sum of its tokens' scores over every head of the
+// layer, and whole chunks are kept, best first, while they fit the head's
+// target (so a head may keep slightly less than its target: never more).
+// Every head keeps the same chunks, which keeps semantic units whole.
+// Choice: the chunk that would overflow the target is skipped and smaller
+// later chunks may still fill the gap (the partial last chunk is smaller).
+struct chunkkv {
+    static constexpr bool uses_target = true;
+    std::size_t chunk = 10;
+
+    void validate() const { detail::require(chunk >= 1, "evict::chunkkv: expected chunk >= 1, got 0"); }
+    void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {
+        const std::size_t heads = layer.heads.size();
+        keep.resize(heads);
+        std::vector<char> chosen;
+        for (std::size_t h = 0; h < heads; ++h) {
+            const head_candidates& head = layer.heads[h];
+            const std::size_t target = std::min(head.target, head.held);
+            std::size_t taken = selection::protect(head, *layer.keep, layer.first_position, target, chosen);
+            if (target >= head.held) {
+                selection::to_indices(chosen, keep[h]);
+                continue;
+            }
+            // Chunk scores over every head, by position.
+            std::vector<double> chunk_score;
+            for (const head_candidates& other : layer.heads)
+                for (std::size_t t = 0; t < other.held; ++t) {
+                    const std::size_t id =
+                        static_cast<std::size_t>(other.positions[t] - layer.first_position) / chunk;
+                    if (id >= chunk_score.size()) chunk_score.resize(id + 1, 0.0);
+                    if (!std::isnan(other.scores[t])) chunk_score[id] += other.scores[t];
+                }
+            // This head's unprotected tokens, per chunk.
+            std::vector<std::vector<std::uint32_t>> members(chunk_score.size());
+            for (std::size_t t = 0; t < head.held; ++t)
+                if (!chosen[t])
+                    members[static_cast<std::size_t>(head.positions[t] - layer.first_position) / chunk].push_back(
+                        static_cast<std::uint32_t>(t));
+            std::vector<std::size_t> order(chunk_score.size());
+            std::iota(order.begin(), order.end(), std::size_t{0});
+            std::stable_sort(order.begin(), order.end(),
+                             [&](std::size_t a, std::size_t c) { return chunk_score[a] > chunk_score[c]; });
+            for (std::size_t id : order) {
+                if (members[id].empty() || taken + members[id].size() > target) continue;
+                for (std::uint32_t t : members[id]) chosen[t] = 1;
+                taken += members[id].size();
+            }
+            selection::to_indices(chosen, keep[h]);
+        }
+    }
+};
+
 // The policy type the eviction slot of compressed_cache takes.
 template <class Scorer, class Selector = per_head_topk>
 struct policy {
