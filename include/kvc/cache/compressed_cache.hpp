@@ -73,9 +73,10 @@ struct has_bytes_per_token<S, std::void_t<decltype(std::declval<const S&>().byte
 template <class P, class = void>
 struct has_validate : std::false_type {};
 template <class P, class = void>
-struct has_layer_validate : std::false_type {};
+struct has_config_validate : std::false_type {};
 template <class P>
-struct has_layer_validate<P, std::void_t<decltype(std::declval<const P&>().validate(std::size_t{}))>> : std::true_type {};
+struct has_config_validate<P, std::void_t<decltype(std::declval<const P&>().validate(std::declval<const cache_config&>()))>>
+    : std::true_type {};
 template <class P>
 struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
 
@@ -268,6 +269,7 @@ public:
             std::vector<float> keys, values, recent;
             evict::layer_candidates candidates;
             candidates.heads.resize(heads);
+            candidates.layer = layer;
             candidates.keep = &eviction_.keep;
             candidates.first_position = state.first_position;
             bool any = false;
@@ -455,7 +457,7 @@ private:
     }
     template <class P>
     P validated(P policy) const {
-        if constexpr (detail::has_layer_validate<P>::value) policy.validate(config_.layers);
+        if constexpr (detail::has_config_validate<P>::value) policy.validate(config_);
         else if constexpr (detail::has_validate<P>::value) policy.validate();
         return policy;
     }

@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvc/cache/config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/kernels/table.hpp"
@@ -200,6 +201,7 @@ struct head_candidates {
     std::size_t target = 0; // the budget's tokens for this head
 };
 struct layer_candidates {
+    std::size_t layer = 0;
     std::vector<head_candidates> heads; // every KV head of the layer (held == 0 or target >= held: nothing to drop)
     const budget* keep = nullptr;
     std::int64_t first_position = 0;    // position of the sequence's first token (the sinks)
@@ -444,10 +446,10 @@ struct policy {
 
     // Checks every parameter against the model's shape (the cache calls this
     // at construction, before anything is stored or evicted).
-    void validate(std::size_t layers = 1) const {
-        keep.validate(layers);
-        if constexpr (has_validate<Scorer>::value) scorer.validate();
-        if constexpr (has_validate<Selector>::value) selector.validate();
+    void validate(const cache_config& config) const {
+        keep.validate(config.layers);
+        check(scorer, config);
+        check(selector, config);
         detail::require(!rerotate.enabled || std::is_same_v<Selector, per_head_topk>,
                         "evict::policy: key re-rotation needs the same kept length in every head "
                         "(selector per_head_topk)");
@@ -460,6 +462,17 @@ private:
     struct has_validate : std::false_type {};
     template <class S>
     struct has_validate<S, std::void_t<decltype(std::declval<const S&>().validate())>> : std::true_type {};
+    template <class S, class = void>
+    struct has_config_validate : std::false_type {};
+    template <class S>
+    struct has_config_validate<S, std::void_t<decltype(std::declval<const S&>().validate(std::declval<const cache_config&>()))>>
+        : std::true_type {};
+    template <class S>
+    static void check(const S& part, const cache_config& config) {
+        if constexpr (has_config_validate<S>::value) part.validate(config);
+        else if constexpr (has_validate<S>::value) part.validate();
+        else (void)config;
+    }
 };
 
 } // namespace kvc::evict
