@@ -30,6 +30,7 @@
 #include <limits>
 #include <memory_resource>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -64,6 +65,12 @@ template <class S>
 struct has_store_key<S, std::void_t<decltype(std::declval<S&>().store_key(std::declval<const kernels::kernel_table&>(),
                                                                            std::size_t{}, std::declval<const float*>()))>>
     : std::true_type {};
+
+template <class S, class = void>
+struct has_compacted : std::false_type {};
+template <class S>
+struct has_compacted<S, std::void_t<decltype(std::declval<const S&>().compacted(std::declval<const std::uint32_t*>(),
+                                                                                  std::size_t{}))>> : std::true_type {};
 
 template <class S, class = void>
 struct has_bytes_per_token : std::false_type {};
@@ -325,16 +332,20 @@ public:
             }
             std::vector<std::vector<std::uint32_t>> keep;
             eviction_.selector.select(candidates, keep);
-            // Every allocation is done: from here on nothing throws.
+            // Build every compacted head first (the only step that allocates),
+            // then swap them in: a failure leaves the layer as it was.
+            std::vector<std::size_t> changed;
+            std::vector<head_slot> compacted;
             for (std::size_t h = 0; h < heads; ++h) {
                 if (keep[h].size() == candidates.heads[h].held) continue;
-                head_slot& slot = mutable_head(layer, h);
-                slot.rows.keep(keep[h].data(), keep[h].size());
-                detail::keep_elements(slot.positions, keep[h].data(), keep[h].size());
-                if constexpr (collects_attention_stats) detail::keep_elements(slot.stats, keep[h].data(), keep[h].size());
-                if constexpr (collects_external) detail::keep_elements(slot.external, keep[h].data(), keep[h].size());
+                changed.push_back(h);
+                compacted.push_back(compact(head_slot_at(layer, h), keep[h]));
+            }
+            for (std::size_t i = 0; i < changed.size(); ++i) {
+                head_slot& slot = mutable_head(layer, changed[i]);
+                using std::swap;
+                swap(slot, compacted[i]);
                 if (eviction_.rerotate.enabled) rerotate(k, slot, state.first_position);
-                release_spare(slot);
             }
             if (eviction_.rerotate.enabled && heads != 0)
                 state.last_position = state.first_position + static_cast<std::int64_t>(tokens(layer, 0)) - 1;
@@ -557,15 +568,35 @@ private:
         }
     }
 
-    // Returns evicted capacity to the resource. Shrinking reallocates; if that
-    // fails the cache stays correct, just holding its old capacity.
-    static void release_spare(head_slot& slot) noexcept {
-        try {
-            slot.rows.shrink_to_fit();
-            slot.positions.shrink_to_fit();
-            slot.stats.shrink_to_fit();
-            slot.external.shrink_to_fit();
-        } catch (const std::bad_alloc&) {
+    // A head holding only the tokens at `indices`, in exactly the memory they need.
+    head_slot compact(const head_slot& slot, const std::vector<std::uint32_t>& indices) const {
+        const std::uint32_t* at = indices.data();
+        const std::size_t count = indices.size();
+        auto gathered = [&](const auto& buffer) {
+            std::decay_t<decltype(buffer)> out(config_.resource);
+            if (buffer.empty()) return out;
+            out.reserve(count);
+            for (std::size_t i = 0; i < count; ++i) out.data()[i] = buffer[at[i]];
+            out.resize_within_capacity(count);
+            return out;
+        };
+        if constexpr (detail::has_compacted<head_storage>::value) {
+            head_slot out(slot.rows.compacted(at, count), config_.resource);
+            out.positions = gathered(slot.positions);
+            out.stats = gathered(slot.stats);
+            out.external = gathered(slot.external);
+            return out;
+        } else { // codecs without compacted(): copy, compact in place, return the spare capacity
+            head_slot out = slot;
+            out.rows.keep(at, count);
+            detail::keep_elements(out.positions, at, count);
+            if (!out.stats.empty()) detail::keep_elements(out.stats, at, count);
+            if (!out.external.empty()) detail::keep_elements(out.external, at, count);
+            out.rows.shrink_to_fit();
+            out.positions.shrink_to_fit();
+            out.stats.shrink_to_fit();
+            out.external.shrink_to_fit();
+            return out;
         }
     }
 

@@ -97,6 +97,22 @@ public:
         truncate(count);
     }
 
+    // A copy holding only the rows at `indices` (ascending), in exactly the
+    // memory they need: compaction in one pass, old storage untouched (so the
+    // cache can prepare every head before changing any). May throw bad_alloc.
+    dense_rows compacted(const std::uint32_t* indices, std::size_t count) const {
+        dense_rows out(type_, dim_, keys_.resource());
+        out.reserve(count);
+        const std::size_t bytes = row_bytes();
+        for (std::size_t i = 0; i < count; ++i) {
+            std::memcpy(out.keys_.data() + i * bytes, key_row(indices[i]), bytes);
+            std::memcpy(out.values_.data() + i * bytes, value_row(indices[i]), bytes);
+        }
+        out.keys_.resize_within_capacity(count * bytes);
+        out.values_.resize_within_capacity(count * bytes);
+        return out;
+    }
+
     // Rows [first, first + count) widened to fp32, [count][dim]: what scorers read.
     void decode_keys(const kernels::kernel_table& k, std::size_t first, std::size_t count, float* out) const noexcept {
         for (std::size_t t = 0; t < count; ++t) k.to_f32[kernels::index_of(type_)](key_row(first + t), out + t * dim_, dim_);

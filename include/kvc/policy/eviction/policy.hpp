@@ -243,8 +243,11 @@ inline void take_best(const head_candidates& head, std::size_t count, std::vecto
     for (std::size_t t = 0; t < head.held; ++t)
         if (!chosen[t]) order.push_back(static_cast<std::uint32_t>(t));
     count = std::min(count, order.size());
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(count), order.end(),
-                      [&](std::uint32_t a, std::uint32_t c) { return better(head.scores, a, c); });
+    if (count == 0) return;
+    // Only the set matters (indices come out ascending anyway): linear-time selection.
+    if (count < order.size())
+        std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(count - 1), order.end(),
+                         [&](std::uint32_t a, std::uint32_t c) { return better(head.scores, a, c); });
     for (std::size_t i = 0; i < count; ++i) chosen[order[i]] = 1;
 }
 
