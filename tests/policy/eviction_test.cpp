@@ -343,3 +343,29 @@ TEST(Eviction, CollectingStatisticsDoesNotChangeAttention) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(Eviction, DecodeScheduleNeverSplitsAPrefillChunk) {
+    // Ratio budget with a decode interval: chunked prefill must stay whole
+    // until attend_chunk has seen it; compression starts with decoding.
+    const auto c = shape(1, 1, 16);
+    evicting_cache<evict::h2o> cache(c, evict::h2o(evict::budget::ratio(0.25, 4, 8), evict::schedule{true, 16}));
+    const auto keys = random_floats(300 * 16, 30);
+    const auto q = random_floats(64 * 16, 31);
+    std::vector<float> out(64 * 16);
+    for (std::size_t t0 = 0; t0 < 256; t0 += 64) {
+        cache.append(0, token_major(keys.data() + t0 * 16, 64, 1, 16), token_major(keys.data() + t0 * 16, 64, 1, 16),
+                     static_cast<std::int64_t>(t0));
+        EXPECT_EQ(cache.tokens(0, 0), t0 + 64);
+        cache.attend_chunk(0, q.data(), 64, out.data());
+    }
+    for (std::size_t t = 256; t < 300; ++t) {
+        cache.append(0, token_major(keys.data() + t * 16, 1, 1, 16), token_major(keys.data() + t * 16, 1, 1, 16),
+                     static_cast<std::int64_t>(t));
+        cache.attend(0, q.data(), out.data());
+        EXPECT_LE(cache.tokens(0, 0), static_cast<std::size_t>(std::ceil(0.25 * (t + 1))) + 16u + 1u);
+    }
+}
+
+} // namespace

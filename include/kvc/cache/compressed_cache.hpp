@@ -216,7 +216,9 @@ public:
         state.seen += count;
 
         if constexpr (evicts) {
-            if (eviction_.when.interval != 0 && !state.prefill_pending) {
+            // Decode-time compression runs on decode appends (one token): a
+            // prefill chunk must stay whole until attend_chunk has attended it.
+            if (eviction_.when.interval != 0 && count == 1 && !state.prefill_pending) {
                 bool over = false;
                 for (std::size_t h = 0; h < config_.kv_heads; ++h) {
                     const std::size_t held = tokens(layer, h);

@@ -157,9 +157,11 @@ private:
 };
 
 // When compression runs (B9). After the prompt: at the first decode append
-// that follows chunked prefill (attend_chunk). During decode: whenever a head
-// holds `interval` tokens more than its target, it goes back to the target.
-// compress() runs it on demand.
+// that follows chunked prefill (attend_chunk). During decode (single-token
+// appends): whenever a head holds `interval` tokens more than its target, it
+// goes back to the target; a multi-token append never triggers it, so a
+// prefill chunk stays whole until attend_chunk has seen it. compress() runs
+// it on demand.
 struct schedule {
     bool after_prefill = true;
     std::size_t interval = 0; // 0: no decode-time compression
