@@ -1,0 +1,133 @@
+// examples/engine/cache_choice.hpp: every configuration the registry offers
+// builds and runs; bad spellings are errors that list the valid ones.
+#include <cstdint>
+#include <cstring>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engine/cache_choice.hpp"
+
+namespace {
+
+kvc::cache_config small_shape() {
+    kvc::cache_config config;
+    config.layers = 2;
+    config.kv_heads = 2;
+    config.query_heads = 4;
+    config.head_dim = 16;
+    return config;
+}
+
+std::string error_of(const engine::cache_spec& spec) {
+    try {
+        engine::make_cache(small_shape(), spec);
+    } catch (const std::invalid_argument& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+
+// Appends `tokens` rows to every layer as a prompt (append + attend_chunk),
+// then one decode step (append + attend), which is when eviction runs.
+void exercise(engine::kv_cache& cache, std::size_t tokens) {
+    const kvc::cache_config shape = small_shape();
+    std::vector<float> keys(tokens * shape.kv_heads * shape.head_dim), values(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+        keys[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
+        values[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
+    }
+    std::vector<float> queries(tokens * shape.query_heads * shape.head_dim, 0.25f), out(queries.size());
+    for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+        cache.append(layer, engine::kv_cache::view(keys.data(), tokens, shape.kv_heads, shape.head_dim),
+                     engine::kv_cache::view(values.data(), tokens, shape.kv_heads, shape.head_dim), 0);
+        cache.attend_chunk(layer, queries.data(), tokens, out.data());
+    }
+    for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+        cache.append(layer, engine::kv_cache::view(keys.data(), 1, shape.kv_heads, shape.head_dim),
+                     engine::kv_cache::view(values.data(), 1, shape.kv_heads, shape.head_dim),
+                     static_cast<std::int64_t>(tokens));
+        cache.attend(layer, queries.data(), out.data());
+    }
+}
+
+} // namespace
+
+TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
+    const std::vector<engine::sweep_point> points = engine::sweep_points();
+    std::set<std::string> labels;
+    for (const engine::sweep_point& point : points) {
+        SCOPED_TRACE(point.spec.label());
+        EXPECT_TRUE(labels.insert(point.spec.label()).second) << "listed twice";
+        const auto cache = engine::make_cache(small_shape(), point.spec);
+        ASSERT_NE(cache, nullptr);
+        exercise(*cache, 40);
+        EXPECT_GT(cache->bytes(), 0u);
+        const std::size_t appended = 2u * 2u * 41u; // layers x KV heads x tokens
+        if (point.spec.evict == "none") {
+            EXPECT_EQ(cache->rows(), appended);
+        } else {
+            // Every swept budget keeps fewer than the 40 prompt tokens (and at
+            // least kvc's 4 sinks + 16 recent ones) after the prompt.
+            EXPECT_LT(cache->rows(), appended);
+            EXPECT_GE(cache->rows(), 2u * 2u * 21u);
+        }
+    }
+    // The baseline, today's codecs and an eviction budget are all there.
+    for (const char* expected :
+         {"full:f32", "full:f16", "full:bf16", "none:f32", "none:f16", "none:bf16", "none:f16 + snapkv:0.25"})
+        EXPECT_EQ(labels.count(expected), 1u) << expected;
+}
+
+TEST(EngineCacheChoice, MethodNamesTheCurve) {
+    EXPECT_EQ((engine::cache_spec{"full:bf16", "none"}).method(), "full_cache");
+    EXPECT_EQ((engine::cache_spec{"none:f16", "none"}).method(), "none");
+    EXPECT_EQ((engine::cache_spec{"kivi:2", "none"}).method(), "kivi");
+    EXPECT_EQ((engine::cache_spec{"none:f16", "snapkv:0.25"}).method(), "snapkv");
+    EXPECT_EQ((engine::cache_spec{"kivi:2", "snapkv:0.25"}).method(), "snapkv+kivi");
+    EXPECT_EQ((engine::cache_spec{"none:f16", "snapkv:0.25"}).label(), "none:f16 + snapkv:0.25");
+}
+
+TEST(EngineCacheChoice, FullAndIdentityCachesCountTheSameRows) {
+    const auto full = engine::make_cache(small_shape(), {"full:f16", "none"});
+    const auto none = engine::make_cache(small_shape(), {"none:f16", "none"});
+    exercise(*full, 5);
+    exercise(*none, 5);
+    EXPECT_EQ(full->rows(), 2u * 2u * 6u);
+    EXPECT_EQ(none->rows(), full->rows());
+}
+
+TEST(EngineCacheChoice, TimedCacheMeasuresAttention) {
+    engine::timed_cache timed(engine::make_cache(small_shape(), {"full:f32", "none"}));
+    EXPECT_EQ(timed.attention_seconds(), 0.0);
+    exercise(timed, 16);
+    EXPECT_GT(timed.attention_seconds(), 0.0);
+    EXPECT_GT(timed.append_seconds(), 0.0);
+    EXPECT_EQ(timed.rows(), 2u * 2u * 17u);
+}
+
+TEST(EngineCacheChoice, BadSpellingsListTheValidOnes) {
+    const std::string unknown_cache = error_of({"full:f8", "none"});
+    EXPECT_NE(unknown_cache.find("unknown cache 'full:f8'"), std::string::npos) << unknown_cache;
+    EXPECT_NE(unknown_cache.find("full:f16"), std::string::npos) << unknown_cache;
+    EXPECT_NE(unknown_cache.find("none:bf16"), std::string::npos) << unknown_cache;
+
+    const std::string unknown_eviction = error_of({"none:f16", "bogus:0.5"});
+    EXPECT_NE(unknown_eviction.find("unknown --evict 'bogus:0.5'"), std::string::npos) << unknown_eviction;
+
+    const std::string full_evicts = error_of({"full:f16", "bogus:0.5"});
+    EXPECT_NE(full_evicts.find("keeps every token"), std::string::npos) << full_evicts;
+
+    const std::string none_with_value = error_of({"none:f16", "none:0.5"});
+    EXPECT_NE(none_with_value.find("takes no value"), std::string::npos) << none_with_value;
+}
+
+TEST(EngineCacheChoice, DescribeListsEveryOption) {
+    const std::string text = engine::describe_options();
+    for (const engine::sweep_point& point : engine::sweep_points())
+        EXPECT_NE(text.find(point.spec.cache), std::string::npos) << point.spec.cache;
+    EXPECT_NE(text.find("--evict"), std::string::npos);
+}
