@@ -19,6 +19,7 @@
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
+#include "kvc/kernels/reference/quant.hpp"
 #include "kvc/kernels/table.hpp"
 
 #if !defined(KVC_USE_DISPATCH_LIBRARY)
@@ -39,6 +40,7 @@ inline const kernel_table& reference_table() noexcept {
         {&reference::attend_partial<dtype::f32>, &reference::attend_partial<dtype::f16>,
          &reference::attend_partial<dtype::bf16>},
         {&reference::prefill<dtype::f32>, &reference::prefill<dtype::f16>, &reference::prefill<dtype::bf16>},
+        reference::make_quant_kernels(),
     };
     return table;
 }

@@ -9,6 +9,7 @@
 
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/kernels/quant/problem.hpp"
 
 namespace kvc::kernels {
 
@@ -29,6 +30,9 @@ struct kernel_table {
     void (*attend_partial[dtype_count])(const decode_problem&, const decode_state&) noexcept;
     // Chunked causal prefill; workspace holds prefill_workspace_floats(...) floats.
     void (*prefill[dtype_count])(const prefill_problem&, float* workspace) noexcept;
+    // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
+    // over packed rows (kernels/quant/problem.hpp).
+    quant_kernels quant;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

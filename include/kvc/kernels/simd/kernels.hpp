@@ -440,6 +440,10 @@ void prefill(const prefill_problem& p, float* workspace) noexcept {
     common::prefill_by_rows<A, &attend_partial<A, D>>(p, workspace);
 }
 
+// The quantization section (kernels/quant/simd.hpp, included at the end of this header).
+template <class A>
+constexpr quant_kernels make_quant_kernels() noexcept;
+
 // The table of one instruction set.
 template <class A>
 constexpr kernel_table make_table(arch_id arch) noexcept {
@@ -452,7 +456,10 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         {&to_f32<A, dtype::f32>, &to_f32<A, dtype::f16>, &to_f32<A, dtype::bf16>},
         {&attend_partial<A, dtype::f32>, &attend_partial<A, dtype::f16>, &attend_partial<A, dtype::bf16>},
         {&prefill<A, dtype::f32>, &prefill<A, dtype::f16>, &prefill<A, dtype::bf16>},
+        make_quant_kernels<A>(),
     };
 }
 
 } // namespace kvc::kernels::simd
+
+#include "kvc/kernels/quant/simd.hpp"
