@@ -54,6 +54,15 @@ namespace qc = quant_common;
 template <class A>
 using ints = xsimd::batch<std::int32_t, A>;
 
+// Lane select for 32-bit integer batches, done in the float domain (same
+// bits): xsimd 8.1's integer select for AVX-512BW also compiles its 8/16-bit
+// blends for 32-bit lanes, which GCC rejects at -O0 (header-only builds).
+template <class A>
+inline ints<A> select_ints(const xsimd::batch_bool<float, A>& condition, ints<A> if_true, ints<A> if_false) noexcept {
+    return xsimd::bitwise_cast<ints<A>>(xsimd::select(condition, xsimd::bitwise_cast<floats<A>>(if_true),
+                                                      xsimd::bitwise_cast<floats<A>>(if_false)));
+}
+
 // ---------------------------------------------------------------------------
 // Bytes <-> 32-bit lanes.
 
@@ -313,8 +322,8 @@ struct codes {
                 const ints<A> normal = (magnitude << 20) + ints<A>(120 << 23);
                 const ints<A> subnormal =
                     xsimd::bitwise_cast<ints<A>>(xsimd::batch_cast<float>(magnitude) * floats<A>(0x1p-9f));
-                ints<A> value = xsimd::select(magnitude < ints<A>(8), subnormal, normal);
-                value = xsimd::select(magnitude == ints<A>(0x7f), ints<A>(0x7fc00000), value);
+                ints<A> value = select_ints<A>(xsimd::batch_cast<float>(magnitude) < floats<A>(8.0f), subnormal, normal);
+                value = select_ints<A>(xsimd::batch_cast<float>(magnitude) == floats<A>(127.0f), ints<A>(0x7fc00000), value);
                 out[i] = xsimd::bitwise_cast<floats<A>>(value | ((c & ints<A>(0x80)) << 24));
             }
         } else { // fp8_e5m2
@@ -326,8 +335,8 @@ struct codes {
                 const ints<A> subnormal =
                     xsimd::bitwise_cast<ints<A>>(xsimd::batch_cast<float>(magnitude) * floats<A>(0x1p-16f));
                 const ints<A> special = ints<A>(0x7f800000) | ((magnitude & ints<A>(3)) << 21);
-                ints<A> value = xsimd::select(magnitude < ints<A>(4), subnormal, normal);
-                value = xsimd::select(magnitude >= ints<A>(0x7c), special, value);
+                ints<A> value = select_ints<A>(xsimd::batch_cast<float>(magnitude) < floats<A>(4.0f), subnormal, normal);
+                value = select_ints<A>(xsimd::batch_cast<float>(magnitude) >= floats<A>(124.0f), special, value);
                 out[i] = xsimd::bitwise_cast<floats<A>>(value | ((c & ints<A>(0x80)) << 24));
             }
         }
@@ -591,7 +600,7 @@ KVC_QUANT_INLINE void encode_group(const typename common::element<A, D>::storage
                     ((a + ints<A>((1 << (mantissa_shift - 1)) - 1) + ((a >> mantissa_shift) & ints<A>(1))) >> mantissa_shift) -
                         ints<A>(e4m3 ? (120 << 3) : (112 << 2)),
                     ints<A>(e4m3 ? 0x7e : 0x7b));
-                c[i] = xsimd::select(a < ints<A>(e4m3 ? 0x3c800000 : 0x38800000), sub, normal) | sign;
+                c[i] = select_ints<A>(xsimd::bitwise_cast<floats<A>>(a) < xsimd::bitwise_cast<floats<A>>(ints<A>(e4m3 ? 0x3c800000 : 0x38800000)), sub, normal) | sign;
             } else {
                 // (x - 0) * inverse is x * inverse bit for bit, -0 included.
                 const floats<A> shifted = format_traits<F>::has_minimum ? x - offset : x;
