@@ -30,6 +30,10 @@ void measure_single_thread_read_bandwidth(std::size_t buffer_bytes, int repetiti
 // buffer_bytes: the size measure_single_thread_read_bandwidth was given.
 void register_read_bandwidth_benchmarks(std::size_t buffer_bytes);
 void register_decode_benchmarks();
+// Registered last: the same single-thread read measured again after every
+// other benchmark, so the report can tell when the machine's memory bandwidth
+// drifted during the run (it does on shared VMs) and bw_fraction with it.
+void register_read_bandwidth_end_benchmark(std::size_t buffer_bytes);
 void register_eviction_benchmarks();
 
 } // namespace kvc_bench

@@ -110,6 +110,7 @@ int main(int argc, char** argv) {
     kvc_bench::register_read_bandwidth_benchmarks(read_buffer_bytes);
     kvc_bench::register_decode_benchmarks();
     kvc_bench::register_eviction_benchmarks();
+    kvc_bench::register_read_bandwidth_end_benchmark(read_buffer_bytes); // last: measures the drift
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
     return 0;

@@ -243,19 +243,39 @@ def read_bandwidth_section(runs):
     rows = []
     for entry in runs:
         family, params = parse_name(entry["name"])
-        if family != "BM_read_bandwidth":
+        if family not in ("BM_read_bandwidth", "BM_read_bandwidth_end"):
             continue
-        rows.append((params.get("threads", "1"), params.get("MiB", "?"), fmt_entry_time(entry),
+        when = "last benchmark" if family.endswith("_end") else "first benchmarks"
+        rows.append((when, params.get("threads", "1"), params.get("MiB", "?"), fmt_entry_time(entry),
                      fmt_gbps(entry), fmt_fraction(entry), entry.get("label", "")))
     if not rows:
         return []
     return ["## BM_read_bandwidth", "",
             "A plain sum over a buffer far larger than the caches, with the read loop that won at startup. "
             "threads:2 reads the two halves of the buffer at once (aggregate GB/s). bw_fraction is relative to "
-            "the single-thread bandwidth measured at startup; threads:1 should be close to 1 (the difference is "
-            "run-to-run noise, the startup value is the best of 5 passes).", "",
-            table(["threads", "buffer MiB", "time / pass", "GB/s", "bw_fraction", "loop"], rows,
-                  ["--:", "--:", "--:", "--:", "--:", "---"]), ""]
+            "the single-thread bandwidth measured at startup (best of 5 passes per loop); the single-thread rows "
+            "should be close to 1, and BM_read_bandwidth_end, run after everything else, shows how far the "
+            "machine's bandwidth drifted during the run.", "",
+            table(["when", "threads", "buffer MiB", "time / pass", "GB/s", "bw_fraction", "loop"], rows,
+                  ["---", "--:", "--:", "--:", "--:", "--:", "---"]), ""]
+
+
+def drift_note(runs, context):
+    """A warning when the single-thread read bandwidth moved by more than 10% during the run."""
+    startup = float(context.get("kvc_read_bandwidth_bytes_per_second", "0") or 0)
+    if not startup:
+        return []
+    values = [e["bytes_per_second"] for e in runs
+              if parse_name(e["name"])[0] in ("BM_read_bandwidth", "BM_read_bandwidth_end")
+              and e.get("threads", 1) == 1 and e.get("bytes_per_second")]
+    if not values:
+        return []
+    low, high = min(values + [startup]), max(values + [startup])
+    if high <= 1.1 * low:
+        return [f"Read bandwidth stayed within 10% during the run ({low / 1e9:.1f} to {high / 1e9:.1f} GB/s).", ""]
+    return [f"**Warning:** the single-thread read bandwidth moved between {low / 1e9:.1f} and {high / 1e9:.1f} "
+            "GB/s during the run (startup, first and last measurement): bw_fraction values carry that much "
+            "uncertainty. Memory bandwidth of a shared VM depends on its neighbours.", ""]
 
 
 def decode_section(decode):
@@ -378,6 +398,7 @@ def main():
         lines += [f"Each row is the fastest of {'/'.join(str(n) for n in seen)} repetitions "
                   "(--benchmark_repetitions); the counters are that repetition's.", ""]
     lines += machine_section(context, args)
+    lines += drift_note(runs, context)
     lines += targets_section(decode, sweep)
     lines += preserved_analysis(args.output)
     lines += read_bandwidth_section(runs)

@@ -211,7 +211,7 @@ TYPED_TEST(BlockCodec, BytesMatchLayoutFormulaAndMemoryResource) {
     EXPECT_EQ(counter.in_use, 0u);
 }
 
-TEST(BlockCodec, Q4_0CacheBytesAreSixteenPercentOfFloat) {
+TEST(BlockCodec, Q4_0RowsAre72BytesPer128Elements) {
     // 128 dims: 4 groups x 18 bytes per row; fp16 would be 256 bytes per row.
     const auto c = shape(1, 1, 128);
     quant_cache<q::q4_0> cache(c);
