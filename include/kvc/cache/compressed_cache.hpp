@@ -77,6 +77,22 @@ struct has_bytes_per_token : std::false_type {};
 template <class S>
 struct has_bytes_per_token<S, std::void_t<decltype(std::declval<const S&>().bytes_per_token())>> : std::true_type {};
 
+// Codecs that need each token's position with its rows (e.g. KVQuant, which
+// stores keys before RoPE and rotates them inside attention) declare
+// `static constexpr bool wants_positions = true` and take push_back(..., position).
+template <class S, class = void>
+struct wants_positions : std::false_type {};
+template <class S>
+struct wants_positions<S, std::void_t<decltype(S::wants_positions)>> : std::bool_constant<S::wants_positions> {};
+
+// Codecs whose stored precision follows per-token importance scores (Q6).
+template <class S, class = void>
+struct has_assign_precision : std::false_type {};
+template <class S>
+struct has_assign_precision<S, std::void_t<decltype(std::declval<S&>().assign_precision(
+                                   std::declval<const kernels::kernel_table&>(), std::declval<const float*>()))>>
+    : std::true_type {};
+
 template <class P, class = void>
 struct has_validate : std::false_type {};
 template <class P, class = void>
@@ -127,7 +143,7 @@ public:
           heads_(config_.resource), layers_(config_.resource) {
         const std::size_t count = config_.layers * config_.kv_heads;
         heads_.reserve(count);
-        for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{Quantization::make_head(config_), config_.resource});
+        for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{quantization_.make_head(config_), config_.resource});
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
         if constexpr (evicts) {
@@ -194,8 +210,14 @@ public:
         }
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
-            for (std::size_t h = 0; h < config_.kv_heads; ++h)
-                mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
+            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                if constexpr (detail::wants_positions<head_storage>::value)
+                    mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h),
+                                                          static_cast<std::int32_t>(first_position +
+                                                                                    static_cast<std::int64_t>(t)));
+                else
+                    mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
+            }
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
             head_slot& slot = mutable_head(layer, h);
             const std::size_t old = slot.positions.size();
@@ -390,6 +412,22 @@ public:
 
     const head_storage& head(std::size_t layer, std::size_t kv_head) const noexcept {
         return head_slot_at(layer, kv_head).rows;
+    }
+
+    // Q6 and other importance-driven codecs: re-encodes the rows of one head
+    // with the precision its per-token `scores` call for (tokens(layer, kv_head)
+    // floats in the order of positions(); higher = more important). Any
+    // scorer's output fits, or an engine's own numbers. Throws kvc::error (and
+    // changes nothing) for bad arguments; an allocation failure leaves the head
+    // as it was.
+    template <class S = head_storage, std::enable_if_t<detail::has_assign_precision<S>::value, int> = 0>
+    void assign_precision(std::size_t layer, std::size_t kv_head, const float* scores) {
+        detail::validate_layer(config_, layer, "compressed_cache::assign_precision");
+        detail::require(kv_head < config_.kv_heads, "compressed_cache::assign_precision: expected kv_head < ",
+                        config_.kv_heads, ", got ", kv_head);
+        detail::require(scores != nullptr || tokens(layer, kv_head) == 0,
+                        "compressed_cache::assign_precision: expected non-null scores");
+        mutable_head(layer, kv_head).rows.assign_precision(kernels::active(), scores);
     }
 
     // Every byte taken from the memory resource: encoded rows, positions,

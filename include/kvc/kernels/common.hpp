@@ -146,6 +146,30 @@ inline void finalize_state(const decode_state& state, std::size_t group, std::si
     }
 }
 
+// Folds the running state `from` into `into` (same group and dim), as if
+// `into` had also seen `from`'s tokens: for codecs that attend a segment in
+// their own transformed space (e.g. rotated values) and map its accumulator
+// back before joining the other segments. A state that saw nothing is a no-op.
+template <class A>
+inline void merge_state(const decode_state& into, const decode_state& from, std::size_t group,
+                        std::size_t dim) noexcept {
+    for (std::size_t g = 0; g < group; ++g) {
+        if (!(from.sum[g] > 0.0f)) continue;
+        if (!(into.sum[g] > 0.0f)) {
+            into.max[g] = from.max[g];
+            into.sum[g] = from.sum[g];
+            for (std::size_t d = 0; d < dim; ++d) into.acc[g * dim + d] = from.acc[g * dim + d];
+            continue;
+        }
+        const float max = into.max[g] > from.max[g] ? into.max[g] : from.max[g];
+        const float a = exp<A>(into.max[g] - max), b = exp<A>(from.max[g] - max);
+        into.max[g] = max;
+        into.sum[g] = into.sum[g] * a + from.sum[g] * b;
+        for (std::size_t d = 0; d < dim; ++d)
+            into.acc[g * dim + d] = into.acc[g * dim + d] * a + from.acc[g * dim + d] * b;
+    }
+}
+
 // mass[t] += sum_g exp(logit(g, t) - max(g)) / sum(g): the probability mass
 // each token received from the group, from the logits the partial stored.
 template <class A>
