@@ -85,6 +85,15 @@ struct wants_positions : std::false_type {};
 template <class S>
 struct wants_positions<S, std::void_t<decltype(S::wants_positions)>> : std::bool_constant<S::wants_positions> {};
 
+// Codecs with per-(layer, KV head) parameters (calibrated ranges and
+// codebooks) provide make_head(config, layer, kv_head); the rest make_head(config).
+template <class P, class = void>
+struct has_indexed_make_head : std::false_type {};
+template <class P>
+struct has_indexed_make_head<P, std::void_t<decltype(std::declval<const P&>().make_head(
+                                    std::declval<const cache_config&>(), std::size_t{}, std::size_t{}))>>
+    : std::true_type {};
+
 // Codecs whose stored precision follows per-token importance scores (Q6).
 template <class S, class = void>
 struct has_assign_precision : std::false_type {};
@@ -141,9 +150,14 @@ public:
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
           heads_(config_.resource), layers_(config_.resource) {
-        const std::size_t count = config_.layers * config_.kv_heads;
-        heads_.reserve(count);
-        for (std::size_t i = 0; i < count; ++i) heads_.push_back(head_slot{quantization_.make_head(config_), config_.resource});
+        heads_.reserve(config_.layers * config_.kv_heads);
+        for (std::size_t l = 0; l < config_.layers; ++l)
+            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                if constexpr (detail::has_indexed_make_head<Quantization>::value)
+                    heads_.push_back(head_slot{quantization_.make_head(config_, l, h), config_.resource});
+                else
+                    heads_.push_back(head_slot{quantization_.make_head(config_), config_.resource});
+            }
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
         if constexpr (evicts) {
