@@ -7,7 +7,7 @@
 #   FIDELITY_WINDOWS=2 scripts/fidelity.sh   # quicker and noisier
 #
 # The configurations come from the engine's registry
-# (examples/engine/cache_choice.hpp): a policy added there is swept here
+# (examples/engine/cache_registry.hpp): a policy added there is swept here
 # without touching this script.
 #
 # Environment:
@@ -62,10 +62,11 @@ echo "fidelity.sh: ${#sweep[@]} configurations on $model, $windows windows each"
 start=$(date +%s)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 for i in "${!sweep[@]}"; do
-  IFS=$'\t' read -r method cache evict <<<"${sweep[$i]}"
+  IFS=$'\t' read -r method cache evict every <<<"${sweep[$i]}"
   name=$(printf '%03d' "$i")
-  printf 'fidelity.sh: [%d/%d] %-12s --cache %s --evict %s\n' "$((i + 1))" "${#sweep[@]}" "$method" "$cache" "$evict"
-  "$fidelity" --model "$model" --cache "$cache" --evict "$evict" --windows "$windows" \
+  printf 'fidelity.sh: [%d/%d] %-12s --cache %s --evict %s --evict-every %s\n' "$((i + 1))" "${#sweep[@]}" \
+    "$method" "$cache" "$evict" "$every"
+  "$fidelity" --model "$model" --cache "$cache" --evict "$evict" --evict-every "$every" --windows "$windows" \
     --json "$results/$name.json" --markdown >"$results/$name.md"
   sed 's/^/    /' "$results/$name.md"
 done

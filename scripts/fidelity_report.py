@@ -177,11 +177,16 @@ Columns:
 Eviction (`--evict NAME:RATIO`, one curve per scorer, its points the keep
 ratios 0.75, 0.5, 0.25 and 0.125 from right to left) stores its rows in fp16
 (`none:f16`) and runs as the engine's registry sets it up
-(`eviction_schedule` in `examples/engine/cache_choice.hpp`): once, after the
+(`schedule_for` in `examples/engine/cache_registry.hpp`): once, after the
 prompt, each KV head keeps that fraction of the {prompt} prompt tokens (its
 first 4 and newest 16 always among them); the {scored} decoded tokens are all
 kept. Its KL therefore measures what losing part of the prompt costs the
-predictions that follow. Cache bytes count everything the cache holds,
+predictions that follow. The rows marked "(decode)" (`--evict-every 16`) also
+compress during decode: whenever a head holds 16 tokens more than a quarter
+of what it has seen, it goes back to that budget, so those caches stay at
+about 0.25 of full_cache through the scored tokens too. Rows named
+`SCORER+CODEC` evict from a quantized cache (a keep ratio of 0.25 on `q8_0`
+or `q4_0` rows): the two families composed. Cache bytes count everything the cache holds,
 including the state a policy asks for (accumulated attention for H2O/A2SF, the
 window of recent queries SnapKV scores with), which is why equal budgets can
 differ in bytes.
@@ -216,7 +221,7 @@ build/fidelity/examples/engine/kvc-fidelity --model models/kvref/model.bin --cac
 ```
 
 A new policy appears here after one line in the registry of
-`examples/engine/cache_choice.hpp` (`codec_options()` or `eviction_options()`,
+`examples/engine/cache_registry.hpp` (`codec_options()` or `eviction_options()`,
 with the budgets to sweep) and a rerun of `scripts/fidelity.sh`.
 """.format(
         command=args.command,

@@ -1,5 +1,5 @@
 // examples/engine/cache_choice.hpp -- which kvc cache the engine runs, chosen
-// on the command line, and the registry of policies the tools can name.
+// on the command line.
 //
 // kvc's caches are different types at compile time (kvc::full_cache,
 // kvc::compressed_cache<Eviction, Merging, Quantization, Projection>), which
@@ -13,18 +13,21 @@
 //   --cache full:f32 | full:f16 | full:bf16   kvc::full_cache storing fp32/fp16/bf16 rows
 //   --cache CODEC                             kvc::compressed_cache with that quantization codec
 //   --evict NAME[:VALUE]                      ... and that eviction policy (default none)
-// Adding a policy is one line in codec_options() or eviction_options().
+//   --evict-every N                           ... compressing during decode too, whenever a
+//                                             head is N tokens over its budget (B9)
+// The policies the names stand for are listed in cache_registry.hpp, which
+// only the engine's own .cpp files include: each (codec, eviction) pair is a
+// separate compressed_cache type, and instantiating them all once, in a few
+// translation units compiled in parallel, keeps every other file of the
+// engine and its tests quick to build.
 #pragma once
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <sstream>
-#include <stdexcept>
 #include <string>
 #include <string_view>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -126,265 +129,46 @@ private:
 };
 
 // ---------------------------------------------------------------------------
-// Policy options: a name the command line uses and how to build the policy.
-// ---------------------------------------------------------------------------
-
-template <class Make>
-struct policy_option {
-    std::string_view name;      // "none:f16", "kivi:2", "snapkv"
-    std::string_view parameter; // what follows "name:" on the command line ("keep_ratio"); empty: nothing
-    std::vector<double> sweep;  // parameter values scripts/fidelity.sh measures
-    std::string_view summary;   // one line for --list
-    Make make;                  // () -> policy, or (double) -> policy when there is a parameter
-};
-
-// A quantization codec (the compressed_cache's third slot). Codecs whose
-// parameter is a template argument (bits) get one line per value: "kivi:2", "kivi:4".
-template <class Make>
-policy_option<Make> codec(std::string_view name, std::string_view summary, Make make) {
-    return {name, {}, {}, summary, std::move(make)};
-}
-// An eviction policy without a parameter.
-template <class Make>
-policy_option<Make> eviction(std::string_view name, std::string_view summary, Make make) {
-    return {name, {}, {}, summary, std::move(make)};
-}
-// An eviction policy taking one number ("snapkv:0.25"), swept over `sweep`.
-template <class Make>
-policy_option<Make> eviction(std::string_view name, std::string_view parameter, std::vector<double> sweep,
-                             std::string_view summary, Make make) {
-    return {name, parameter, std::move(sweep), summary, std::move(make)};
-}
-
-// ===========================================================================
-// The registry: one line per policy, by its METHODS.md name.
-// ===========================================================================
-
-// --cache CODEC: a kvc::compressed_cache with this quantization codec.
-inline auto codec_options() {
-    return std::make_tuple(
-        codec("none:f32", "compressed_cache, rows as they are in fp32 (bit-identical to full:f32)",
-              [] { return kvc::quant::none<float>{}; }),
-        codec("none:f16", "compressed_cache, rows as they are in fp16", [] { return kvc::quant::none<kvc::half>{}; }),
-        codec("none:bf16", "compressed_cache, rows as they are in bf16",
-              [] { return kvc::quant::none<kvc::bfloat16>{}; })
-        // e.g. codec("kivi:2", "KIVI (Q2), 2-bit keys per channel, values per token",
-        //            [] { return kvc::quant::kivi<2>{}; }),
-    );
-}
-
-// Eviction from the command line: `--evict NAME:KEEP_RATIO` keeps that
-// fraction of the prompt's tokens in each KV head (the first 4, the attention
-// sinks, and the newest 16 always among them: kvc's budget defaults),
-// compressing once after the prompt (B9); decoded tokens are all kept.
-// Decode-time compression (interval > 0) is left off for now: with it,
-// compressed_cache also compresses the first prefill chunk before
-// attend_chunk has seen it, and attend_chunk then rejects the chunk.
-inline constexpr kvc::evict::schedule eviction_schedule{true, 0};
-
-// An eviction policy (kvc::evict::policy<Scorer>) taking a keep ratio, swept over four budgets.
-template <class Policy>
-auto keep_ratio_eviction(std::string_view name, std::string_view summary) {
-    return eviction(name, "keep_ratio", {0.75, 0.5, 0.25, 0.125}, summary, [](double keep_ratio) {
-        return Policy(kvc::evict::budget::ratio(keep_ratio), eviction_schedule);
-    });
-}
-
-// --evict NAME[:VALUE]: the compressed_cache's eviction policy.
-inline auto eviction_options() {
-    return std::make_tuple(
-        eviction("none", "keep every token", [] { return kvc::evict::none{}; }),
-        keep_ratio_eviction<kvc::evict::streaming>("streaming", "StreamingLLM (E1): attention sinks + newest tokens"),
-        keep_ratio_eviction<kvc::evict::h2o>("h2o", "H2O (E2): attention accumulated over all queries"),
-        keep_ratio_eviction<kvc::evict::a2sf>("a2sf", "A2SF (E3): accumulated attention with a forgetting factor"),
-        keep_ratio_eviction<kvc::evict::snapkv>("snapkv", "SnapKV (E5): attention of the last 64 queries, pooled"),
-        keep_ratio_eviction<kvc::evict::tova>("tova", "TOVA (E6): attention of the newest query"),
-        keep_ratio_eviction<kvc::evict::knorm>("knorm", "K-norm (E7): keep low-norm keys"),
-        keep_ratio_eviction<kvc::evict::keydiff>("keydiff", "KeyDiff (E8): keep keys unlike the mean key"),
-        keep_ratio_eviction<kvc::evict::cur>("cur", "CUR (E13): key norm x value norm, windowed"),
-        keep_ratio_eviction<kvc::evict::random>("random", "random (E17): the baseline every scorer must beat"));
-}
-
-// The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).
-inline constexpr std::string_view eviction_sweep_codec = "none:f16";
-
-// --cache full:TYPE: the baseline, kvc::full_cache.
-struct full_option {
-    std::string_view name;
-    kvc::dtype storage;
-};
-inline constexpr full_option full_options[] = {
-    {"full:f32", kvc::dtype::f32}, {"full:f16", kvc::dtype::f16}, {"full:bf16", kvc::dtype::bf16}};
-
-// ---------------------------------------------------------------------------
-// Building a cache from its spelling.
+// Choosing a cache.
 // ---------------------------------------------------------------------------
 
 // A cache configuration as the command line spells it.
 struct cache_spec {
     std::string cache = "full:f32";
     std::string evict = "none";
+    std::size_t every = 0; // --evict-every: decode-time compression interval (0: after the prompt only)
 
-    bool is_full() const {
-        for (const full_option& option : full_options)
-            if (cache == option.name) return true;
-        return false;
-    }
-    // "full:f16", "none:f16", "none:f16 + snapkv:0.25".
-    std::string label() const { return evict == "none" ? cache : cache + " + " + evict; }
+    bool is_full() const;
+    // "full:f16", "none:f16", "none:f16 + snapkv:0.25", "q4_0 + h2o:0.25 every 32".
+    std::string label() const;
     // The curve a configuration belongs to in docs/FIDELITY.md: full_cache,
     // the eviction method, or the codec's method (the spelling before ':').
-    std::string method() const {
-        if (is_full()) return "full_cache";
-        const std::string codec_method = cache.substr(0, cache.find(':'));
-        if (evict == "none") return codec_method;
-        const std::string evict_method = evict.substr(0, evict.find(':'));
-        return cache == eviction_sweep_codec ? evict_method : evict_method + "+" + codec_method;
-    }
+    std::string method() const;
 };
-
-template <class Tuple, class Visit>
-void for_each_option(const Tuple& options, Visit&& visit) {
-    std::apply([&](const auto&... option) { (visit(option), ...); }, options);
-}
-
-namespace detail {
-
-inline std::string format_number(double value) {
-    std::ostringstream out;
-    out << value;
-    return out.str();
-}
-
-// The policy an option builds from the argument after ':' ("" when absent).
-template <class Make>
-auto make_policy(const policy_option<Make>& option, const std::string& argument, const std::string& spelled) {
-    if constexpr (std::is_invocable_v<const Make&>) {
-        if (!argument.empty())
-            throw std::invalid_argument("--evict " + spelled + ": '" + std::string(option.name) +
-                                        "' takes no value; write --evict " + std::string(option.name));
-        return option.make();
-    } else {
-        std::size_t used = 0;
-        double value = 0.0;
-        try {
-            value = std::stod(argument, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (argument.empty() || used != argument.size())
-            throw std::invalid_argument("--evict " + spelled + ": expected " + std::string(option.name) + ":" +
-                                        std::string(option.parameter) + " with a number, e.g. " +
-                                        std::string(option.name) + ":0.25");
-        return option.make(value);
-    }
-}
-
-} // namespace detail
-
-// How the command line writes an option: "none:f16", "snapkv:keep_ratio".
-template <class Make>
-std::string spelling(const policy_option<Make>& option) {
-    std::string text(option.name);
-    if (!option.parameter.empty()) {
-        text += ':';
-        text += option.parameter;
-    }
-    return text;
-}
-
-// Every --cache spelling, for messages and --list.
-inline std::string cache_names() {
-    std::string names;
-    for (const full_option& option : full_options) names.append(option.name).append(" ");
-    for_each_option(codec_options(), [&](const auto& option) { names.append(spelling(option)).append(" "); });
-    names.pop_back();
-    return names;
-}
-inline std::string eviction_names() {
-    std::string names;
-    for_each_option(eviction_options(), [&](const auto& option) { names.append(spelling(option)).append(" "); });
-    names.pop_back();
-    return names;
-}
-
-// Human-readable list of every option, for --list.
-inline std::string describe_options() {
-    std::string text;
-    auto line = [&text](const std::string& name, const std::string& summary) {
-        text.append("  ").append(name).append(name.size() < 14 ? 14 - name.size() : 1, ' ').append(summary).append("\n");
-    };
-    text += "--cache (KV cache type and storage):\n";
-    for (const full_option& option : full_options)
-        line(std::string(option.name),
-             std::string("kvc::full_cache, rows stored in ") + kvc::name_of(option.storage) + " (the baseline)");
-    for_each_option(codec_options(), [&](const auto& option) { line(spelling(option), std::string(option.summary)); });
-    text += "--evict (eviction policy of a compressed cache):\n";
-    for_each_option(eviction_options(), [&](const auto& option) { line(spelling(option), std::string(option.summary)); });
-    return text;
-}
 
 // Builds the cache `spec` names for a model of shape `shape`. Throws
 // std::invalid_argument naming the valid spellings when `spec` is not one;
-// kvc::error when kvc rejects the configuration.
-inline std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec) {
-    for (const full_option& option : full_options) {
-        if (spec.cache != option.name) continue;
-        if (spec.evict != "none")
-            throw std::invalid_argument("--cache " + spec.cache +
-                                        " is kvc::full_cache, which keeps every token; to evict, use a compressed "
-                                        "cache such as --cache none:f16 --evict " + spec.evict);
-        kvc::cache_config config = shape;
-        config.storage = option.storage;
-        return std::make_unique<kvc_cache<kvc::full_cache>>(config);
-    }
+// kvc::error when kvc rejects the configuration (e.g. a head dim the codec
+// does not support).
+std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec);
 
-    const std::size_t colon = spec.evict.find(':');
-    const std::string evict_name = spec.evict.substr(0, colon);
-    const std::string evict_argument = colon == std::string::npos ? "" : spec.evict.substr(colon + 1);
-    std::unique_ptr<kv_cache> cache;
-    bool codec_found = false, eviction_found = false;
-    // Every (codec, eviction) pair is instantiated here; the loops pick the one named.
-    for_each_option(codec_options(), [&](const auto& codec_option) {
-        if (codec_option.name != spec.cache) return;
-        codec_found = true;
-        for_each_option(eviction_options(), [&](const auto& eviction_option) {
-            if (eviction_option.name != evict_name) return;
-            eviction_found = true;
-            auto eviction = detail::make_policy(eviction_option, evict_argument, spec.evict);
-            auto quantization = codec_option.make();
-            using cache_type = kvc::compressed_cache<decltype(eviction), kvc::merge::none, decltype(quantization),
-                                                     kvc::project::none>;
-            cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), kvc::merge::none{},
-                                                            std::move(quantization), kvc::project::none{});
-        });
-    });
-    if (!codec_found)
-        throw std::invalid_argument("unknown cache '" + spec.cache + "'; expected one of: " + cache_names());
-    if (!eviction_found)
-        throw std::invalid_argument("unknown --evict '" + spec.evict + "'; expected one of: " + eviction_names());
-    return cache;
-}
+// Every --cache spelling and every --evict spelling, for messages.
+std::string cache_names();
+std::string eviction_names();
+// Human-readable list of every option, for --list.
+std::string describe_options();
 
 // One configuration of the fidelity sweep and the curve it belongs to.
 struct sweep_point {
     std::string method;
     cache_spec spec;
 };
+// Everything scripts/fidelity.sh measures, read from the registry.
+std::vector<sweep_point> sweep_points();
+// The names of the eviction policies that take a keep ratio ("snapkv", ...), in registry order.
+std::vector<std::string> keep_ratio_evictions();
 
-// Everything scripts/fidelity.sh measures, read from the registry above: the
-// full_cache storage types, every codec, and every eviction policy over its
-// sweep values (on eviction_sweep_codec).
-inline std::vector<sweep_point> sweep_points() {
-    std::vector<sweep_point> points;
-    auto add = [&](cache_spec spec) { points.push_back({spec.method(), std::move(spec)}); };
-    for (const full_option& option : full_options) add({std::string(option.name), "none"});
-    for_each_option(codec_options(), [&](const auto& option) { add({std::string(option.name), "none"}); });
-    for_each_option(eviction_options(), [&](const auto& option) {
-        for (double value : option.sweep)
-            add({std::string(eviction_sweep_codec), std::string(option.name) + ":" + detail::format_number(value)});
-    });
-    return points;
-}
+// A number as the command line and the reports write it ("0.25").
+std::string format_number(double value);
 
 } // namespace engine

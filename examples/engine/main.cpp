@@ -44,6 +44,7 @@ const char* const usage = R"(usage: kvc_engine --model FILE [options]
   --chunk N            prefill chunk size in tokens (default 64)
   --cache SPEC         KV cache: full:f32, full:f16 (default), full:bf16 or a compressed codec (see --list)
   --evict SPEC         eviction policy of a compressed cache (default none)
+  --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0)
   --compare SPEC       also run a reference cache (e.g. full:f32) over the same tokens and compare
   --quiet              do not print the generated text
   --list               list the cache and eviction choices
@@ -83,6 +84,7 @@ options parse(int argc, char** argv) {
         else if (flag == "--chunk") o.chunk = args.count(flag, 1, 1 << 20);
         else if (flag == "--cache") o.cache.cache = args.value(flag);
         else if (flag == "--evict") o.cache.evict = args.value(flag);
+        else if (flag == "--evict-every") o.cache.every = args.count(flag, 0, 1 << 20);
         else if (flag == "--compare") o.compare = args.value(flag);
         else if (flag == "--quiet") o.quiet = true;
         else throw engine::usage_error("unknown option " + flag);

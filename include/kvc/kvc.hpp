@@ -22,6 +22,9 @@
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/quantization/none.hpp"
+#include "kvc/policy/quantization/block.hpp"
+#include "kvc/calibration/artifact.hpp"
+#include "kvc/calibration/kmeans.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"

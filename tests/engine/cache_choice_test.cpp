@@ -1,5 +1,6 @@
 // examples/engine/cache_choice.hpp: every configuration the registry offers
 // builds and runs; bad spellings are errors that list the valid ones.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <set>
@@ -18,7 +19,7 @@ kvc::cache_config small_shape() {
     config.layers = 2;
     config.kv_heads = 2;
     config.query_heads = 4;
-    config.head_dim = 16;
+    config.head_dim = 64; // the block codecs need a multiple of their group size (up to 64 here)
     return config;
 }
 
@@ -77,8 +78,9 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
         }
     }
     // The baseline, today's codecs and an eviction budget are all there.
-    for (const char* expected :
-         {"full:f32", "full:f16", "full:bf16", "none:f32", "none:f16", "none:bf16", "none:f16 + snapkv:0.25"})
+    for (const char* expected : {"full:f32", "full:f16", "full:bf16", "none:f32", "none:f16", "none:bf16", "q8_0",
+                                 "q4_0", "q4_1", "k4v2", "none:f16 + snapkv:0.25", "none:f16 + h2o:0.25 every 16",
+                                 "q4_0 + snapkv:0.25", "q8_0 + knorm:0.25"})
         EXPECT_EQ(labels.count(expected), 1u) << expected;
 }
 
@@ -89,6 +91,44 @@ TEST(EngineCacheChoice, MethodNamesTheCurve) {
     EXPECT_EQ((engine::cache_spec{"none:f16", "snapkv:0.25"}).method(), "snapkv");
     EXPECT_EQ((engine::cache_spec{"kivi:2", "snapkv:0.25"}).method(), "snapkv+kivi");
     EXPECT_EQ((engine::cache_spec{"none:f16", "snapkv:0.25"}).label(), "none:f16 + snapkv:0.25");
+    EXPECT_EQ((engine::cache_spec{"none:f16", "h2o:0.25", 16}).method(), "h2o (decode)");
+    EXPECT_EQ((engine::cache_spec{"q4_0", "h2o:0.25", 16}).label(), "q4_0 + h2o:0.25 every 16");
+}
+
+// --evict-every: the cache compresses during decode and stays near its
+// budget (B9): after every step each head holds at most its target
+// (a quarter of the tokens seen, at least kvc's 4 sinks + 16 recent) plus the interval.
+TEST(EngineCacheChoice, DecodeTimeEvictionHoldsTheBudget) {
+    const kvc::cache_config shape = small_shape();
+    const std::size_t every = 8, prompt = 40, steps = 300;
+    const auto cache = engine::make_cache(shape, {"q4_0", "h2o:0.25", every});
+    exercise(*cache, prompt); // the prompt and one decode step
+    std::vector<float> row(shape.kv_heads * shape.head_dim, 0.1f);
+    std::vector<float> queries(shape.query_heads * shape.head_dim, 0.25f), out(queries.size());
+    const std::size_t heads = shape.layers * shape.kv_heads;
+    for (std::size_t step = 0; step < steps; ++step) {
+        const std::size_t position = prompt + 1 + step;
+        for (std::size_t d = 0; d < row.size(); ++d) row[d] = static_cast<float>((position * 31 + d * 7) % 17) / 17.0f;
+        for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+            const engine::kv_cache::view view(row.data(), 1, shape.kv_heads, shape.head_dim);
+            cache->append(layer, view, view, static_cast<std::int64_t>(position));
+            cache->attend(layer, queries.data(), out.data());
+        }
+        const std::size_t seen = position + 1;
+        const std::size_t target = std::max<std::size_t>((seen + 3) / 4, 20);
+        ASSERT_LE(cache->rows(), heads * (target + every)) << "after decode step " << step;
+        ASSERT_GE(cache->rows(), heads * std::min(target, seen)) << "after decode step " << step;
+    }
+}
+
+TEST(EngineCacheChoice, PairsAndFlagsTheRegistryDoesNotBuildAreErrors) {
+    const std::string unpaired = error_of({"q4_1", "snapkv:0.25"});
+    EXPECT_NE(unpaired.find("runs without eviction"), std::string::npos) << unpaired;
+    EXPECT_NE(unpaired.find("q4_0"), std::string::npos) << unpaired; // names the codecs that do evict
+    const std::string every_without_eviction = error_of({"none:f16", "none", 8});
+    EXPECT_NE(every_without_eviction.find("--evict-every"), std::string::npos) << every_without_eviction;
+    const std::string every_on_full = error_of({"full:f16", "none", 8});
+    EXPECT_NE(every_on_full.find("--evict-every"), std::string::npos) << every_on_full;
 }
 
 TEST(EngineCacheChoice, FullAndIdentityCachesCountTheSameRows) {

@@ -65,6 +65,7 @@ void attend_chunk_heads(const cache_config& config, HeadAt&& head_at, const floa
         const std::size_t tokens = store.tokens();
         kernels::prefill_problem p;
         p.chunk = chunk;
+        p.dim = dim;
         p.group = group;
         p.queries = queries + h * group * dim;
         p.query_token_stride = config.query_heads * dim;

@@ -1,0 +1,142 @@
+// kvc-attention-error: per-layer attention-output error of compressed caches
+// on a real model's keys, values and queries (attention_error.hpp).
+//
+//   kvc-attention-error --model models/kvref/model.bin --cache q4_0
+//   kvc-attention-error --model models/kvref/model.bin --eviction-sweep   # every scorer at 0.5, 0.25, 0.125
+//
+// Prints one JSON object per configuration and line.
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "attention_error.hpp"
+#include "cli.hpp"
+#include "fidelity.hpp"
+
+namespace {
+
+const char* const usage = R"(usage: kvc-attention-error --model FILE [options]
+
+  --model FILE         llama2.c checkpoint (fp32, version 0)
+  --tokenizer FILE     tokenizer.bin (default: next to the model; byte level for a 256-token vocabulary)
+  --text FILE          text (default: eval.txt next to the model)
+  --cache SPEC         cache to measure (default none:f32; see kvc_engine --list)
+  --evict SPEC         its eviction policy (default none)
+  --evict-every N      decode-time compression interval (default 0)
+  --eviction-sweep     instead: every eviction policy with a keep ratio, at 0.5, 0.25 and 0.125, on --cache
+  --prompt N           prompt tokens per window (default 512)
+  --steps M            decode steps measured per window (default 32)
+  --chunk N            prefill chunk (default 64)
+  --windows W          disjoint text windows (default 4)
+  --help
+)";
+
+struct options {
+    std::string model, tokenizer_path, text;
+    engine::cache_spec spec{"none:f32", "none"};
+    bool sweep = false;
+    std::size_t prompt = 512, steps = 32, chunk = 64, windows = 4;
+};
+
+options parse(int argc, char** argv) {
+    engine::arguments args(argc, argv);
+    options o;
+    while (!args.done()) {
+        const std::string flag = args.flag();
+        if (flag == "--help") {
+            std::fputs(usage, stdout);
+            std::exit(0);
+        } else if (flag == "--model") o.model = args.value(flag);
+        else if (flag == "--tokenizer") o.tokenizer_path = args.value(flag);
+        else if (flag == "--text") o.text = args.value(flag);
+        else if (flag == "--cache") o.spec.cache = args.value(flag);
+        else if (flag == "--evict") o.spec.evict = args.value(flag);
+        else if (flag == "--evict-every") o.spec.every = args.count(flag, 0, 1 << 20);
+        else if (flag == "--eviction-sweep") o.sweep = true;
+        else if (flag == "--prompt") o.prompt = args.count(flag, 1);
+        else if (flag == "--steps") o.steps = args.count(flag, 1);
+        else if (flag == "--chunk") o.chunk = args.count(flag, 1, 1 << 20);
+        else if (flag == "--windows") o.windows = args.count(flag, 1, 10000);
+        else throw engine::usage_error("unknown option " + flag);
+    }
+    if (o.model.empty()) throw engine::usage_error("--model FILE is required");
+    return o;
+}
+
+std::string json_row(const engine::cache_spec& spec, const engine::attention_error& e, const options& o) {
+    using engine::detail::json_string;
+    using engine::detail::number;
+    return "{\"method\": " + json_string(spec.method()) + ", \"cache\": " + json_string(spec.cache) +
+           ", \"evict\": " + json_string(spec.evict) + ", \"evict_every\": " + std::to_string(spec.every) +
+           ", \"error_mean\": " + number(e.mean) + ", \"error_max\": " + number(e.max) +
+           ", \"rows_kept\": " + number(e.rows_kept) + ", \"samples\": " + std::to_string(e.samples) +
+           ", \"windows\": " + std::to_string(o.windows) + ", \"prompt\": " + std::to_string(o.prompt) +
+           ", \"steps\": " + std::to_string(o.steps) + "}\n";
+}
+
+int run(options o) {
+    engine::transformer model = engine::transformer::load(o.model);
+    const engine::model_shape& shape = model.shape();
+    const engine::tokenizer words = engine::tokenizer_for(o.model, o.tokenizer_path, shape.vocab);
+    if (o.prompt + o.steps > shape.context)
+        throw engine::usage_error("--prompt + --steps exceeds the model's context of " + std::to_string(shape.context));
+    if (o.text.empty()) o.text = (std::filesystem::path(o.model).parent_path() / "eval.txt").string();
+    const std::vector<int> tokens = words.encode(engine::read_file(o.text));
+    const std::size_t window = o.prompt + o.steps;
+    if (tokens.size() < o.windows * window)
+        throw engine::usage_error(o.text + " has too few tokens for " + std::to_string(o.windows) + " windows of " +
+                                  std::to_string(window));
+
+    std::vector<engine::cache_spec> specs;
+    if (o.sweep) {
+        for (const std::string& name : engine::keep_ratio_evictions())
+            for (const char* ratio : {"0.5", "0.25", "0.125"})
+                specs.push_back({o.spec.cache, name + ":" + ratio, o.spec.every});
+    } else {
+        specs.push_back(o.spec);
+    }
+    const kvc::cache_config config = engine::kv_cache_config(shape);
+    for (const engine::cache_spec& spec : specs) engine::make_cache(config, spec); // spelling errors first
+
+    std::vector<engine::recorded_rows> recorded;
+    for (std::size_t w = 0; w < o.windows; ++w) {
+        const std::vector<int> text(tokens.begin() + static_cast<std::ptrdiff_t>(w * window),
+                                    tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * window));
+        recorded.push_back(engine::record_rows(model, text, o.prompt, o.chunk));
+    }
+    for (const engine::cache_spec& spec : specs) {
+        engine::attention_error total;
+        double sum = 0.0, kept = 0.0;
+        for (const engine::recorded_rows& rows : recorded) {
+            const engine::attention_error e = engine::measure_attention_error(config, rows, o.prompt, o.chunk, spec);
+            sum += e.mean * static_cast<double>(e.samples);
+            total.samples += e.samples;
+            total.max = std::max(total.max, e.max);
+            kept += e.rows_kept;
+        }
+        total.mean = sum / static_cast<double>(total.samples);
+        total.rows_kept = kept / static_cast<double>(recorded.size());
+        std::fputs(json_row(spec, total, o).c_str(), stdout);
+        std::fflush(stdout);
+    }
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    try {
+        return run(parse(argc, argv));
+    } catch (const engine::usage_error& e) {
+        std::fprintf(stderr, "kvc-attention-error: %s\n(run kvc-attention-error --help for usage)\n", e.what());
+        return 2;
+    } catch (const std::invalid_argument& e) {
+        std::fprintf(stderr, "kvc-attention-error: %s\n", e.what());
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "kvc-attention-error: error: %s\n", e.what());
+        return 1;
+    }
+}
