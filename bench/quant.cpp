@@ -35,6 +35,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,6 +51,7 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
+#include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -128,8 +130,11 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                if constexpr (kvc::detail::has_stored_bytes<std::decay_t<decltype(head)>>::value)
+                    total += head.stored_bytes();
+                else
+                    total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
+                             head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
             }
             return total;
         }
@@ -175,6 +180,8 @@ std::vector<codec> codecs() {
         codec_of<q::block_kv<q::int4_sym, q::int2_asym, 32>>("k_int4_v_int2_g32"),
         codec_of<q::block_kv<q::int8_sym, q::int4_sym, 32>>("k_int8_v_int4_g32"),
         codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
+        codec_of<q::rotated<q::q4_0>>("rot_q4_0"),
+        codec_of<q::rotated<q::block<q::int4_sym, 128>>>("rot_int4_sym_g128"),
     };
 }
 

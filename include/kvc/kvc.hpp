@@ -25,6 +25,7 @@
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/kmeans.hpp"
+#include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"

@@ -8,12 +8,36 @@
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
+#include <utility>
 
 #include "kvc/cache/attention_scratch.hpp"
 #include "kvc/cache/config.hpp"
 #include "kvc/kernels/dispatch.hpp"
 
 namespace kvc::detail {
+
+// Floats of prefill workspace one head store needs: kernels::prefill_workspace_floats
+// for its rows, unless the store says more (a codec that transforms the
+// queries first, e.g. quant::rotated, keeps them there: prefill is noexcept
+// and must not allocate, so the caller's scratch holds them).
+template <class S, class = void>
+struct has_prefill_workspace : std::false_type {};
+template <class S>
+struct has_prefill_workspace<S, std::void_t<decltype(std::declval<const S&>().prefill_workspace_floats(
+                                    std::size_t{}, std::size_t{}, bool{}))>> : std::true_type {};
+
+template <class S>
+std::size_t prefill_workspace_of(const S& store, std::size_t group, std::size_t dim, std::size_t chunk,
+                                 bool with_mass) noexcept {
+    if constexpr (has_prefill_workspace<S>::value) {
+        (void)dim;
+        return store.prefill_workspace_floats(group, chunk, with_mass);
+    } else {
+        (void)chunk;
+        return kernels::prefill_workspace_floats(group, dim, store.tokens(), with_mass);
+    }
+}
 
 // Decode: queries and out are [query_heads][head_dim]; mass (optional) gets,
 // head after head, tokens(h) floats of attention probability summed over the group.
@@ -56,10 +80,12 @@ void attend_chunk_heads(const cache_config& config, HeadAt&& head_at, const floa
                         float* out, float* mass) {
     const kernels::kernel_table& k = kernels::active();
     const std::size_t group = config.group(), dim = config.head_dim;
-    std::size_t longest = 0;
-    for (std::size_t h = 0; h < config.kv_heads; ++h)
-        longest = head_at(h).tokens() > longest ? head_at(h).tokens() : longest;
-    attention_scratch scratch(kernels::prefill_workspace_floats(group, dim, longest, mass != nullptr));
+    std::size_t workspace = 0;
+    for (std::size_t h = 0; h < config.kv_heads; ++h) {
+        const std::size_t need = prefill_workspace_of(head_at(h), group, dim, chunk, mass != nullptr);
+        workspace = need > workspace ? need : workspace;
+    }
+    attention_scratch scratch(workspace);
     for (std::size_t h = 0; h < config.kv_heads; ++h) {
         const auto& store = head_at(h);
         const std::size_t tokens = store.tokens();

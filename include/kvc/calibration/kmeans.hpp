@@ -22,25 +22,12 @@
 #include <vector>
 
 #include "kvc/core/error.hpp"
+#include "kvc/core/random.hpp"
 
 namespace kvc::calibration {
 
-// splitmix64 (Steele, Lea, Flood 2014): small, fast, and the same everywhere.
-class splitmix64 {
-public:
-    explicit splitmix64(std::uint64_t seed) noexcept : state_(seed) {}
-    std::uint64_t next() noexcept {
-        std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        return z ^ (z >> 31);
-    }
-    // Uniform in [0, 1).
-    double uniform() noexcept { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-
-private:
-    std::uint64_t state_;
-};
+// splitmix64 lives in core/random.hpp (the Hadamard sign table uses it too).
+using kvc::splitmix64;
 
 struct kmeans_options {
     std::size_t clusters = 16;

@@ -8,6 +8,7 @@
 #include <cstddef>
 
 #include "kvc/kernels/arch.hpp"
+#include "kvc/kernels/hadamard/common.hpp"
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 
@@ -33,6 +34,8 @@ struct kernel_table {
     // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
     // over packed rows (kernels/quant/problem.hpp).
     quant_kernels quant;
+    // Q4: the orthonormal Hadamard rotation of rows (kernels/hadamard/common.hpp).
+    hadamard_kernels hadamard;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }
