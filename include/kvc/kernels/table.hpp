@@ -10,6 +10,7 @@
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
+#include "kvc/kernels/sparse/problem.hpp"
 
 namespace kvc::kernels {
 
@@ -33,6 +34,8 @@ struct kernel_table {
     // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
     // over packed rows (kernels/quant/problem.hpp).
     quant_kernels quant;
+    // Unstructured sparsity (Q10): bitmap + kept fp16 values per row (kernels/sparse/problem.hpp).
+    sparse_kernels sparse;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }
