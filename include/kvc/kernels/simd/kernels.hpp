@@ -466,5 +466,4 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
 
 } // namespace kvc::kernels::simd
 
-#include "kvc/kernels/quant/simd.hpp"
-#include "kvc/kernels/sparse/simd.hpp"
+#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp at its end
