@@ -50,8 +50,11 @@
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/eviction/knorm.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/rotated.hpp"
+#include "kvc/policy/quantization/mixed.hpp"
+#include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -106,12 +109,17 @@ public:
     virtual void reserve(std::size_t tokens) = 0;
     virtual std::size_t bytes() const = 0;
     virtual std::size_t stored_bytes(std::size_t layer) const = 0; // K/V bytes one attend reads
+    // Called once after the fixture's tokens are appended (codecs that
+    // re-encode by importance assign precision here).
+    virtual void finish_fill() {}
 };
 
 template <class Cache>
-class target_of final : public target {
+class target_of : public target {
 public:
     explicit target_of(const kvc::cache_config& c) : cache_(c) {}
+    template <class Q>
+    target_of(const kvc::cache_config& c, Q quantization) : cache_(c, {}, {}, std::move(quantization)) {}
     void attend(std::size_t layer, const float* q, float* out) override { cache_.attend(layer, q, out); }
     void append(std::size_t layer, const kvc::kv_view<const float>& k, const kvc::kv_view<const float>& v,
                 std::int64_t position) override {
@@ -130,15 +138,19 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                if constexpr (kvc::detail::has_stored_bytes<std::decay_t<decltype(head)>>::value)
+                if constexpr (kvc::detail::has_stored_bytes<std::decay_t<decltype(head)>>::value) {
                     total += head.stored_bytes();
-                else
+                } else {
                     total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
                              head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                }
             }
             return total;
         }
     }
+
+protected:
+    Cache& cache() noexcept { return cache_; }
 
 private:
     Cache cache_;
@@ -155,6 +167,56 @@ codec codec_of(std::string name) {
     return codec{std::move(name), (Q::key_bits_per_value() + Q::value_bits_per_value()) / 2.0,
                  [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<Q>>>(c);
+                 }};
+}
+
+// Q10: run-time sparsity; bits per value from the row layout (bitmap included).
+codec sparse_codec(double sparsity) {
+    const kvc::quant::sparse q(sparsity);
+    return codec{"sparse_s" + std::to_string(static_cast<int>(sparsity * 100 + 0.5)),
+                 (q.key_bits_per_value(dim) + q.value_bits_per_value(dim)) / 2.0,
+                 [q](const kvc::cache_config& c) -> std::unique_ptr<target> {
+                     return std::make_unique<target_of<cache_of<kvc::quant::sparse>>>(c, q);
+                 }};
+}
+
+// Q6: after the tokens are in, every head's precision is assigned from E7
+// knorm scores (-||k||, low-norm keys draw attention), a stand-in for any scorer.
+template <class Q>
+class mixed_target final : public target_of<cache_of<Q>> {
+public:
+    mixed_target(const kvc::cache_config& c, Q q) : target_of<cache_of<Q>>(c, q) {}
+    void finish_fill() override {
+        auto& cache = this->cache();
+        const kvc::kernels::kernel_table& k = kvc::kernels::active();
+        std::vector<float> keys, scores;
+        for (std::size_t layer = 0; layer < cache.config().layers; ++layer)
+            for (std::size_t h = 0; h < kv_heads; ++h) {
+                const std::size_t tokens = cache.tokens(layer, h);
+                keys.resize(tokens * dim);
+                scores.resize(tokens);
+                cache.head(layer, h).decode_keys(k, 0, tokens, keys.data());
+                kvc::evict::head_inputs in;
+                in.layer = layer;
+                in.kv_head = h;
+                in.tokens = tokens;
+                in.dim = dim;
+                in.keys = keys.data();
+                in.positions = cache.positions(layer, h);
+                in.kernels = &k;
+                kvc::evict::score::knorm{}.score(in, scores.data());
+                cache.assign_precision(layer, h, scores.data());
+            }
+        cache.shrink_to_fit();
+    }
+};
+
+template <class Q>
+codec mixed_codec(std::string name, double high_fraction) {
+    const double bits = high_fraction * Q::high_bits_per_value() + (1.0 - high_fraction) * Q::low_bits_per_value() +
+                        8.0 * 4.0 / (2.0 * dim); // + the 4-byte token map per token and head
+    return codec{std::move(name), bits, [high_fraction](const kvc::cache_config& c) -> std::unique_ptr<target> {
+                     return std::make_unique<mixed_target<Q>>(c, Q(high_fraction));
                  }};
 }
 
@@ -182,6 +244,10 @@ std::vector<codec> codecs() {
         codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
         codec_of<q::rotated<q::q4_0>>("rot_q4_0"),
         codec_of<q::rotated<q::block<q::int4_sym, 128>>>("rot_int4_sym_g128"),
+        sparse_codec(0.5),
+        sparse_codec(0.7),
+        mixed_codec<q::mixed<q::int8_sym, q::int2_asym, 32>>("mixed_int8_20pct_int2", 0.2),
+        mixed_codec<q::mixed<q::int8_sym, q::int4_sym, 32>>("mixed_int8_20pct_int4", 0.2),
     };
 }
 
@@ -219,6 +285,7 @@ std::unique_ptr<decode_fixture> build_decode_fixture(const codec& c) {
                                    kvc::kv_view<const float>(values.data(), fill_chunk, kv_heads, dim),
                                    static_cast<std::int64_t>(t0));
         }
+    fixture->cache->finish_fill();
     fixture->queries.resize(kv_heads * group * dim);
     for (float& q : fixture->queries) q = rng.next();
     fixture->bytes_per_layer = fixture->cache->bytes() / layers;
@@ -359,6 +426,7 @@ void BM_quant_fidelity(benchmark::State& state, codec c, std::size_t outliers) {
         const auto packed = c.make(config);
         full->append(0, key_view, value_view, 0);
         packed->append(0, key_view, value_view, 0);
+        packed->finish_fill();
         std::vector<float> want(kv_heads * group * dim), got(want.size());
         double total = 0.0;
         std::size_t count = 0;

@@ -26,6 +26,8 @@
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/kmeans.hpp"
 #include "kvc/policy/quantization/rotated.hpp"
+#include "kvc/policy/quantization/mixed.hpp"
+#include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"

@@ -21,6 +21,7 @@
 #include "kvc/kernels/reference/hadamard.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
 #include "kvc/kernels/reference/quant.hpp"
+#include "kvc/kernels/reference/sparse.hpp"
 #include "kvc/kernels/table.hpp"
 
 #if !defined(KVC_USE_DISPATCH_LIBRARY)
@@ -43,6 +44,7 @@ inline const kernel_table& reference_table() noexcept {
         {&reference::prefill<dtype::f32>, &reference::prefill<dtype::f16>, &reference::prefill<dtype::bf16>},
         reference::make_quant_kernels(),
         reference::make_hadamard_kernels(),
+        reference::make_sparse_kernels(),
     };
     return table;
 }

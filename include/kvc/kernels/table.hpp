@@ -11,6 +11,7 @@
 #include "kvc/kernels/hadamard/common.hpp"
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
+#include "kvc/kernels/sparse/problem.hpp"
 
 namespace kvc::kernels {
 
@@ -36,6 +37,8 @@ struct kernel_table {
     quant_kernels quant;
     // Q4: the orthonormal Hadamard rotation of rows (kernels/hadamard/common.hpp).
     hadamard_kernels hadamard;
+    // Unstructured sparsity (Q10): bitmap + kept fp16 values per row (kernels/sparse/problem.hpp).
+    sparse_kernels sparse;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

@@ -1023,3 +1023,7 @@ constexpr quant_kernels make_quant_kernels() noexcept {
 }
 
 } // namespace kvc::kernels::simd
+
+// The sparse section reuses this header's softmax update and lane sums, so it
+// comes after them whichever of the kernel headers is included first.
+#include "kvc/kernels/sparse/simd.hpp"

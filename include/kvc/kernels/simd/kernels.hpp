@@ -446,6 +446,9 @@ constexpr quant_kernels make_quant_kernels() noexcept;
 // The Q4 rotation section (kernels/hadamard/simd.hpp, included at the end of this header).
 template <class A>
 constexpr hadamard_kernels make_hadamard_kernels() noexcept;
+// The sparse section (kernels/sparse/simd.hpp, included at the end of this header).
+template <class A>
+constexpr sparse_kernels make_sparse_kernels() noexcept;
 
 // The table of one instruction set.
 template <class A>
@@ -461,10 +464,11 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         {&prefill<A, dtype::f32>, &prefill<A, dtype::f16>, &prefill<A, dtype::bf16>},
         make_quant_kernels<A>(),
         make_hadamard_kernels<A>(),
+        make_sparse_kernels<A>(),
     };
 }
 
 } // namespace kvc::kernels::simd
 
-#include "kvc/kernels/quant/simd.hpp"
 #include "kvc/kernels/hadamard/simd.hpp"
+#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp at its end
