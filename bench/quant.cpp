@@ -35,6 +35,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,6 +51,7 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
+#include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -106,6 +108,12 @@ public:
     virtual std::size_t stored_bytes(std::size_t layer) const = 0; // K/V bytes one attend reads
 };
 
+// Head stores other than packed_rows report what one attention reads themselves.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+
 template <class Cache>
 class target_of final : public target {
 public:
@@ -124,6 +132,10 @@ public:
     std::size_t stored_bytes(std::size_t layer) const override {
         if constexpr (std::is_same_v<Cache, kvc::full_cache>) {
             return cache_.tokens(layer) * kv_heads * dim * 2 * kvc::size_of(cache_.config().storage);
+        } else if constexpr (has_stored_bytes<typename Cache::quantization_type::head_storage>::value) {
+            std::size_t total = 0;
+            for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
+            return total;
         } else {
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
@@ -175,6 +187,8 @@ std::vector<codec> codecs() {
         codec_of<q::block_kv<q::int4_sym, q::int2_asym, 32>>("k_int4_v_int2_g32"),
         codec_of<q::block_kv<q::int8_sym, q::int4_sym, 32>>("k_int8_v_int4_g32"),
         codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
+        codec_of<q::kivi<4>>("kivi4_g32_r128"),
+        codec_of<q::kivi<2>>("kivi2_g32_r128"),
     };
 }
 
