@@ -1,6 +1,6 @@
 // kvc/kernels/quant/kivi_simd.hpp -- the xsimd KIVI (Q2) attention, templated on an xsimd Arch.
 //
-// Included at the end of kernels/simd/kernels.hpp after quant/simd.hpp, whose
+// Included at the end of kernels/quant/simd.hpp (so after it), whose
 // pieces it reuses (payload decoders, lane sums, the online-softmax update and
 // the packed value accumulation); the same rules hold: nothing but xsimd and
 // templates on the Arch.

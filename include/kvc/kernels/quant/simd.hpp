@@ -1023,3 +1023,6 @@ constexpr quant_kernels make_quant_kernels() noexcept {
 }
 
 } // namespace kvc::kernels::simd
+
+// The KIVI kernels build on the pieces above.
+#include "kvc/kernels/quant/kivi_simd.hpp"

@@ -443,7 +443,8 @@ void prefill(const prefill_problem& p, float* workspace) noexcept {
 // The quantization section (kernels/quant/simd.hpp, included at the end of this header).
 template <class A>
 constexpr quant_kernels make_quant_kernels() noexcept;
-// The KIVI section (kernels/quant/kivi_simd.hpp, included at the end of this header).
+// The KIVI section (kernels/quant/kivi_simd.hpp, included at the end of quant/simd.hpp,
+// whose pieces it uses, so that any of the three headers may come first).
 template <class A>
 constexpr kivi_kernels make_kivi_kernels() noexcept;
 
@@ -466,5 +467,4 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
 
 } // namespace kvc::kernels::simd
 
-#include "kvc/kernels/quant/simd.hpp"
-#include "kvc/kernels/quant/kivi_simd.hpp"
+#include "kvc/kernels/quant/simd.hpp" // which includes kivi_simd.hpp at its end
