@@ -55,6 +55,7 @@
 #include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
+#include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -114,6 +115,12 @@ public:
     virtual void finish_fill() {}
 };
 
+// Head stores other than packed_rows report what one attention reads themselves.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+
 template <class Cache>
 class target_of : public target {
 public:
@@ -134,6 +141,10 @@ public:
     std::size_t stored_bytes(std::size_t layer) const override {
         if constexpr (std::is_same_v<Cache, kvc::full_cache>) {
             return cache_.tokens(layer) * kv_heads * dim * 2 * kvc::size_of(cache_.config().storage);
+        } else if constexpr (has_stored_bytes<typename Cache::quantization_type::head_storage>::value) {
+            std::size_t total = 0;
+            for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
+            return total;
         } else {
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
@@ -248,6 +259,8 @@ std::vector<codec> codecs() {
         sparse_codec(0.7),
         mixed_codec<q::mixed<q::int8_sym, q::int2_asym, 32>>("mixed_int8_20pct_int2", 0.2),
         mixed_codec<q::mixed<q::int8_sym, q::int4_sym, 32>>("mixed_int8_20pct_int4", 0.2),
+        codec_of<q::kivi<4>>("kivi4_g32_r128"),
+        codec_of<q::kivi<2>>("kivi2_g32_r128"),
     };
 }
 

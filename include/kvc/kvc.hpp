@@ -28,6 +28,7 @@
 #include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
+#include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"

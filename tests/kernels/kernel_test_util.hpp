@@ -244,6 +244,11 @@ inline std::size_t odd_offset(rng_type& rng) { return 1 + 2 * (rng() % 4); }
 struct sequence {
     std::size_t dim = 0;
     std::vector<double> k, v, bias; // k, v: [tokens][dim]; bias empty or [tokens]
+    // Optional, for kernels that compute <q, k> from the factors of each key
+    // element (KIVI: code * d + m): k_bound [tokens][dim] replaces |k| in the
+    // logit error bound, and extra_roundings is added to its chain length.
+    std::vector<double> k_bound;
+    std::size_t extra_roundings = 0;
     std::size_t tokens() const { return dim == 0 ? 0 : k.size() / dim; }
 
     // Appends rows [first, first + count) of K/V; bias (if any) indexed from 0.
@@ -314,12 +319,13 @@ inline head_oracle attend_oracle(const sequence& seq, std::size_t prefix, const 
         for (std::size_t d = 0; d < dim; ++d) {
             const double product = static_cast<double>(q[d]) * seq.k[t * dim + d];
             dot += product;
-            abs_dot += std::fabs(product);
+            abs_dot += seq.k_bound.empty() ? std::fabs(product)
+                                           : std::fabs(static_cast<double>(q[d])) * seq.k_bound[t * dim + d];
         }
         const double b = seq.bias.empty() ? 0.0 : seq.bias[t];
+        const double chain = static_cast<double>(dim) + 2.0 + static_cast<double>(seq.extra_roundings);
         o.logit[t] = static_cast<double>(scale) * dot + b;
-        o.logit_err[t] = gamma_n(static_cast<double>(dim) + 2.0) * (std::fabs(scale) * abs_dot + std::fabs(b)) +
-                         (static_cast<double>(dim) + 2.0) * underflow_slack;
+        o.logit_err[t] = gamma_n(chain) * (std::fabs(scale) * abs_dot + std::fabs(b)) + chain * underflow_slack;
         if (given_logits != nullptr) {
             o.logit[t] = given_logits[t];
             o.logit_err[t] = 0.0;

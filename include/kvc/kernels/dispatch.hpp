@@ -20,6 +20,7 @@
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/reference/hadamard.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
+#include "kvc/kernels/reference/kivi.hpp"
 #include "kvc/kernels/reference/quant.hpp"
 #include "kvc/kernels/reference/sparse.hpp"
 #include "kvc/kernels/table.hpp"
@@ -45,6 +46,7 @@ inline const kernel_table& reference_table() noexcept {
         reference::make_quant_kernels(),
         reference::make_hadamard_kernels(),
         reference::make_sparse_kernels(),
+        reference::make_kivi_kernels(),
     };
     return table;
 }

@@ -10,6 +10,7 @@
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/hadamard/common.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/kernels/quant/kivi_problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 #include "kvc/kernels/sparse/problem.hpp"
 
@@ -39,6 +40,8 @@ struct kernel_table {
     hadamard_kernels hadamard;
     // Unstructured sparsity (Q10): bitmap + kept fp16 values per row (kernels/sparse/problem.hpp).
     sparse_kernels sparse;
+    // KIVI (Q2): per-channel key blocks, fused attention (kernels/quant/kivi_problem.hpp).
+    kivi_kernels kivi;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

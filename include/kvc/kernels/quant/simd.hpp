@@ -1027,3 +1027,5 @@ constexpr quant_kernels make_quant_kernels() noexcept {
 // The sparse section reuses this header's softmax update and lane sums, so it
 // comes after them whichever of the kernel headers is included first.
 #include "kvc/kernels/sparse/simd.hpp"
+// The KIVI kernels build on the pieces above.
+#include "kvc/kernels/quant/kivi_simd.hpp"

@@ -449,6 +449,10 @@ constexpr hadamard_kernels make_hadamard_kernels() noexcept;
 // The sparse section (kernels/sparse/simd.hpp, included at the end of this header).
 template <class A>
 constexpr sparse_kernels make_sparse_kernels() noexcept;
+// The KIVI section (kernels/quant/kivi_simd.hpp, included at the end of quant/simd.hpp,
+// whose pieces it uses, so that any of the three headers may come first).
+template <class A>
+constexpr kivi_kernels make_kivi_kernels() noexcept;
 
 // The table of one instruction set.
 template <class A>
@@ -465,10 +469,11 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         make_quant_kernels<A>(),
         make_hadamard_kernels<A>(),
         make_sparse_kernels<A>(),
+        make_kivi_kernels<A>(),
     };
 }
 
 } // namespace kvc::kernels::simd
 
 #include "kvc/kernels/hadamard/simd.hpp"
-#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp at its end
+#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp and quant/kivi_simd.hpp at its end
