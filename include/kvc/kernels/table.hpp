@@ -9,6 +9,7 @@
 
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/kernels/quant/cq_problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 
 namespace kvc::kernels {
@@ -33,6 +34,9 @@ struct kernel_table {
     // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
     // over packed rows (kernels/quant/problem.hpp).
     quant_kernels quant;
+    // Channel-coupled vector quantization (Q8): nearest-centroid codes and
+    // attention on the codes through lookup tables (kernels/quant/cq_problem.hpp).
+    cq_kernels cq;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }
