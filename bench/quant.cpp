@@ -25,6 +25,13 @@
 // the numbers are the counters rel_error (mean over query heads and queries)
 // and rel_error_max. scripts/quant_report.py turns all three into
 // docs/QUANTIZATION.md.
+//
+// Calibrated codecs (Q8 CQ) learn their codebooks before a benchmark from a
+// small held-out sample of that benchmark's own data distribution (1024
+// tokens of one layer, never the measured tokens); the layers of the decode
+// fixture are i.i.d., so one layer's codebooks are reused for every layer.
+// Their bits_per_value counts the codes only (b / c); vs_full_bytes and
+// bw_fraction include the codebooks (256 KiB per head for b = 8).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -56,6 +63,8 @@
 #include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/policy/quantization/kivi.hpp"
+#include "kvc/calibration/cq.hpp"
+#include "kvc/policy/quantization/cq.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -69,6 +78,7 @@ constexpr std::size_t min_working_set_bytes = std::size_t{128} << 20;
 constexpr std::size_t fill_chunk = 256;
 constexpr std::size_t append_tokens = 4096;
 constexpr std::size_t fidelity_tokens = 1024;
+constexpr std::size_t calibration_tokens = 1024;
 
 template <class Q>
 using cache_of = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Q, kvc::project::none>;
@@ -115,12 +125,6 @@ public:
     virtual void finish_fill() {}
 };
 
-// Head stores other than packed_rows report what one attention reads themselves.
-template <class S, class = void>
-struct has_stored_bytes : std::false_type {};
-template <class S>
-struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
-
 template <class Cache>
 class target_of : public target {
 public:
@@ -141,7 +145,8 @@ public:
     std::size_t stored_bytes(std::size_t layer) const override {
         if constexpr (std::is_same_v<Cache, kvc::full_cache>) {
             return cache_.tokens(layer) * kv_heads * dim * 2 * kvc::size_of(cache_.config().storage);
-        } else if constexpr (has_stored_bytes<typename Cache::quantization_type::head_storage>::value) {
+        } else if constexpr (kvc::detail::has_stored_bytes<typename Cache::head_storage>::value) {
+            // Head stores other than packed_rows report what one attention reads themselves.
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
             return total;
@@ -149,12 +154,8 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                if constexpr (kvc::detail::has_stored_bytes<std::decay_t<decltype(head)>>::value) {
-                    total += head.stored_bytes();
-                } else {
-                    total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                             head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
-                }
+                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
+                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
             }
             return total;
         }
@@ -171,14 +172,58 @@ struct codec {
     std::string name;
     double bits_per_value; // key and value average, scales included (16 for fp16)
     std::function<std::unique_ptr<target>(const kvc::cache_config&)> make;
+    // Calibrated codecs: the codec with codebooks learnt from one layer's
+    // sample keys and values ([calibration_tokens][kv_heads][dim]); `make` is
+    // unusable before.
+    std::function<codec(const std::vector<float>&, const std::vector<float>&)> calibrate;
 };
+
+// `c` ready to make caches: calibrated on the sample `draw` produces when it needs it.
+template <class Draw>
+codec ready(const codec& c, Draw&& draw) {
+    if (!c.calibrate) return c;
+    std::vector<float> keys, values;
+    draw(keys, values);
+    return c.calibrate(keys, values);
+}
+
+// CQ with c channels per group and b bits per code, calibrated on one layer
+// and the same codebooks used for every layer of the cache.
+codec cq_codec(std::string name, std::size_t channels, std::size_t bits) {
+    codec c{name, static_cast<double>(bits) / static_cast<double>(channels), nullptr, nullptr};
+    c.calibrate = [name, channels, bits](const std::vector<float>& keys, const std::vector<float>& values) {
+        kvc::calibration::cq_options o;
+        o.channels_per_group = channels;
+        o.bits = bits;
+        o.iterations = 10;
+        const auto one_layer = std::make_shared<const kvc::calibration::artifact>(kvc::calibration::calibrate_cq(
+            kvc::kv_view<const float>(keys.data(), calibration_tokens, kv_heads, dim),
+            kvc::kv_view<const float>(values.data(), calibration_tokens, kv_heads, dim), o));
+        codec out{name, static_cast<double>(bits) / static_cast<double>(channels), nullptr, nullptr};
+        out.make = [one_layer](const kvc::cache_config& config) -> std::unique_ptr<target> {
+            kvc::calibration::artifact tiled = *one_layer;
+            for (kvc::calibration::tensor& t : tiled.tensors) {
+                if (t.shape.size() != 5) continue;
+                const std::vector<float> layer = t.values;
+                t.shape[0] = config.layers;
+                t.values.clear();
+                for (std::size_t l = 0; l < config.layers; ++l) t.values.insert(t.values.end(), layer.begin(), layer.end());
+            }
+            using cache = cache_of<kvc::quant::cq>;
+            return std::make_unique<target_of<cache>>(config, kvc::quant::cq(tiled));
+        };
+        return out;
+    };
+    return c;
+}
 
 template <class Q>
 codec codec_of(std::string name) {
     return codec{std::move(name), (Q::key_bits_per_value() + Q::value_bits_per_value()) / 2.0,
                  [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<Q>>>(c);
-                 }};
+                 },
+                 nullptr};
 }
 
 // Q10: run-time sparsity; bits per value from the row layout (bitmap included).
@@ -234,7 +279,8 @@ codec mixed_codec(std::string name, double high_fraction) {
 codec full_fp16() {
     return codec{"f16_full", 16.0, [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<kvc::full_cache>>(c);
-                 }};
+                 },
+                 nullptr};
 }
 
 std::vector<codec> codecs() {
@@ -261,6 +307,8 @@ std::vector<codec> codecs() {
         mixed_codec<q::mixed<q::int8_sym, q::int4_sym, 32>>("mixed_int8_20pct_int4", 0.2),
         codec_of<q::kivi<4>>("kivi4_g32_r128"),
         codec_of<q::kivi<2>>("kivi2_g32_r128"),
+        cq_codec("cq_c4_b8", 4, 8),
+        cq_codec("cq_c8_b8", 8, 8),
     };
 }
 
@@ -275,7 +323,19 @@ struct decode_fixture {
     std::size_t bytes_per_layer = 0, read_bytes_per_call = 0;
 };
 
-std::unique_ptr<decode_fixture> build_decode_fixture(const codec& c) {
+// Uniform noise in [-1, 1), the decode and append benchmarks' data.
+void draw_noise(std::vector<float>& keys, std::vector<float>& values) {
+    noise rng(99991);
+    keys.resize(calibration_tokens * kv_heads * dim);
+    values.resize(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+        keys[i] = rng.next();
+        values[i] = rng.next();
+    }
+}
+
+std::unique_ptr<decode_fixture> build_decode_fixture(const codec& uncalibrated) {
+    const codec c = ready(uncalibrated, draw_noise);
     // Layer size from a one-layer probe of the layout (cheap: no tokens).
     const double bytes_per_token = c.bits_per_value / 8.0 * dim * 2 * kv_heads;
     const double layer_bytes = bytes_per_token * decode_tokens;
@@ -377,7 +437,8 @@ void BM_quant_decode(benchmark::State& state, codec c) {
 // ---------------------------------------------------------------------------
 // Quantize on append (prefill path).
 
-void BM_quant_append(benchmark::State& state, codec c) {
+void BM_quant_append(benchmark::State& state, codec uncalibrated) {
+    const codec c = ready(uncalibrated, draw_noise);
     const kvc::cache_config config = config_for(1);
     noise rng(7);
     std::vector<kvc::half> keys(append_tokens * kv_heads * dim), values(keys.size());
@@ -422,8 +483,16 @@ std::vector<float> synthetic(std::size_t tokens, std::uint32_t seed, std::size_t
     return x;
 }
 
-void BM_quant_fidelity(benchmark::State& state, codec c, std::size_t outliers) {
+void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t outliers) {
     const kvc::cache_config config = config_for(1);
+    // Held-out sample: the tokens after the measured ones (same outlier channels).
+    const codec c = ready(uncalibrated, [&](std::vector<float>& k, std::vector<float>& v) {
+        const std::size_t skip = fidelity_tokens * kv_heads * dim;
+        k = synthetic(fidelity_tokens + calibration_tokens, 11, outliers);
+        v = synthetic(fidelity_tokens + calibration_tokens, 12, outliers);
+        k.erase(k.begin(), k.begin() + static_cast<std::ptrdiff_t>(skip));
+        v.erase(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(skip));
+    });
     const auto keys = synthetic(fidelity_tokens, 11, outliers);
     const auto values = synthetic(fidelity_tokens, 12, outliers);
     const kvc::kv_view<const float> key_view(keys.data(), fidelity_tokens, kv_heads, dim);

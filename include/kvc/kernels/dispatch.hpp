@@ -21,6 +21,7 @@
 #include "kvc/kernels/reference/hadamard.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
 #include "kvc/kernels/reference/kivi.hpp"
+#include "kvc/kernels/reference/cq.hpp"
 #include "kvc/kernels/reference/quant.hpp"
 #include "kvc/kernels/reference/sparse.hpp"
 #include "kvc/kernels/table.hpp"
@@ -47,6 +48,7 @@ inline const kernel_table& reference_table() noexcept {
         reference::make_hadamard_kernels(),
         reference::make_sparse_kernels(),
         reference::make_kivi_kernels(),
+        reference::make_cq_kernels(),
     };
     return table;
 }

@@ -11,6 +11,7 @@
 #include "kvc/kernels/hadamard/common.hpp"
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/quant/kivi_problem.hpp"
+#include "kvc/kernels/quant/cq_problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 #include "kvc/kernels/sparse/problem.hpp"
 
@@ -42,6 +43,9 @@ struct kernel_table {
     sparse_kernels sparse;
     // KIVI (Q2): per-channel key blocks, fused attention (kernels/quant/kivi_problem.hpp).
     kivi_kernels kivi;
+    // Channel-coupled vector quantization (Q8): nearest-centroid codes and
+    // attention on the codes through lookup tables (kernels/quant/cq_problem.hpp).
+    cq_kernels cq;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

@@ -454,6 +454,10 @@ constexpr sparse_kernels make_sparse_kernels() noexcept;
 template <class A>
 constexpr kivi_kernels make_kivi_kernels() noexcept;
 
+// The CQ section (kernels/quant/cq_simd.hpp, included at the end of this header).
+template <class A>
+constexpr cq_kernels make_cq_kernels() noexcept;
+
 // The table of one instruction set.
 template <class A>
 constexpr kernel_table make_table(arch_id arch) noexcept {
@@ -470,6 +474,7 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         make_hadamard_kernels<A>(),
         make_sparse_kernels<A>(),
         make_kivi_kernels<A>(),
+        make_cq_kernels<A>(),
     };
 }
 
@@ -477,3 +482,4 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
 
 #include "kvc/kernels/hadamard/simd.hpp"
 #include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp and quant/kivi_simd.hpp at its end
+#include "kvc/kernels/quant/cq_simd.hpp"
