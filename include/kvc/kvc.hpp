@@ -22,6 +22,7 @@
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/quantization/none.hpp"
+#include "kvc/policy/quantization/kvquant.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"

@@ -9,6 +9,7 @@
 
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/kernels/quant/kvquant_problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 
 namespace kvc::kernels {
@@ -33,6 +34,9 @@ struct kernel_table {
     // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
     // over packed rows (kernels/quant/problem.hpp).
     quant_kernels quant;
+    // KVQuant (Q3): attention over pre-RoPE non-uniform codes with sparse
+    // outliers, RoPE applied inside (kernels/quant/kvquant_problem.hpp).
+    kvquant_kernels kvquant;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }
