@@ -23,7 +23,10 @@
 // tokens with random queries, on Gaussian data and on data with outlier
 // channels (a few channels 10x larger, as real keys have). One iteration;
 // the numbers are the counters rel_error (mean over query heads and queries)
-// and rel_error_max. scripts/quant_report.py turns all three into
+// and rel_error_max. KVQuant rows (kvquant_3bit, kvquant_4bit) are calibrated
+// on held-out tokens of the same data (on uniform noise for decode) and take the
+// keys as if they were pre-RoPE: their fp16 reference holds the keys after
+// RoPE (default rope_config) at positions 0.. . scripts/quant_report.py turns all three into
 // docs/QUANTIZATION.md.
 #include <algorithm>
 #include <chrono>
@@ -35,6 +38,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,6 +54,9 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
+#include "kvc/calibration/kvquant.hpp"
+#include "kvc/kernels/rope.hpp"
+#include "kvc/policy/quantization/kvquant.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -106,10 +113,18 @@ public:
     virtual std::size_t stored_bytes(std::size_t layer) const = 0; // K/V bytes one attend reads
 };
 
+// Head stores that are not packed_rows report the bytes one attention reads.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+
 template <class Cache>
 class target_of final : public target {
 public:
     explicit target_of(const kvc::cache_config& c) : cache_(c) {}
+    template <class Q>
+    target_of(const kvc::cache_config& c, Q quantization) : cache_(c, {}, {}, std::move(quantization)) {}
     void attend(std::size_t layer, const float* q, float* out) override { cache_.attend(layer, q, out); }
     void append(std::size_t layer, const kvc::kv_view<const float>& k, const kvc::kv_view<const float>& v,
                 std::int64_t position) override {
@@ -124,6 +139,10 @@ public:
     std::size_t stored_bytes(std::size_t layer) const override {
         if constexpr (std::is_same_v<Cache, kvc::full_cache>) {
             return cache_.tokens(layer) * kv_heads * dim * 2 * kvc::size_of(cache_.config().storage);
+        } else if constexpr (has_stored_bytes<typename Cache::head_storage>::value) {
+            std::size_t total = 0;
+            for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
+            return total;
         } else {
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
@@ -143,6 +162,14 @@ struct codec {
     std::string name;
     double bits_per_value; // key and value average, scales included (16 for fp16)
     std::function<std::unique_ptr<target>(const kvc::cache_config&)> make;
+    // Calibrated codecs (KVQuant): built from sample keys and values [tokens][kv_heads][dim]
+    // of the data they will see; `make` then calibrates on the decode data's distribution.
+    std::function<std::unique_ptr<target>(const kvc::cache_config&, const std::vector<float>&,
+                                          const std::vector<float>&)>
+        make_calibrated;
+    // Keys are appended before RoPE (the codec rotates them): the fp16
+    // reference of the fidelity rows then holds the keys after RoPE.
+    bool keys_before_rope = false;
 };
 
 template <class Q>
@@ -151,6 +178,44 @@ codec codec_of(std::string name) {
                  [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<Q>>>(c);
                  }};
+}
+
+// KVQuant at `bits`, calibrated on sample keys and values of every layer
+// (the same sample for each); 1% outliers, one fp16 sink, default RoPE.
+// The bench appends its keys as if they were pre-RoPE keys.
+codec kvquant_codec(std::string name, unsigned bits) {
+    codec c;
+    c.name = std::move(name);
+    // Average over K and V of the packed body at dim 128: codes b bits, 8 bytes
+    // of value parameters, 8 bytes of outlier end and position, ~1.28 outliers x 6 bytes.
+    c.bits_per_value = bits + (8.0 + 8.0 + 1.28 * 6.0) * 8.0 / (2.0 * dim);
+    c.keys_before_rope = true;
+    c.make_calibrated = [bits](const kvc::cache_config& config, const std::vector<float>& keys,
+                               const std::vector<float>& values) -> std::unique_ptr<target> {
+        const std::size_t tokens = keys.size() / (kv_heads * dim);
+        std::vector<kvc::kv_view<const float>> k, v;
+        for (std::size_t l = 0; l < config.layers; ++l) {
+            k.emplace_back(keys.data(), tokens, kv_heads, dim);
+            v.emplace_back(values.data(), tokens, kv_heads, dim);
+        }
+        kvc::calibration::kvquant_options o;
+        o.bits = bits;
+        o.outlier_fraction = 0.01;
+        const auto artifact = kvc::calibration::calibrate_kvquant(config, k, v, o);
+        return std::make_unique<target_of<cache_of<kvc::quant::kvquant>>>(
+            config, kvc::quant::kvquant(artifact, kvc::rope_config{}, 1));
+    };
+    c.make = [maker = c.make_calibrated](const kvc::cache_config& config) {
+        // The decode rows' data: uniform noise in [-1, 1) (as build_decode_fixture).
+        noise rng(4242);
+        std::vector<float> keys(256 * kv_heads * dim), values(keys.size());
+        for (std::size_t i = 0; i < keys.size(); ++i) {
+            keys[i] = rng.next();
+            values[i] = rng.next();
+        }
+        return maker(config, keys, values);
+    };
+    return c;
 }
 
 codec full_fp16() {
@@ -175,6 +240,8 @@ std::vector<codec> codecs() {
         codec_of<q::block_kv<q::int4_sym, q::int2_asym, 32>>("k_int4_v_int2_g32"),
         codec_of<q::block_kv<q::int8_sym, q::int4_sym, 32>>("k_int8_v_int4_g32"),
         codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
+        kvquant_codec("kvquant_3bit", 3),
+        kvquant_codec("kvquant_4bit", 4),
     };
 }
 
@@ -337,8 +404,26 @@ std::vector<float> synthetic(std::size_t tokens, std::uint32_t seed, std::size_t
 
 void BM_quant_fidelity(benchmark::State& state, codec c, std::size_t outliers) {
     const kvc::cache_config config = config_for(1);
-    const auto keys = synthetic(fidelity_tokens, 11, outliers);
-    const auto values = synthetic(fidelity_tokens, 12, outliers);
+    // Calibrated codecs see held-out tokens of the same streams (tokens after the first fidelity_tokens).
+    constexpr std::size_t held_out = 256;
+    const auto key_stream = synthetic(fidelity_tokens + held_out, 11, outliers);
+    const auto value_stream = synthetic(fidelity_tokens + held_out, 12, outliers);
+    const std::size_t row = kv_heads * dim;
+    const std::vector<float> keys(key_stream.begin(), key_stream.begin() + static_cast<std::ptrdiff_t>(fidelity_tokens * row));
+    const std::vector<float> values(value_stream.begin(),
+                                    value_stream.begin() + static_cast<std::ptrdiff_t>(fidelity_tokens * row));
+    const std::vector<float> key_sample(key_stream.begin() + static_cast<std::ptrdiff_t>(fidelity_tokens * row),
+                                        key_stream.end());
+    const std::vector<float> value_sample(value_stream.begin() + static_cast<std::ptrdiff_t>(fidelity_tokens * row),
+                                          value_stream.end());
+    // The fp16 reference holds keys after RoPE when the codec takes them before.
+    std::vector<float> reference_keys = keys;
+    if (c.keys_before_rope)
+        for (std::size_t t = 0; t < fidelity_tokens; ++t)
+            for (std::size_t h = 0; h < kv_heads; ++h)
+                kvc::kernels::rope_rotate(kvc::rope_config{}, reference_keys.data() + t * row + h * dim, dim,
+                                          static_cast<std::int64_t>(t));
+    const kvc::kv_view<const float> reference_key_view(reference_keys.data(), fidelity_tokens, kv_heads, dim);
     const kvc::kv_view<const float> key_view(keys.data(), fidelity_tokens, kv_heads, dim);
     const kvc::kv_view<const float> value_view(values.data(), fidelity_tokens, kv_heads, dim);
     constexpr std::size_t queries = 16;
@@ -349,8 +434,8 @@ void BM_quant_fidelity(benchmark::State& state, codec c, std::size_t outliers) {
     double mean = 0.0, worst = 0.0;
     for (auto _ : state) {
         const auto full = full_fp16().make(config);
-        const auto packed = c.make(config);
-        full->append(0, key_view, value_view, 0);
+        const auto packed = c.make_calibrated ? c.make_calibrated(config, key_sample, value_sample) : c.make(config);
+        full->append(0, reference_key_view, value_view, 0);
         packed->append(0, key_view, value_view, 0);
         std::vector<float> want(kv_heads * group * dim), got(want.size());
         double total = 0.0;
