@@ -177,7 +177,8 @@ codec codec_of(std::string name) {
     return codec{std::move(name), (Q::key_bits_per_value() + Q::value_bits_per_value()) / 2.0,
                  [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<Q>>>(c);
-                 }};
+                 },
+                 {}, false};
 }
 
 // KVQuant at `bits`, calibrated on sample keys and values of every layer
@@ -219,9 +220,11 @@ codec kvquant_codec(std::string name, unsigned bits) {
 }
 
 codec full_fp16() {
-    return codec{"f16_full", 16.0, [](const kvc::cache_config& c) -> std::unique_ptr<target> {
+    return codec{"f16_full", 16.0,
+                 [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<kvc::full_cache>>(c);
-                 }};
+                 },
+                 {}, false};
 }
 
 std::vector<codec> codecs() {

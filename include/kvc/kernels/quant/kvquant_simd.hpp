@@ -35,6 +35,7 @@
 
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/quant/kvquant_problem.hpp"
+#include "kvc/kernels/simd/kernels.hpp"
 
 namespace kvc::kernels::simd {
 namespace kvquant {
