@@ -545,7 +545,9 @@ TEST(KVQuant, NonFiniteInputStaysInItsToken) {
             cache.head(0, 0).decode_pre_rope_keys(kvc::kernels::active(), 0, tokens, got.data());
             clean.head(0, 0).decode_pre_rope_keys(kvc::kernels::active(), 0, tokens, want.data());
             for (std::size_t i = 0; i < tokens * dim; ++i) {
-                if (i / dim != 17) ASSERT_EQ(got[i], want[i]) << i;
+                if (i / dim != 17) {
+                    ASSERT_EQ(got[i], want[i]) << i;
+                }
             }
             if (which == 0) {
                 EXPECT_TRUE(std::isnan(got[17 * dim + 5])); // kept exactly as an outlier
