@@ -23,7 +23,10 @@
 // tokens with random queries, on Gaussian data and on data with outlier
 // channels (a few channels 10x larger, as real keys have). One iteration;
 // the numbers are the counters rel_error (mean over query heads and queries)
-// and rel_error_max. scripts/quant_report.py turns all three into
+// and rel_error_max. KVQuant rows (kvquant_3bit, kvquant_4bit) are calibrated
+// on held-out tokens of the same data (on uniform noise for decode) and take the
+// keys as if they were pre-RoPE: their fp16 reference holds the keys after
+// RoPE (default rope_config) at positions 0.. . scripts/quant_report.py turns all three into
 // docs/QUANTIZATION.md.
 //
 // Calibrated codecs (Q8 CQ) learn their codebooks before a benchmark from a
@@ -65,6 +68,9 @@
 #include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/calibration/cq.hpp"
 #include "kvc/policy/quantization/cq.hpp"
+#include "kvc/calibration/kvquant.hpp"
+#include "kvc/kernels/rope.hpp"
+#include "kvc/policy/quantization/kvquant.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -125,6 +131,12 @@ public:
     virtual void finish_fill() {}
 };
 
+// Head stores that are not packed_rows report the bytes one attention reads.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+
 template <class Cache>
 class target_of : public target {
 public:
@@ -176,6 +188,9 @@ struct codec {
     // sample keys and values ([calibration_tokens][kv_heads][dim]); `make` is
     // unusable before.
     std::function<codec(const std::vector<float>&, const std::vector<float>&)> calibrate;
+    // Keys are appended before RoPE (KVQuant rotates them inside attention):
+    // the fp16 reference of the fidelity rows then holds the keys after RoPE.
+    bool keys_before_rope = false;
 };
 
 // `c` ready to make caches: calibrated on the sample `draw` produces when it needs it.
@@ -276,8 +291,40 @@ codec mixed_codec(std::string name, double high_fraction) {
                  }};
 }
 
+// KVQuant at `bits`: 1% outliers, one fp16 sink, default RoPE, calibrated on
+// the sample for every layer. The bench appends its keys as if they were
+// pre-RoPE keys (the codec rotates them inside attention).
+codec kvquant_codec(std::string name, unsigned bits) {
+    // Average over K and V of the packed body at dim 128: codes b bits, 8 bytes
+    // of value parameters, 8 bytes of outlier end and position, ~1.28 outliers x 6 bytes.
+    const double bits_per_value = bits + (8.0 + 8.0 + 1.28 * 6.0) * 8.0 / (2.0 * dim);
+    codec c{name, bits_per_value, nullptr, nullptr};
+    c.keys_before_rope = true;
+    c.calibrate = [name, bits, bits_per_value](const std::vector<float>& keys, const std::vector<float>& values) {
+        codec out{name, bits_per_value, nullptr, nullptr};
+        out.keys_before_rope = true;
+        out.make = [bits, keys, values](const kvc::cache_config& config) -> std::unique_ptr<target> {
+            const std::size_t tokens = keys.size() / (kv_heads * dim);
+            std::vector<kvc::kv_view<const float>> k, v;
+            for (std::size_t l = 0; l < config.layers; ++l) {
+                k.emplace_back(keys.data(), tokens, kv_heads, dim);
+                v.emplace_back(values.data(), tokens, kv_heads, dim);
+            }
+            kvc::calibration::kvquant_options o;
+            o.bits = bits;
+            o.outlier_fraction = 0.01;
+            const auto artifact = kvc::calibration::calibrate_kvquant(config, k, v, o);
+            return std::make_unique<target_of<cache_of<kvc::quant::kvquant>>>(
+                config, kvc::quant::kvquant(artifact, kvc::rope_config{}, 1));
+        };
+        return out;
+    };
+    return c;
+}
+
 codec full_fp16() {
-    return codec{"f16_full", 16.0, [](const kvc::cache_config& c) -> std::unique_ptr<target> {
+    return codec{"f16_full", 16.0,
+                 [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<kvc::full_cache>>(c);
                  },
                  nullptr};
@@ -309,6 +356,8 @@ std::vector<codec> codecs() {
         codec_of<q::kivi<2>>("kivi2_g32_r128"),
         cq_codec("cq_c4_b8", 4, 8),
         cq_codec("cq_c8_b8", 8, 8),
+        kvquant_codec("kvquant_3bit", 3),
+        kvquant_codec("kvquant_4bit", 4),
     };
 }
 
@@ -495,6 +544,14 @@ void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t 
     });
     const auto keys = synthetic(fidelity_tokens, 11, outliers);
     const auto values = synthetic(fidelity_tokens, 12, outliers);
+    // The fp16 reference holds keys after RoPE when the codec takes them before.
+    std::vector<float> reference_keys = keys;
+    if (c.keys_before_rope)
+        for (std::size_t t = 0; t < fidelity_tokens; ++t)
+            for (std::size_t h = 0; h < kv_heads; ++h)
+                kvc::kernels::rope_rotate(kvc::rope_config{}, reference_keys.data() + (t * kv_heads + h) * dim, dim,
+                                          static_cast<std::int64_t>(t));
+    const kvc::kv_view<const float> reference_key_view(reference_keys.data(), fidelity_tokens, kv_heads, dim);
     const kvc::kv_view<const float> key_view(keys.data(), fidelity_tokens, kv_heads, dim);
     const kvc::kv_view<const float> value_view(values.data(), fidelity_tokens, kv_heads, dim);
     constexpr std::size_t queries = 16;
@@ -506,7 +563,7 @@ void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t 
     for (auto _ : state) {
         const auto full = full_fp16().make(config);
         const auto packed = c.make(config);
-        full->append(0, key_view, value_view, 0);
+        full->append(0, reference_key_view, value_view, 0);
         packed->append(0, key_view, value_view, 0);
         packed->finish_fill();
         std::vector<float> want(kv_heads * group * dim), got(want.size());

@@ -22,6 +22,7 @@
 #include "kvc/kernels/reference/kernels.hpp"
 #include "kvc/kernels/reference/kivi.hpp"
 #include "kvc/kernels/reference/cq.hpp"
+#include "kvc/kernels/reference/kvquant.hpp"
 #include "kvc/kernels/reference/quant.hpp"
 #include "kvc/kernels/reference/sparse.hpp"
 #include "kvc/kernels/table.hpp"
@@ -49,6 +50,7 @@ inline const kernel_table& reference_table() noexcept {
         reference::make_sparse_kernels(),
         reference::make_kivi_kernels(),
         reference::make_cq_kernels(),
+        reference::make_kvquant_kernels(),
     };
     return table;
 }

@@ -12,6 +12,7 @@
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/quant/kivi_problem.hpp"
 #include "kvc/kernels/quant/cq_problem.hpp"
+#include "kvc/kernels/quant/kvquant_problem.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 #include "kvc/kernels/sparse/problem.hpp"
 
@@ -46,6 +47,9 @@ struct kernel_table {
     // Channel-coupled vector quantization (Q8): nearest-centroid codes and
     // attention on the codes through lookup tables (kernels/quant/cq_problem.hpp).
     cq_kernels cq;
+    // KVQuant (Q3): attention over pre-RoPE non-uniform codes with sparse
+    // outliers, RoPE applied inside (kernels/quant/kvquant_problem.hpp).
+    kvquant_kernels kvquant;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

@@ -457,6 +457,9 @@ constexpr kivi_kernels make_kivi_kernels() noexcept;
 // The CQ section (kernels/quant/cq_simd.hpp, included at the end of this header).
 template <class A>
 constexpr cq_kernels make_cq_kernels() noexcept;
+// The KVQuant section (kernels/quant/kvquant_simd.hpp, included at the end of this header).
+template <class A>
+constexpr kvquant_kernels make_kvquant_kernels() noexcept;
 
 // The table of one instruction set.
 template <class A>
@@ -475,6 +478,7 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         make_sparse_kernels<A>(),
         make_kivi_kernels<A>(),
         make_cq_kernels<A>(),
+        make_kvquant_kernels<A>(),
     };
 }
 
@@ -483,3 +487,4 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
 #include "kvc/kernels/hadamard/simd.hpp"
 #include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp and quant/kivi_simd.hpp at its end
 #include "kvc/kernels/quant/cq_simd.hpp"
+#include "kvc/kernels/quant/kvquant_simd.hpp"
