@@ -38,7 +38,38 @@ FORMATS = [
     ("fp8_e5m2", 2, 32, "e5m2(x / d) * d; d = amax / 57344", "-"),
 ]
 
-TARGETS = {"int4": 0.35, "int8": 0.6}
+TARGETS = {"int4": 0.35, "int8": 0.6, "kivi2": 0.3}
+
+# Every codec family: (METHODS.md id, policy, head storage, what it stores, bench rows' prefix).
+CODECS = [
+    ("Q1", "`block<Format, G, Sinks>`, `q8_0`, `q4_0`, `q4_1`", "storage/packed_rows.hpp",
+     "int8/int4/int2/fp8 groups of G along the head dim, fp16 scale (+ minimum)", "q*_, int*_, fp8_*"),
+    ("Q2", "`kivi<Bits, G, R, Sinks>`", "storage/kivi_rows.hpp",
+     "keys per channel in blocks of G tokens (fp16 scale + minimum per channel), values per token "
+     "(int4/int2 asym groups), the newest R..R+G-1 tokens in fp16", "kivi*"),
+    ("Q3", "`kvquant(artifact, rope, sinks)`", "storage/kvquant_head.hpp",
+     "keys before RoPE per channel in calibrated ranges, non-uniform codebook per layer (k-means), "
+     "outliers exact (fp32 + channel), values per token, fp16 sinks; RoPE applied inside attention",
+     "kvquant*"),
+    ("Q4", "`rotated<Codec, RotateValues>`", "policy/quantization/rotated.hpp",
+     "any codec's rows after a sign-randomised fast Walsh-Hadamard transform (block-diagonal for "
+     "non-power-of-two dims); queries rotated, outputs rotated back", "rot_*"),
+    ("Q5", "`block_kv<KeyFormat, ValueFormat, G>`", "storage/packed_rows.hpp",
+     "separate key and value formats", "k_*_v_*"),
+    ("Q6", "`mixed<High, Low, G>(fraction)`", "storage/mixed_rows.hpp",
+     "the top fraction of tokens by any scorer's scores in the high format, the rest low, a token map",
+     "mixed_*"),
+    ("Q7", "`gear<...>`", "storage/gear_rows.hpp",
+     "quantized remainder + per-token sparse outliers + rank-r residual by power iteration per chunk",
+     "gear*"),
+    ("Q8", "`cq(artifact)`", "policy/quantization/cq.hpp",
+     "one b-bit code per group of c coupled channels, k-means codebooks per (layer, head, group) "
+     "from calibration", "cq_*"),
+    ("Q9", "the `Sinks` parameter of block/kivi, `sinks` of kvquant", "(each codec)",
+     "the first n tokens of every head in fp16", "*_sink4"),
+    ("Q10", "`sparse(key_sparsity, value_sparsity)`", "storage/sparse_rows.hpp",
+     "per token the largest (1 - s) of the elements: bitmap + fp16 values", "sparse_*"),
+]
 TARGET_BW = 0.5
 TARGET_APPEND_BW = 0.25
 
@@ -137,11 +168,12 @@ def rules_section():
 
 def design_section():
     return [
-        "## How a codec plugs in",
+        "## How a codec plugs in (the Q1 block codecs as the example)",
         "",
         "- The policy (`kvc::quant::block_kv<K, V, G, Sinks>`, family `quantization_family`) is a small type "
-        "with a static `make_head(const cache_config&)` that `compressed_cache`'s constructor calls for every "
-        "(layer, KV head); it validates the head dim against the group size there (kvc::error).",
+        "with a `make_head(const cache_config&)` that `compressed_cache`'s constructor calls on the policy "
+        "object for every (layer, KV head) (calibrated codecs take `make_head(config, layer, kv_head)`); it "
+        "validates the head dim against the group size there (kvc::error).",
         "- `head_storage` is `kvc::packed_rows`: the interface of policy/quantization/none.hpp (tokens, bytes, "
         "reserve_for_append, reserve, push_back, attend, prefill, decode_keys/values, keep, shrink_to_fit, "
         "release, clear). push_back quantizes through `kernels.quant.quantize_row[format][source dtype]`; "
@@ -149,10 +181,10 @@ def design_section():
         "packed rows + formats) to `kernels.quant.attend_partial` / `prefill`; decode_keys/values use "
         "`dequantize_row` (what eviction scorers read).",
         "- Kernels see formats as run-time values, so key and value formats combine freely (Q5) without "
-        "new instantiations, and later codecs (KIVI, Hadamard, GEAR) can reuse the row kernels on their own "
-        "layouts or add entries next to them in `kernel_table::quant`.",
-        "- Sink tokens (Q9) are a template parameter because `make_head` is static; `packed_rows` takes the "
-        "count at run time.",
+        "new instantiations; KIVI, GEAR and mixed precision reuse these row kernels for their per-token "
+        "parts, and every other codec has its own section of `kernel_table` (docs/ARCHITECTURE.md).",
+        "- Sink tokens (Q9) are a template parameter of the block codecs; `packed_rows` takes the count at "
+        "run time for direct users.",
         "",
     ]
 
@@ -171,7 +203,23 @@ def target_for(codec):
         return TARGETS["int4"]
     if codec in ("q8_0",) or codec.startswith("int8"):
         return TARGETS["int8"]
+    if codec.startswith("kivi2"):
+        return TARGETS["kivi2"]
     return None
+
+
+def catalogue_section():
+    rows = [[i, p, f"`{st}`" if st.endswith(".hpp") else st, what, f"`{prefix}`"] for i, p, st, what, prefix in CODECS]
+    out = ["## The codecs", "",
+           "Every quantization method of METHODS.md is a codec policy of `compressed_cache` "
+           "(`kvc/policy/quantization/`, all in `kvc::quant`, all in `<kvc/kvc.hpp>`): one type change in the "
+           "cache's third slot. Each header opens with the method, its source and the choices made where the "
+           "source is silent; each codec attends directly on its stored form (no dequantized copy of the cache) "
+           "with a scalar reference and xsimd kernels tested against it on every instruction set. Calibrated "
+           "codecs (Q3, Q8) take an artifact from `kvc/calibration/` (versioned, CRC-checked files, "
+           "deterministic for a seed).", ""]
+    out += table(["id", "policy", "storage", "what a token costs", "bench rows"], rows)
+    return out + [""]
 
 
 def decode_section(runs):
@@ -255,9 +303,34 @@ def fidelity_section(runs):
            "keys and values; `outlier_channels` multiplies 4 fixed channels of every head (keys and values) by "
            "10, as real keys have (logit spread ~2): one large channel sets the scale of its whole group, so "
            "per-token groups lose the other channels' resolution (what KIVI's per-channel keys address). "
-           "Keys and values from a forward pass of the kvref model are not in this table: that needs the "
-           "engine (examples/), which is being written separately.", ""]
+           "Calibrated codecs (cq, kvquant) are calibrated on held-out tokens of the same data; kvquant's keys "
+           "are appended as pre-RoPE keys and compared with the fp16 cache of the rotated keys.", ""]
     out += table(["codec", "bits/value", "gaussian", "outlier channels"], rows)
+    return out + [""]
+
+
+def kvref_section(path):
+    """Attention-output error on kvref's own rows, from kvc-attention-error (one JSON object per line)."""
+    if not path or not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path, encoding="utf-8"):
+        r = json.loads(line)
+        rows.append([f"`{r['cache']}`", f"{r['error_mean']:.4g}", f"{r['error_max']:.3g}"])
+    if not rows:
+        return []
+    r0 = json.loads(open(path, encoding="utf-8").readline())
+    out = ["## Attention-output error on a real model's keys and values (kvref)", "",
+           "`kvc-attention-error` (examples/engine) runs the kvref model (4 layers, 2 KV heads of dim 64, "
+           "RoPE) once over `models/kvref/eval.txt` with a full fp32 cache, recording every key, value and "
+           "query; each codec's cache then replays exactly those rows the way the engine drives a cache "
+           f"({r0['prompt']}-token prompt in chunks, then {r0['steps']} decode steps, {r0['windows']} windows) "
+           "and each decode output is compared with full_cache f32's: `||out - out_full|| / ||out_full||` per "
+           "query head, layer and step, mean and max over "
+           f"{r0['samples']} of them. Next-token KL of the same codecs is in docs/FIDELITY.md. kvref's head dim "
+           "is 64, so codecs with G = 128 do not apply; calibrated codecs (cq, kvquant) are not in the "
+           "engine's registry yet.", ""]
+    out += table(["codec (engine spelling)", "mean error", "max error"], rows)
     return out + [""]
 
 
@@ -304,6 +377,7 @@ def main():
     parser.add_argument("--output", default="docs/QUANTIZATION.md")
     parser.add_argument("--repetitions", type=int, default=1)
     parser.add_argument("--no-build", action="store_true", help="use the kvc_bench already built in --build-dir")
+    parser.add_argument("--kvref-errors", help="kvc-attention-error output (JSON lines) for the kvref table")
     args = parser.parse_args()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,22 +391,21 @@ def main():
     runs = select_runs(results.get("benchmarks", []))
     context = results.get("context", {})
 
-    lines = ["# Quantization: Q1 block formats", "",
+    lines = ["# Quantization: the codecs (Q1-Q10)", "",
              "<!-- Generated by scripts/quant_report.py; edit the script (or the analysis block below), "
              "not this file. -->", "",
              f"Produced by `{invocation.strip()}`" +
              (f", which ran `{' '.join(shlex.quote(c) for c in bench_command)}`." if bench_command else
               f" from `{path}`."), "",
-             "The codecs are `kvc::quant::block<Format, G, Sinks>` and `kvc::quant::block_kv<KeyFormat, "
-             "ValueFormat, G, Sinks>` (policy/quantization/block.hpp; `q8_0`, `q4_0`, `q4_1` name the G = 32 "
-             "layouts). They store each head in `kvc::packed_rows` (storage/packed_rows.hpp) and attend "
-             "directly on the packed bytes (kernels/quant/). How a codec plugs in is described in "
-             "docs/ARCHITECTURE.md (Kernels and dispatch: the quantization section of the kernel table).", ""]
+             "How a codec plugs in is described below for the Q1 block codecs and in docs/ARCHITECTURE.md "
+             "(Kernels and dispatch) for all of them.", ""]
     lines += ["## Machine", ""] + machine_lines(context)
+    lines += catalogue_section()
     lines += design_section()
     lines += layouts_section()
     lines += rules_section()
     lines += fidelity_section(runs)
+    lines += kvref_section(args.kvref_errors)
     lines += decode_section(runs)
     lines += append_section(runs)
     lines += ["## Analysis", ""] + preserved_analysis(args.output) + [""]

@@ -111,7 +111,8 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
     registry::lookup found;
     std::unique_ptr<kv_cache> cache;
     for (auto part : {&registry::make_compressed_part0, &registry::make_compressed_part1,
-                      &registry::make_compressed_part2, &registry::make_compressed_part3}) {
+                      &registry::make_compressed_part2, &registry::make_compressed_part3,
+                      &registry::make_compressed_part4}) {
         cache = part(shape, spec, found);
         if (found.codec_found) break;
     }

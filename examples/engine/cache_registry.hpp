@@ -92,7 +92,19 @@ inline auto codec_options() {
         codec("k4v2", "Q5 keys int4, values int2 (groups of 32), 3.75 bits/value",
               [] { return q::block_kv<q::int4_sym, q::int2_asym, 32>{}; }),
         codec("q4_0+sinks", "Q9 q4_0 with the first 4 tokens of every head in fp16",
-              [] { return q::block<q::int4_sym, 32, 4>{}; }));
+              [] { return q::block<q::int4_sym, 32, 4>{}; }),
+        codec_with_eviction("kivi:2", "KIVI (Q2): 2-bit keys per channel, values per token, 128+ newest in fp16",
+                            [] { return q::kivi<2>{}; }),
+        codec("kivi:4", "KIVI (Q2): 4-bit keys per channel, values per token, 128+ newest in fp16",
+              [] { return q::kivi<4>{}; }),
+        codec("hadamard:q4_0", "Hadamard rotation (Q4) of keys and values, then q4_0",
+              [] { return q::rotated<q::q4_0>{}; }),
+        codec("hadamard:k4v2", "Hadamard rotation (Q4), then keys int4, values int2",
+              [] { return q::rotated<q::block_kv<q::int4_sym, q::int2_asym, 32>>{}; }),
+        codec("sparse:0.5", "Mustafar sparsity (Q10): half of each key and value row kept, bitmap + fp16",
+              [] { return q::sparse(0.5); }),
+        codec("sparse:0.7", "Mustafar sparsity (Q10): 30% of each row kept, bitmap + fp16",
+              [] { return q::sparse(0.7); }));
 }
 
 // ===========================================================================
@@ -251,12 +263,13 @@ inline constexpr std::size_t codec_count = std::tuple_size_v<decltype(codec_opti
 
 // The library's translation units (cache_part*.cpp) each build a slice of
 // the codecs; together they cover [0, codec_count). A codec with eviction is
-// about 20 compressed_cache types, one without is one: part 0 and 1 take one
-// or two of the former each, the rest share the light ones.
-inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, codec_count};
+// about 20 compressed_cache types, one without is one: parts 0, 1 and 4 take
+// one or two of the former each, the rest share the light ones.
+inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, 14, codec_count};
 std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config&, const cache_spec&, lookup&);
 std::unique_ptr<kv_cache> make_compressed_part1(const kvc::cache_config&, const cache_spec&, lookup&);
 std::unique_ptr<kv_cache> make_compressed_part2(const kvc::cache_config&, const cache_spec&, lookup&);
 std::unique_ptr<kv_cache> make_compressed_part3(const kvc::cache_config&, const cache_spec&, lookup&);
+std::unique_ptr<kv_cache> make_compressed_part4(const kvc::cache_config&, const cache_spec&, lookup&);
 
 } // namespace engine::registry
