@@ -18,6 +18,7 @@
 
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/arch.hpp"
+#include "kvc/kernels/reference/gear.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
 #include "kvc/kernels/reference/quant.hpp"
 #include "kvc/kernels/table.hpp"
@@ -41,6 +42,7 @@ inline const kernel_table& reference_table() noexcept {
          &reference::attend_partial<dtype::bf16>},
         {&reference::prefill<dtype::f32>, &reference::prefill<dtype::f16>, &reference::prefill<dtype::bf16>},
         reference::make_quant_kernels(),
+        reference::make_gear_kernels(),
     };
     return table;
 }

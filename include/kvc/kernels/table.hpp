@@ -9,6 +9,7 @@
 
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/kernels/quant/gear.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 
 namespace kvc::kernels {
@@ -33,6 +34,8 @@ struct kernel_table {
     // Block quantization (Q1 formats): quantize/dequantize rows, fused attention
     // over packed rows (kernels/quant/problem.hpp).
     quant_kernels quant;
+    // GEAR (Q7): attention over Q(X) + low rank + sparse (kernels/quant/gear.hpp).
+    gear_kernels gear;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

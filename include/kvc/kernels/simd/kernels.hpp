@@ -443,6 +443,9 @@ void prefill(const prefill_problem& p, float* workspace) noexcept {
 // The quantization section (kernels/quant/simd.hpp, included at the end of this header).
 template <class A>
 constexpr quant_kernels make_quant_kernels() noexcept;
+// The GEAR section (kernels/quant/gear_simd.hpp, included at the end of this header).
+template <class A>
+constexpr gear_kernels make_gear_kernels() noexcept;
 
 // The table of one instruction set.
 template <class A>
@@ -457,9 +460,11 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         {&attend_partial<A, dtype::f32>, &attend_partial<A, dtype::f16>, &attend_partial<A, dtype::bf16>},
         {&prefill<A, dtype::f32>, &prefill<A, dtype::f16>, &prefill<A, dtype::bf16>},
         make_quant_kernels<A>(),
+        make_gear_kernels<A>(),
     };
 }
 
 } // namespace kvc::kernels::simd
 
 #include "kvc/kernels/quant/simd.hpp"
+#include "kvc/kernels/quant/gear_simd.hpp"
