@@ -34,6 +34,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,7 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
+#include "kvc/policy/quantization/gear.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -106,10 +108,18 @@ public:
     virtual std::size_t stored_bytes(std::size_t layer) const = 0; // K/V bytes one attend reads
 };
 
+// Head stores that are not packed_rows report what one attention reads.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+
 template <class Cache>
 class target_of final : public target {
 public:
-    explicit target_of(const kvc::cache_config& c) : cache_(c) {}
+    template <class... Policies>
+    explicit target_of(const kvc::cache_config& c, Policies&&... policies)
+        : cache_(c, std::forward<Policies>(policies)...) {}
     void attend(std::size_t layer, const float* q, float* out) override { cache_.attend(layer, q, out); }
     void append(std::size_t layer, const kvc::kv_view<const float>& k, const kvc::kv_view<const float>& v,
                 std::int64_t position) override {
@@ -128,8 +138,12 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                if constexpr (has_stored_bytes<std::decay_t<decltype(head)>>::value) {
+                    total += head.stored_bytes();
+                } else {
+                    total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
+                             head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                }
             }
             return total;
         }
@@ -151,6 +165,20 @@ codec codec_of(std::string name) {
                  [](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<Q>>>(c);
                  }};
+}
+
+// A codec whose policy carries run-time parameters (kvc::quant::gear).
+template <class Q>
+codec codec_with(std::string name, const Q& policy, double bits_per_value) {
+    return codec{std::move(name), bits_per_value, [policy](const kvc::cache_config& c) -> std::unique_ptr<target> {
+                     return std::make_unique<target_of<cache_of<Q>>>(c, kvc::evict::none{}, kvc::merge::none{}, policy);
+                 }};
+}
+
+kvc::quant::gear gear_bits(unsigned bits) {
+    kvc::quant::gear g;
+    g.bits = bits;
+    return g;
 }
 
 codec full_fp16() {
@@ -175,6 +203,9 @@ std::vector<codec> codecs() {
         codec_of<q::block_kv<q::int4_sym, q::int2_asym, 32>>("k_int4_v_int2_g32"),
         codec_of<q::block_kv<q::int8_sym, q::int4_sym, 32>>("k_int8_v_int4_g32"),
         codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
+        // GEAR (Q7): int4_asym / int2_asym G = 32 (as q4_1, int2_asym_g32) + 2% outliers + rank 2, n_b = 64.
+        codec_with("gear_4bit", gear_bits(4), gear_bits(4).bits_per_value(dim)),
+        codec_with("gear_2bit", gear_bits(2), gear_bits(2).bits_per_value(dim)),
     };
 }
 
