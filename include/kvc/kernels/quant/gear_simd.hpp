@@ -2,8 +2,8 @@
 //
 // The attention of kernels/quant/gear.hpp chained with this arch's Q1 decode
 // partial and fp16 dot/axpy kernels (the low-rank and sparse parts are a few
-// dot products, axpys and scalar gathers per chunk). Included at the end of
-// kernels/simd/kernels.hpp.
+// dot products, axpys and scalar gathers per chunk). Included at
+// the end of kernels/quant/simd.hpp (after the Q1 kernels it names).
 #pragma once
 
 #include "kvc/kernels/quant/gear.hpp"

@@ -1023,3 +1023,6 @@ constexpr quant_kernels make_quant_kernels() noexcept {
 }
 
 } // namespace kvc::kernels::simd
+
+// The GEAR section chains this section's kernels; whichever header comes first, it must follow them.
+#include "kvc/kernels/quant/gear_simd.hpp"

@@ -443,7 +443,7 @@ void prefill(const prefill_problem& p, float* workspace) noexcept {
 // The quantization section (kernels/quant/simd.hpp, included at the end of this header).
 template <class A>
 constexpr quant_kernels make_quant_kernels() noexcept;
-// The GEAR section (kernels/quant/gear_simd.hpp, included at the end of this header).
+// The GEAR section (kernels/quant/gear_simd.hpp, included at the end of quant/simd.hpp: it chains the Q1 kernels).
 template <class A>
 constexpr gear_kernels make_gear_kernels() noexcept;
 
@@ -466,5 +466,4 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
 
 } // namespace kvc::kernels::simd
 
-#include "kvc/kernels/quant/simd.hpp"
-#include "kvc/kernels/quant/gear_simd.hpp"
+#include "kvc/kernels/quant/simd.hpp" // which includes quant/gear_simd.hpp at its end
