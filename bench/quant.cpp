@@ -44,6 +44,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <type_traits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -71,6 +72,7 @@
 #include "kvc/calibration/kvquant.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/policy/quantization/kvquant.hpp"
+#include "kvc/policy/quantization/gear.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -166,8 +168,12 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                if constexpr (has_stored_bytes<std::decay_t<decltype(head)>>::value) {
+                    total += head.stored_bytes();
+                } else {
+                    total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
+                             head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                }
             }
             return total;
         }
@@ -248,7 +254,8 @@ codec sparse_codec(double sparsity) {
                  (q.key_bits_per_value(dim) + q.value_bits_per_value(dim)) / 2.0,
                  [q](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<target_of<cache_of<kvc::quant::sparse>>>(c, q);
-                 }};
+                 },
+                 nullptr};
 }
 
 // Q6: after the tokens are in, every head's precision is assigned from E7
@@ -288,7 +295,8 @@ codec mixed_codec(std::string name, double high_fraction) {
                         8.0 * 4.0 / (2.0 * dim); // + the 4-byte token map per token and head
     return codec{std::move(name), bits, [high_fraction](const kvc::cache_config& c) -> std::unique_ptr<target> {
                      return std::make_unique<mixed_target<Q>>(c, Q(high_fraction));
-                 }};
+                 },
+                 nullptr};
 }
 
 // KVQuant at `bits`: 1% outliers, one fp16 sink, default RoPE, calibrated on
@@ -330,6 +338,22 @@ codec full_fp16() {
                  nullptr};
 }
 
+// A codec whose policy carries run-time parameters (kvc::quant::gear).
+template <class Q>
+codec codec_with(std::string name, const Q& policy, double bits_per_value) {
+    return codec{std::move(name), bits_per_value,
+                 [policy](const kvc::cache_config& c) -> std::unique_ptr<target> {
+                     return std::make_unique<target_of<cache_of<Q>>>(c, policy);
+                 },
+                 nullptr};
+}
+
+kvc::quant::gear gear_bits(unsigned bits) {
+    kvc::quant::gear g;
+    g.bits = bits;
+    return g;
+}
+
 std::vector<codec> codecs() {
     namespace q = kvc::quant;
     return {
@@ -358,6 +382,9 @@ std::vector<codec> codecs() {
         cq_codec("cq_c8_b8", 8, 8),
         kvquant_codec("kvquant_3bit", 3),
         kvquant_codec("kvquant_4bit", 4),
+        // GEAR (Q7): int4_asym / int2_asym G = 32 (as q4_1, int2_asym_g32) + 2% outliers + rank 2, n_b = 64.
+        codec_with("gear_4bit", gear_bits(4), gear_bits(4).bits_per_value(dim)),
+        codec_with("gear_2bit", gear_bits(2), gear_bits(2).bits_per_value(dim)),
     };
 }
 

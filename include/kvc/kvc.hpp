@@ -21,6 +21,7 @@
 #include "kvc/policy/traits.hpp"
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/quantization/gear.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/calibration/artifact.hpp"

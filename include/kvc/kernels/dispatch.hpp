@@ -19,6 +19,7 @@
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/reference/hadamard.hpp"
+#include "kvc/kernels/reference/gear.hpp"
 #include "kvc/kernels/reference/kernels.hpp"
 #include "kvc/kernels/reference/kivi.hpp"
 #include "kvc/kernels/reference/cq.hpp"
@@ -51,6 +52,7 @@ inline const kernel_table& reference_table() noexcept {
         reference::make_kivi_kernels(),
         reference::make_cq_kernels(),
         reference::make_kvquant_kernels(),
+        reference::make_gear_kernels(),
     };
     return table;
 }

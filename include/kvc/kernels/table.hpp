@@ -13,6 +13,7 @@
 #include "kvc/kernels/quant/kivi_problem.hpp"
 #include "kvc/kernels/quant/cq_problem.hpp"
 #include "kvc/kernels/quant/kvquant_problem.hpp"
+#include "kvc/kernels/quant/gear.hpp"
 #include "kvc/kernels/quant/problem.hpp"
 #include "kvc/kernels/sparse/problem.hpp"
 
@@ -50,6 +51,8 @@ struct kernel_table {
     // KVQuant (Q3): attention over pre-RoPE non-uniform codes with sparse
     // outliers, RoPE applied inside (kernels/quant/kvquant_problem.hpp).
     kvquant_kernels kvquant;
+    // GEAR (Q7): attention over Q(X) + low rank + sparse (kernels/quant/gear.hpp).
+    gear_kernels gear;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

@@ -1029,3 +1029,5 @@ constexpr quant_kernels make_quant_kernels() noexcept {
 #include "kvc/kernels/sparse/simd.hpp"
 // The KIVI kernels build on the pieces above.
 #include "kvc/kernels/quant/kivi_simd.hpp"
+// The GEAR section chains this section's kernels; whichever header comes first, it must follow them.
+#include "kvc/kernels/quant/gear_simd.hpp"

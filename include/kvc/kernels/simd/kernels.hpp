@@ -460,6 +460,9 @@ constexpr cq_kernels make_cq_kernels() noexcept;
 // The KVQuant section (kernels/quant/kvquant_simd.hpp, included at the end of this header).
 template <class A>
 constexpr kvquant_kernels make_kvquant_kernels() noexcept;
+// The GEAR section (kernels/quant/gear_simd.hpp, included at the end of quant/simd.hpp: it chains the Q1 kernels).
+template <class A>
+constexpr gear_kernels make_gear_kernels() noexcept;
 
 // The table of one instruction set.
 template <class A>
@@ -479,12 +482,13 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         make_kivi_kernels<A>(),
         make_cq_kernels<A>(),
         make_kvquant_kernels<A>(),
+        make_gear_kernels<A>(),
     };
 }
 
 } // namespace kvc::kernels::simd
 
 #include "kvc/kernels/hadamard/simd.hpp"
-#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp and quant/kivi_simd.hpp at its end
+#include "kvc/kernels/quant/simd.hpp" // includes kernels/sparse/simd.hpp and quant/kivi_simd.hpp and quant/gear_simd.hpp at its end
 #include "kvc/kernels/quant/cq_simd.hpp"
 #include "kvc/kernels/quant/kvquant_simd.hpp"
