@@ -65,6 +65,7 @@
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/policy/quantization/mixed.hpp"
+#include "kvc/policy/quantization/sinks.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/calibration/cq.hpp"
@@ -258,6 +259,18 @@ codec sparse_codec(double sparsity) {
                  nullptr};
 }
 
+// Q9 on top of Q10: the first `sinks` tokens in fp16, the rest sparse.
+codec sinks_sparse_codec(double sparsity, std::size_t sinks) {
+    using Q = kvc::quant::with_sinks<kvc::quant::sparse>;
+    const Q q{kvc::quant::sparse(sparsity), sinks};
+    return codec{"sink" + std::to_string(sinks) + "_sparse_s" + std::to_string(static_cast<int>(sparsity * 100 + 0.5)),
+                 (q.codec.key_bits_per_value(dim) + q.codec.value_bits_per_value(dim)) / 2.0,
+                 [q](const kvc::cache_config& c) -> std::unique_ptr<target> {
+                     return std::make_unique<target_of<cache_of<Q>>>(c, q);
+                 },
+                 nullptr};
+}
+
 // Q6: after the tokens are in, every head's precision is assigned from E7
 // knorm scores (-||k||, low-norm keys draw attention), a stand-in for any scorer.
 template <class Q>
@@ -374,6 +387,7 @@ std::vector<codec> codecs() {
         codec_of<q::rotated<q::block<q::int4_sym, 128>>>("rot_int4_sym_g128"),
         sparse_codec(0.5),
         sparse_codec(0.7),
+        sinks_sparse_codec(0.5, 4),
         mixed_codec<q::mixed<q::int8_sym, q::int2_asym, 32>>("mixed_int8_20pct_int2", 0.2),
         mixed_codec<q::mixed<q::int8_sym, q::int4_sym, 32>>("mixed_int8_20pct_int4", 0.2),
         codec_of<q::kivi<4>>("kivi4_g32_r128"),

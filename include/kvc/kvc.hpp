@@ -32,6 +32,7 @@
 #include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/policy/quantization/cq.hpp"
 #include "kvc/policy/quantization/kvquant.hpp"
+#include "kvc/policy/quantization/sinks.hpp"
 #include "kvc/policy/projection/none.hpp"
 
 #include "kvc/cache/config.hpp"
