@@ -44,6 +44,13 @@ inline std::vector<quant_table> quant_tables_under_test() {
     std::vector<quant_table> tables;
     for (const kk::kernel_table* table : tables_under_test())
         tables.push_back({kvc::name_of(table->arch), table->arch, &table->quant});
+#if defined(KVC_USE_DISPATCH_LIBRARY)
+    // tables_under_test() has the AVX-512 table with VNNI key scores where the
+    // CPU has VNNI; the one without (what AVX-512 CPUs without VNNI run) too.
+    if (kvc::cpu().avx512_vnni && kk::table_for(arch_id::avx512) != nullptr)
+        if (const kk::kernel_table* plain = kk::dispatch_table_avx512())
+            tables.push_back({"avx512-no-vnni", arch_id::avx512, &plain->quant});
+#endif
 #if defined(__SSE2__) && KVC_X86_64
     static constexpr kk::quant_kernels portable = kk::simd::make_quant_kernels_of<xsimd::sse2, true>();
     tables.push_back({"portable(sse2)", arch_id::sse2, &portable});
@@ -52,6 +59,32 @@ inline std::vector<quant_table> quant_tables_under_test() {
 }
 
 inline const kk::quant_kernels& quant_reference() { return kk::reference_table().quant; }
+
+// Whether scores against this key format use the int8 query (kernels/quant/common.hpp).
+inline bool quantizes_query(quant_format f) { return f != quant_format::fp8_e4m3 && f != quant_format::fp8_e5m2; }
+
+// The dequantized int8 query q^ of the documented rule (kernels/quant/common.hpp,
+// quantize_query), written out here independently: per 32 elements
+// a = max |q|, d = a / 127, c = RNE(q * (127 / a)), q^ = d * c in fp32.
+inline std::vector<float> dequantized_query(const float* q, std::size_t dim) {
+    std::vector<float> out(dim);
+    for (std::size_t p = 0; p < dim; p += 32) {
+        float a = 0.0f;
+        for (std::size_t j = p; j < p + 32; ++j) a = std::max(a, std::fabs(q[j]));
+        if (!std::isfinite(a)) {
+            for (std::size_t j = p; j < p + 32; ++j) out[j] = std::nanf("");
+            continue;
+        }
+        if (a < 0x1p-96f) {
+            for (std::size_t j = p; j < p + 32; ++j) out[j] = 0.0f;
+            continue;
+        }
+        const float inverse = 127.0f / a, d = a / 127.0f;
+        for (std::size_t j = p; j < p + 32; ++j)
+            out[j] = d * std::nearbyint(std::min(127.0f, std::max(-127.0f, q[j] * inverse)));
+    }
+    return out;
+}
 
 inline std::size_t group_bytes(quant_format f, std::size_t group_size) {
     return kk::info_of(f).group_bytes(group_size);
