@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernel_test_util.hpp"
+#include "quantized_query_util.hpp"
 #include "kvc/kernels/quant/common.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/kernels/quant/problem.hpp"
@@ -59,32 +60,6 @@ inline std::vector<quant_table> quant_tables_under_test() {
 }
 
 inline const kk::quant_kernels& quant_reference() { return kk::reference_table().quant; }
-
-// Whether scores against this key format use the int8 query (kernels/quant/common.hpp).
-inline bool quantizes_query(quant_format f) { return f != quant_format::fp8_e4m3 && f != quant_format::fp8_e5m2; }
-
-// The dequantized int8 query q^ of the documented rule (kernels/quant/common.hpp,
-// quantize_query), written out here independently: per 32 elements
-// a = max |q|, d = a / 127, c = RNE(q * (127 / a)), q^ = d * c in fp32.
-inline std::vector<float> dequantized_query(const float* q, std::size_t dim) {
-    std::vector<float> out(dim);
-    for (std::size_t p = 0; p < dim; p += 32) {
-        float a = 0.0f;
-        for (std::size_t j = p; j < p + 32; ++j) a = std::max(a, std::fabs(q[j]));
-        if (!std::isfinite(a)) {
-            for (std::size_t j = p; j < p + 32; ++j) out[j] = std::nanf("");
-            continue;
-        }
-        if (a < 0x1p-96f) {
-            for (std::size_t j = p; j < p + 32; ++j) out[j] = 0.0f;
-            continue;
-        }
-        const float inverse = 127.0f / a, d = a / 127.0f;
-        for (std::size_t j = p; j < p + 32; ++j)
-            out[j] = d * std::nearbyint(std::min(127.0f, std::max(-127.0f, q[j] * inverse)));
-    }
-    return out;
-}
 
 inline std::size_t group_bytes(quant_format f, std::size_t group_size) {
     return kk::info_of(f).group_bytes(group_size);
