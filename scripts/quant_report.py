@@ -162,6 +162,18 @@ def rules_section():
         "NaN (as full_cache would with a NaN in fp16); evicting the token restores finite outputs (tested).",
         "- Sink tokens (Q9) are stored in fp16 exactly as full_cache stores them; attention over only sink "
         "tokens is bit-identical to full_cache (tested).",
+        "- Key scores against the integer formats (int8_sym, int4_sym, int4_asym, int2_asym) use the query "
+        "quantized to int8 per 32 elements, as llama.cpp's q8 activations: `a = max |q_j|`, `d = a / 127`, "
+        "`c_j = RNE(q_j * (127 / a))` (fp32 divisions; `d = 0` below `a = 2^-96`, NaN for a non-finite "
+        "payload), and the score is `sum_p d_p (dk S_p + mk C_p)` with `S_p = sum code_j c_j` and "
+        "`C_p = sum c_j` exact integers per 32-element payload: exactly `<value(k), d c>` in real arithmetic. "
+        "This lets AVX-512 VNNI compute the scores with integer dot products (VPDPBUSD), and every instruction "
+        "set and the scalar reference use the same rule (the float kernels score against the dequantized query "
+        "`d c`), so kernels are still tested against the reference and a double oracle at the float-rounding "
+        "tolerances. Against the fp32 query a score moves by at most `|scale| (sum_p (a_p / 254)(1 + 3u) "
+        "sum_{j in p} |value(k_j)| + 4.01 u sum |q_j value(k_j)|)` (tested): for N(0, 1) queries about 0.4% "
+        "of `|scale| sum |q| |k|`, small next to the error of 4-bit keys. fp8 keys keep the fp32 query, and "
+        "the sink rows (fp16) always use it. Values are not affected.",
         "",
     ]
 
@@ -185,6 +197,14 @@ def design_section():
         "parts, and every other codec has its own section of `kernel_table` (docs/ARCHITECTURE.md).",
         "- Sink tokens (Q9) are a template parameter of the block codecs; `packed_rows` takes the count at "
         "run time for direct users.",
+        "- AVX-512 VNNI: the dispatch unit for AVX-512 is compiled without `-mavx512vnni`; its key-score "
+        "kernels for int8_sym/int4_sym/int4_asym carry `__attribute__((target(\"avx512vnni\")))` and are "
+        "templates on the Arch (their symbols name `xsimd::avx512bw`, so dispatch.hygiene holds). They sit in "
+        "a second AVX-512 table (`dispatch_table_avx512_vnni`, `simd::make_table_vnni`) that "
+        "`kernels::compiled_table(arch_id::avx512)` returns only when `cpu().avx512_vnni` (cpuid leaf 7, ECX "
+        "bit 11). The scores take 16 tokens per step: one gather brings the 16 rows' group headers, a payload "
+        "of 16 rows is transposed in registers so each 32-bit lane holds one token's four codes, and one "
+        "VPDPBUSD per query dword adds four products per token, with no horizontal sums.",
         "",
     ]
 

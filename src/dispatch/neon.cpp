@@ -9,4 +9,5 @@ const kernel_table* dispatch_table_neon() noexcept {
 const kernel_table* dispatch_table_sse2() noexcept { return nullptr; }
 const kernel_table* dispatch_table_avx2() noexcept { return nullptr; }
 const kernel_table* dispatch_table_avx512() noexcept { return nullptr; }
+const kernel_table* dispatch_table_avx512_vnni() noexcept { return nullptr; }
 } // namespace kvc::kernels

@@ -5,5 +5,6 @@ namespace kvc::kernels {
 const kernel_table* dispatch_table_sse2() noexcept { return nullptr; }
 const kernel_table* dispatch_table_avx2() noexcept { return nullptr; }
 const kernel_table* dispatch_table_avx512() noexcept { return nullptr; }
+const kernel_table* dispatch_table_avx512_vnni() noexcept { return nullptr; }
 const kernel_table* dispatch_table_neon() noexcept { return nullptr; }
 } // namespace kvc::kernels

@@ -298,8 +298,11 @@ struct head_oracle {
 // With `given_logits`, those (float) logits are taken as exact instead of
 // computing them from q and the keys: the oracle then checks only the softmax
 // and the weighted sum of a kernel, given the logits it reported.
+// `later_q`, when given, replaces q for tokens `later_from` on (quantized key
+// rows scored against a quantized query after fp16 sink rows).
 inline head_oracle attend_oracle(const sequence& seq, std::size_t prefix, const float* q, float scale,
-                                 const float* given_logits = nullptr) {
+                                 const float* given_logits = nullptr, const float* later_q = nullptr,
+                                 std::size_t later_from = 0) {
     const std::size_t dim = seq.dim;
     const std::size_t tokens = prefix;
     const double u = unit_roundoff;
@@ -317,7 +320,8 @@ inline head_oracle attend_oracle(const sequence& seq, std::size_t prefix, const 
     for (std::size_t t = 0; t < tokens; ++t) {
         double dot = 0.0, abs_dot = 0.0;
         for (std::size_t d = 0; d < dim; ++d) {
-            const double product = static_cast<double>(q[d]) * seq.k[t * dim + d];
+            const float* query = later_q != nullptr && t >= later_from ? later_q : q;
+            const double product = static_cast<double>(query[d]) * seq.k[t * dim + d];
             dot += product;
             abs_dot += seq.k_bound.empty() ? std::fabs(product)
                                            : std::fabs(static_cast<double>(q[d])) * seq.k_bound[t * dim + d];

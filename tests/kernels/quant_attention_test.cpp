@@ -4,6 +4,12 @@
 // packed rows (dequantized by the reference) and the fp16 sink rows, and
 // against the scalar reference.
 //
+// Keys of the integer formats are scored against the int8 query of
+// quant_common::quantize_query: the oracle then uses that dequantized query
+// (dequantized_query, written out independently in quant_test_util.hpp) for
+// the packed rows, the fp32 query for the fp16 sink rows; a separate test
+// bounds the difference to the fp32-query scores.
+//
 // Since the oracle sees exactly the values the kernels widen in registers,
 // the only difference left is float rounding, and the tolerances are those of
 // attention_test.cpp (kernel_test_util.hpp has the error model): every output
@@ -126,6 +132,16 @@ struct quant_case {
 
     std::size_t total() const { return shape.sinks + shape.tokens; }
 
+    // The query the packed rows are scored against (the dequantized int8 query
+    // for integer key formats), and the oracle of head g over the first `prefix` rows.
+    static std::vector<float> body_query(quant_format key_format, const float* q, std::size_t dim) {
+        return quantizes_query(key_format) ? dequantized_query(q, dim) : std::vector<float>(q, q + dim);
+    }
+    head_oracle oracle(const float* q, std::size_t prefix) const {
+        const std::vector<float> body = body_query(shape.key_format, q, shape.dim);
+        return attend_oracle(seq, prefix, q, shape.scale, nullptr, body.data(), shape.sinks);
+    }
+
     kk::quant_rows packed() const {
         kk::quant_rows r;
         r.keys = keys.data();
@@ -209,7 +225,7 @@ TEST(QuantAttendPartial, MatchesOracleOverExactValuesAndReference) {
         const quant_case c(shape, rng);
         std::vector<head_oracle> oracle;
         for (std::size_t g = 0; g < shape.group; ++g)
-            oracle.push_back(attend_oracle(c.seq, c.total(), c.queries.head(g), shape.scale));
+            oracle.push_back(c.oracle(c.queries.head(g), c.total()));
         const decode_result ref = run_decode(quant_reference(), c);
         for (const quant_table& t : tables) {
             SCOPED_TRACE(t.name);
@@ -241,6 +257,59 @@ TEST(QuantAttendPartial, MatchesOracleOverExactValuesAndReference) {
                 }
             }
             if (failures_so_far() > before) return;
+        }
+    }
+}
+
+// The int8 query against the fp32 one. With a_p = max |q_j| over payload p,
+// d_p = fl(a_p / 127), c_j = RNE(fl(q_j fl(127 / a_p))), q^_j = fl(d_p c_j):
+// q^_j = q_j (1 + e)^4 + d_p r (1 + e) with |r| <= 1/2 and |e| <= u, so
+//   |q_j - q^_j| <= (a_p / 254)(1 + 3u) + 4.01 u |q_j|
+// and a packed row's logit moves from the fp32-query logit by at most
+//   |scale| (sum_p (a_p / 254)(1 + 3u) sum_{j in p} |k_j| + 4.01 u sum_j |q_j k_j|),
+// k the exact key values. Each kernel's logit is within the oracle's float
+// error (logit_err, over q^) of the q^ logit, so within the sum of both of
+// the fp32-query logit. The second check shows the quantization is visible
+// (the bound is not met trivially by an unquantized query).
+TEST(QuantAttendPartial, QuantizedQueryScoresWithinDerivedBoundOfFp32Query) {
+    const auto tables = quant_tables_under_test();
+    rng_type rng(205);
+    const double u = unit_roundoff;
+    for (quant_format key_format : all_formats) {
+        if (!quantizes_query(key_format)) continue;
+        for (std::size_t g : all_group_sizes) {
+            const quant_shape shape{key_format, quant_format::int8_sym, g, 128, 4, 100, 3, true, true, 0.1f};
+            SCOPED_TRACE(describe(shape));
+            const quant_case c(shape, rng);
+            for (const quant_table& t : tables) {
+                SCOPED_TRACE(t.name);
+                const decode_result got = run_decode(*t.kernels, c);
+                double largest_excess = 0.0; // over the float error alone
+                for (std::size_t h = 0; h < shape.group; ++h) {
+                    const float* q = c.queries.head(h);
+                    const head_oracle quantized = c.oracle(q, c.total());
+                    const head_oracle fp32 = attend_oracle(c.seq, c.total(), q, shape.scale);
+                    for (std::size_t i = shape.sinks; i < c.total(); ++i) {
+                        const double* k = c.seq.k.data() + i * shape.dim;
+                        double bound = 0.0, qk = 0.0;
+                        for (std::size_t p = 0; p < shape.dim; p += 32) {
+                            double a = 0.0, k_sum = 0.0;
+                            for (std::size_t j = p; j < p + 32; ++j) {
+                                a = std::max(a, std::fabs(static_cast<double>(q[j])));
+                                k_sum += std::fabs(k[j]);
+                                qk += std::fabs(q[j] * k[j]);
+                            }
+                            bound += a / 254.0 * (1.0 + 3.0 * u) * k_sum;
+                        }
+                        bound = std::fabs(shape.scale) * (bound + 4.01 * u * qk) + quantized.logit_err[i];
+                        const double logit = got.logits[h * got.logits_stride + i];
+                        const double error = std::fabs(logit - fp32.logit[i]);
+                        EXPECT_LE(error, bound) << "head " << h << " token " << i;
+                        largest_excess = std::max(largest_excess, error - fp32.logit_err[i]);
+                    }
+                }
+                EXPECT_GT(largest_excess, 0.0) << "no token's score shows the query quantization";
+            }
         }
     }
 }
@@ -307,8 +376,7 @@ TEST(QuantPrefill, CausalChunksMatchOracleWithMass) {
             for (std::size_t i = 0; i < chunk; ++i)
                 for (std::size_t g = 0; g < qheads; ++g) {
                     const std::size_t prefix = total - chunk + i + 1;
-                    oracle[i].push_back(attend_oracle(c.seq, prefix, queries.data() + (i * qheads + g) * shape.dim,
-                                                      shape.scale));
+                    oracle[i].push_back(c.oracle(queries.data() + (i * qheads + g) * shape.dim, prefix));
                     for (std::size_t t = 0; t < prefix; ++t) {
                         exact_mass[t] += oracle[i].back().prob[t];
                         mass_bound[t] += oracle[i].back().prob_bound(t) + 1e-6 * oracle[i].back().prob[t];

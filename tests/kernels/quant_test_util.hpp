@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernel_test_util.hpp"
+#include "quantized_query_util.hpp"
 #include "kvc/kernels/quant/common.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/kernels/quant/problem.hpp"
@@ -44,6 +45,13 @@ inline std::vector<quant_table> quant_tables_under_test() {
     std::vector<quant_table> tables;
     for (const kk::kernel_table* table : tables_under_test())
         tables.push_back({kvc::name_of(table->arch), table->arch, &table->quant});
+#if defined(KVC_USE_DISPATCH_LIBRARY)
+    // tables_under_test() has the AVX-512 table with VNNI key scores where the
+    // CPU has VNNI; the one without (what AVX-512 CPUs without VNNI run) too.
+    if (kvc::cpu().avx512_vnni && kk::table_for(arch_id::avx512) != nullptr)
+        if (const kk::kernel_table* plain = kk::dispatch_table_avx512())
+            tables.push_back({"avx512-no-vnni", arch_id::avx512, &plain->quant});
+#endif
 #if defined(__SSE2__) && KVC_X86_64
     static constexpr kk::quant_kernels portable = kk::simd::make_quant_kernels_of<xsimd::sse2, true>();
     tables.push_back({"portable(sse2)", arch_id::sse2, &portable});

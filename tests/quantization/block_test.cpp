@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cache/cache_test_util.hpp"
+#include "kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/kernels/dispatch.hpp"
@@ -74,31 +75,39 @@ kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim
 // The stored values of one head, as the storage reports them (exact).
 struct head_values {
     std::vector<float> keys, values; // [tokens][dim]
+    std::size_t sinks;               // leading rows held in fp16
 };
 
 template <class Cache>
 head_values stored(const Cache& cache, std::size_t layer, std::size_t h) {
     const auto& head = cache.head(layer, h);
     const std::size_t tokens = head.tokens(), dim = cache.config().head_dim;
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim)};
+    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim), head.sink_tokens()};
     head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
     head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
     return v;
 }
 
 // Decode attention in double over given per-head values; query i of a chunk
-// sees the first `visible` tokens.
+// sees the first `visible` tokens. Packed rows of an integer key format are
+// scored against the dequantized int8 query (kernels/quant/common.hpp), the
+// fp16 sink rows against the fp32 query.
 std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible) {
+                           std::size_t visible, quant_format key_format) {
     const std::size_t dim = c.head_dim, group = c.group();
     std::vector<double> out(c.query_heads * dim, 0.0);
     for (std::size_t j = 0; j < c.query_heads; ++j) {
         const head_values& hv = heads[j / group];
+        const float* fp32 = queries + j * dim;
+        const std::vector<float> packed = kvc_test::quantizes_query(key_format)
+                                              ? kvc_test::dequantized_query(fp32, dim)
+                                              : std::vector<float>(fp32, fp32 + dim);
         std::vector<double> logits(visible);
         double max = -INFINITY;
         for (std::size_t t = 0; t < visible; ++t) {
+            const float* q = t < hv.sinks ? fp32 : packed.data();
             double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[j * dim + d]) * hv.keys[t * dim + d];
+            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(q[d]) * hv.keys[t * dim + d];
             logits[t] = dot * c.logit_scale();
             max = std::max(max, logits[t]);
         }
@@ -156,7 +165,8 @@ TYPED_TEST(BlockCodec, AttentionMatchesOracleOverStoredValuesOnEveryInstructionS
             std::vector<float> out(chunk * qrow);
             cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
             for (std::size_t i = 0; i < chunk; ++i) {
-                const auto want = oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1);
+                const auto want =
+                    oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1, TypeParam::layout().key_format);
                 worst = std::max(worst, worst_head_error(c, out.data() + i * qrow, want));
             }
         }
@@ -167,7 +177,8 @@ TYPED_TEST(BlockCodec, AttentionMatchesOracleOverStoredValuesOnEveryInstructionS
             for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
             std::vector<float> out(qrow);
             cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1)));
+            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1,
+                                                                           TypeParam::layout().key_format)));
         }
         EXPECT_LE(worst, 2e-5);
     }
@@ -295,7 +306,12 @@ TEST(BlockCodec, RejectsUnsupportedHeadDimGroupSizeAndBitWidth) {
     const std::string group = error_of([&] { kvc::packed_rows rows(layout, 96, kvc::default_resource()); });
     EXPECT_NE(group.find("expected group size 32, 64 or 128, got 48"), std::string::npos) << group;
 
+    // Direct users of packed_rows can ask for more than a cache allows; the
+    // kernels' quantized-query buffers hold 1024 elements.
     layout.group_size = 32;
+    const std::string wide = error_of([&] { kvc::packed_rows rows(layout, 1056, kvc::default_resource()); });
+    EXPECT_NE(wide.find("expected head_dim at most 1024, got 1056"), std::string::npos) << wide;
+
     layout.value_format = static_cast<quant_format>(7);
     const std::string format = error_of([&] { kvc::packed_rows rows(layout, 64, kvc::default_resource()); });
     EXPECT_NE(format.find("expected key and value formats int8_sym, int4_sym"), std::string::npos) << format;
@@ -521,7 +537,7 @@ TEST(BlockCodec, EvictionRunsOnPackedStorage) {
     std::vector<float> out(c.query_heads * 64);
     cache.attend(0, queries.data(), out.data());
     std::vector<head_values> heads = {stored(cache, 0, 0), stored(cache, 0, 1)};
-    EXPECT_LE(worst_head_error(c, out.data(), oracle(c, heads, queries.data(), 40)), 2e-5);
+    EXPECT_LE(worst_head_error(c, out.data(), oracle(c, heads, queries.data(), 40, quant_format::int4_asym)), 2e-5);
 }
 
 TEST(BlockCodec, CopiesAreIndependentAndIdentical) {

@@ -63,6 +63,7 @@ inline const kernel_table& reference_table() noexcept {
 const kernel_table* dispatch_table_sse2() noexcept;
 const kernel_table* dispatch_table_avx2() noexcept;
 const kernel_table* dispatch_table_avx512() noexcept;
+const kernel_table* dispatch_table_avx512_vnni() noexcept; // AVX-512 plus VNNI integer key scores
 const kernel_table* dispatch_table_neon() noexcept;
 
 // The table compiled for `arch`, or nullptr when this build has none.
@@ -71,7 +72,9 @@ inline const kernel_table* compiled_table(arch_id arch) noexcept {
     case arch_id::scalar: return &reference_table();
     case arch_id::sse2: return dispatch_table_sse2();
     case arch_id::avx2: return dispatch_table_avx2();
-    case arch_id::avx512: return dispatch_table_avx512();
+    // The VNNI variant only where the CPU has it (compiled_table is asked for
+    // tables the CPU supports; cpu() is cached).
+    case arch_id::avx512: return cpu().avx512_vnni ? dispatch_table_avx512_vnni() : dispatch_table_avx512();
     case arch_id::neon: return dispatch_table_neon();
     }
     return nullptr;
@@ -96,6 +99,10 @@ inline const kernel_table* compiled_table(arch_id arch) noexcept {
     defined(__FMA__) && defined(__F16C__)
     case arch_id::avx512: {
         static constexpr kernel_table table = simd::make_table<xsimd::avx512bw>(arch_id::avx512);
+#if defined(KVC_QUANT_HAS_VNNI)
+        static constexpr kernel_table vnni = simd::make_table_vnni<xsimd::avx512bw>(arch_id::avx512);
+        if (cpu().avx512_vnni) return &vnni;
+#endif
         return &table;
     }
 #endif

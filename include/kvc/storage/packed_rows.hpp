@@ -66,6 +66,9 @@ inline void validate_packed_layout(const packed_layout& layout, std::size_t dim,
             ": expected group size 32, 64 or 128, got ", layout.group_size);
     require(dim > 0 && dim % layout.group_size == 0, who, ": expected head_dim a multiple of the group size ",
             layout.group_size, ", got head_dim ", dim);
+    // The attention kernels quantize the query into fixed buffers (kernels/quant/common.hpp).
+    require(dim <= kernels::quant_common::query_max_dim, who, ": expected head_dim at most ",
+            kernels::quant_common::query_max_dim, ", got ", dim);
 }
 } // namespace detail
 

@@ -275,6 +275,87 @@ inline float value_of(float code, float scale, float minimum) noexcept {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The query of the integer key formats (int8_sym, int4_sym, int4_asym,
+// int2_asym). Key scores against these formats use the query quantized to
+// int8 per 32 elements (one payload), as llama.cpp's q8 activations, so that
+// the dot product of a payload is a sum of integer products:
+//
+//   a_p = max |q_j| over payload p;  d_p = a_p / 127;  c_j = RNE(q_j * (127 / a_p))
+//   (both divisions in fp32; c_j in -127..127). a_p < 2^-96 (or 0): d_p = 0,
+//   c_j = 0. A payload with a NaN or +-Inf element: d_p = NaN, c_j = 0, so its
+//   scores are NaN, as the fp32 product would be.
+//
+//   score(k) = sum over payloads p of d_p * (dk * S_p + mk * C_p) with
+//   S_p = sum_j code_j * c_j and C_p = sum_j c_j exact in int32, code_j the
+//   integer code of the key (q - 8 for int4_sym), dk and mk the scale and
+//   minimum of the payload's key group (mk = 0 for the symmetric formats):
+//   exactly sum_j value(k_j) * d_p c_j in real arithmetic, i.e. <value(k), q^>
+//   with q^_j = d_p c_j, the dequantized query.
+//
+// Every kernel computes this score up to float rounding (the reference in the
+// form above, SIMD kernels either with integer dot products or as the float
+// dot product of the key values with q^). fp8 keys use the fp32 query.
+// |q_j - q^_j| <= d_p / 2 + 2.01 u |q_j| (u = 2^-24; the second term is the
+// rounding of the two divisions), so the score moves by at most
+// sum_p (d_p / 2) sum_{j in p} |value(k_j)| + 2.01 u sum_j |q_j value(k_j)|
+// from the score with the fp32 query (tests/kernels/quant_attention_test.cpp checks it).
+
+inline constexpr std::size_t query_max_dim = 1024; // cache_config's max_head_dim
+inline constexpr std::size_t query_max_payloads = query_max_dim / quant_payload_elements;
+
+// Plain aggregate (no constructors: see group_plan).
+struct quantized_query {
+    alignas(64) std::int8_t codes[query_max_dim];
+    float scales[query_max_payloads];      // d_p
+    std::int32_t sums[query_max_payloads]; // C_p
+};
+
+template <class A>
+constexpr bool quantizes_query(quant_format format) noexcept {
+    return format == quant_format::int8_sym || format == quant_format::int4_sym ||
+           format == quant_format::int4_asym || format == quant_format::int2_asym;
+}
+
+// q (dim elements, a multiple of 32, at most query_max_dim) -> codes, d_p, C_p.
+template <class A>
+inline void quantize_query(const float* q, std::size_t dim, quantized_query& out) noexcept {
+    for (std::size_t p = 0; p * quant_payload_elements < dim; ++p) {
+        const float* x = q + p * quant_payload_elements;
+        std::int8_t* codes = out.codes + p * quant_payload_elements;
+        float amax = 0.0f;
+        bool finite = true;
+        for (std::size_t j = 0; j < quant_payload_elements; ++j) {
+            const float a = magnitude_of<A>(x[j]);
+            finite = finite && a <= 3.40282347e38f; // false for NaN too
+            amax = a > amax ? a : amax;
+        }
+        std::int32_t sum = 0;
+        if (!finite || !(amax >= 0x1p-96f)) {
+            for (std::size_t j = 0; j < quant_payload_elements; ++j) codes[j] = 0;
+            out.scales[p] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+        } else {
+            const float inverse = 127.0f / amax;
+            for (std::size_t j = 0; j < quant_payload_elements; ++j) {
+                float y = x[j] * inverse;
+                y = y < -127.0f ? -127.0f : (y > 127.0f ? 127.0f : y);
+                const int c = static_cast<int>(round_to_nearest_even<A>(y));
+                codes[j] = static_cast<std::int8_t>(c);
+                sum += c;
+            }
+            out.scales[p] = amax / 127.0f;
+        }
+        out.sums[p] = sum;
+    }
+}
+
+// q^ = d_p c_j as floats (one rounding each): the query the float kernels use.
+template <class A>
+inline void dequantize_query(const quantized_query& qq, std::size_t dim, float* out) noexcept {
+    for (std::size_t i = 0; i < dim; ++i)
+        out[i] = qq.scales[i / quant_payload_elements] * static_cast<float>(qq.codes[i]);
+}
+
 // Chunked causal prefill on top of a quantized decode partial: query i sees
 // the sink rows and packed rows up to tokens - chunk + i (common::prefill_by_rows
 // for segmented storage).

@@ -41,7 +41,7 @@ struct quant_decode_problem {
     dense_segment sink;
     quant_rows rows;
     std::size_t tokens = 0;         // packed rows
-    std::size_t dim = 0;            // a multiple of rows.group_size
+    std::size_t dim = 0;            // a multiple of rows.group_size, at most 1024 (quant_common::query_max_dim)
     std::size_t group = 1;          // query heads sharing this KV head
     const float* queries = nullptr; // query g at queries + g * query_stride
     std::size_t query_stride = 0;

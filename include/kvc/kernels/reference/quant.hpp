@@ -106,6 +106,43 @@ inline element_value_fn element_value_of(quant_format format) noexcept {
     return nullptr;
 }
 
+// The score of a packed key row against the quantized query of an integer
+// key format, in the form that defines it (quant_common::quantize_query):
+// per payload an exact integer dot product, then the scales in fp32.
+template <quant_format F>
+float quantized_score(const unsigned char* row, const qc::quantized_query& q, std::size_t dim,
+                      std::size_t group_size) noexcept {
+    using traits = format_traits<F>;
+    const std::size_t group_bytes = traits::header_bytes + group_size / quant_payload_elements * traits::payload_bytes;
+    float score = 0.0f;
+    for (std::size_t p = 0; p * quant_payload_elements < dim; ++p) {
+        const std::size_t first = p * quant_payload_elements;
+        const unsigned char* group = row + first / group_size * group_bytes;
+        const float scale = qc::half_value<A>(qc::load_u16<A>(group));
+        const float minimum = traits::has_minimum ? qc::half_value<A>(qc::load_u16<A>(group + 2)) : 0.0f;
+        const unsigned char* payload = group + traits::header_bytes + first % group_size / quant_payload_elements * traits::payload_bytes;
+        std::int32_t dot = 0;
+        for (std::size_t j = 0; j < quant_payload_elements; ++j)
+            dot += static_cast<std::int32_t>(qc::code_of<A, F>(payload, j)) * q.codes[first + j];
+        float term = scale * static_cast<float>(dot);
+        if constexpr (traits::has_minimum) term += minimum * static_cast<float>(q.sums[p]);
+        score += q.scales[p] * term;
+    }
+    return score;
+}
+
+using quantized_score_fn = float (*)(const unsigned char*, const qc::quantized_query&, std::size_t, std::size_t) noexcept;
+
+inline quantized_score_fn quantized_score_of(quant_format format) noexcept {
+    switch (format) {
+    case quant_format::int8_sym: return &quantized_score<quant_format::int8_sym>;
+    case quant_format::int4_sym: return &quantized_score<quant_format::int4_sym>;
+    case quant_format::int4_asym: return &quantized_score<quant_format::int4_asym>;
+    case quant_format::int2_asym: return &quantized_score<quant_format::int2_asym>;
+    default: return nullptr; // fp8 keys: the fp32 query
+    }
+}
+
 // The sink rows through the fp16 reference partial, then the packed rows token
 // by token: the definition of decode attention over the segmented storage.
 inline void quant_attend_partial(const quant_decode_problem& p, const decode_state& s) noexcept {
@@ -114,15 +151,22 @@ inline void quant_attend_partial(const quant_decode_problem& p, const decode_sta
     const element_value_fn value_value = element_value_of(p.rows.value_format);
     const auto* keys = static_cast<const unsigned char*>(p.rows.keys);
     const auto* values = static_cast<const unsigned char*>(p.rows.values);
+    const quantized_score_fn quantized = quantized_score_of(p.rows.key_format);
     const std::size_t first = p.sink.tokens; // index of the first packed row in bias and logits
+    qc::quantized_query query;
     for (std::size_t g = 0; g < p.group; ++g) {
         const float* q = p.queries + g * p.query_stride;
+        if (quantized && p.tokens > 0) qc::quantize_query<A>(q, p.dim, query);
         float* acc = s.acc + g * p.dim;
         for (std::size_t t = 0; t < p.tokens; ++t) {
             const unsigned char* k = keys + t * p.rows.key_row_bytes;
             const unsigned char* v = values + t * p.rows.value_row_bytes;
             float dot = 0.0f;
-            for (std::size_t d = 0; d < p.dim; ++d) dot += q[d] * key_value(k, d, p.rows.group_size);
+            if (quantized) {
+                dot = quantized(k, query, p.dim, p.rows.group_size);
+            } else {
+                for (std::size_t d = 0; d < p.dim; ++d) dot += q[d] * key_value(k, d, p.rows.group_size);
+            }
             float logit = p.scale * dot;
             if (p.bias) logit += p.bias[first + t];
             if (p.logits) p.logits[g * p.logits_stride + first + t] = logit;

@@ -43,6 +43,17 @@
 //   the token (keep) restores finite outputs. compressed_cache::append calls
 //   the noexcept push_back directly, so rejecting such input with kvc::error
 //   would need a scan in the cache before anything is stored.
+// - Key scores against the integer formats use the query quantized to int8
+//   per 32 elements (as llama.cpp's q8 activations; the rule and its error
+//   bound are in kernels/quant/common.hpp, quantize_query): d = max|q| / 127,
+//   c = RNE(q * 127 / max|q|), and per 32-element payload an exact integer
+//   dot product of key codes and c, then the scales in fp32. That is what
+//   lets AVX-512 VNNI score 64 byte products per instruction; every other
+//   instruction set and the scalar reference compute the same scores (the
+//   float kernels against the dequantized query d c). The score moves from
+//   the fp32-query score by at most |scale| sum_p (max_p|q| / 254) sum_p |k|
+//   (+ a few ulps): for N(0, 1) queries ~0.4% of |scale| sum |q k|, below the
+//   4-bit key error. fp8 keys, the fp16 sink rows and all values are unaffected.
 // - Sink tokens are a template parameter (default 0): compressed_cache builds
 //   every head with the static make_head(config), which cannot see a policy
 //   object. packed_rows takes the count at run time for direct users.
@@ -55,9 +66,14 @@
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/policy/traits.hpp"
+#include "kvc/kernels/quant/common.hpp"
 #include "kvc/storage/packed_rows.hpp"
 
 namespace kvc::quant {
+
+// The quantized-query buffers of the attention kernels hold any head dim a cache accepts.
+static_assert(kernels::quant_common::query_max_dim >= max_head_dim,
+              "kernels/quant/common.hpp: query_max_dim must cover cache_config's max_head_dim");
 
 // Format tags.
 struct int8_sym {
