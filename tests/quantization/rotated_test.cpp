@@ -94,7 +94,7 @@ std::vector<double> dense_hadamard(std::size_t dim, bool signs) {
             for (std::size_t j = 0; j < n; ++j) {
                 unsigned bits = 0;
                 for (std::size_t m = i & j; m; m &= m - 1) ++bits;
-                const double s = signs ? kvc::kernels::hadamard_signs.value[offset + j] : 1.0;
+                const double s = signs ? kvc::kernels::hadamard_signs_of<kvc::kernels::reference_arch>::table.value[offset + j] : 1.0;
                 h[(offset + i) * dim + offset + j] = (bits % 2 ? -1.0 : 1.0) * s / std::sqrt(static_cast<double>(n));
             }
         offset += n;
@@ -235,7 +235,7 @@ TEST(HadamardKernel, SignTableIsTheDocumentedSplitmixSequence) {
             word = z ^ (z >> 31);
         }
         const float want = (word >> (i % 64)) & 1u ? -1.0f : 1.0f;
-        ASSERT_EQ(kvc::kernels::hadamard_signs.value[i], want) << i;
+        ASSERT_EQ(kvc::kernels::hadamard_signs_of<kvc::kernels::reference_arch>::table.value[i], want) << i;
         negative += want < 0.0f;
     }
     // A fair coin: 1024 flips land within 4 standard deviations (16) of 512.

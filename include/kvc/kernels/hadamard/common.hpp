@@ -67,8 +67,16 @@ constexpr hadamard_sign_table make_hadamard_signs() noexcept {
     return table;
 }
 
-// The diagonal D (element i of every row gets value[i]).
-inline constexpr hadamard_sign_table hadamard_signs = make_hadamard_signs();
+// The diagonal D (element i of every row gets value[i]), one copy per
+// instruction set: a static member of a template on the Arch, so the
+// dispatch units' copies carry their Arch in the symbol name like every
+// other weak symbol there (tests/cmake/dispatch_hygiene.cmake).
+template <class A>
+struct hadamard_signs_of {
+    static constexpr hadamard_sign_table table = make_hadamard_signs();
+};
+template <class A>
+constexpr hadamard_sign_table hadamard_signs_of<A>::table;
 
 // The size of the block that starts when `remaining` elements of the row are left.
 constexpr std::size_t hadamard_block(std::size_t remaining) noexcept {

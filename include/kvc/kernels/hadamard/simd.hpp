@@ -86,7 +86,7 @@ void rotate(float* rows, std::size_t count, std::size_t stride, std::size_t dim,
         float* row = rows + r * stride;
         for (std::size_t offset = 0; offset < dim;) {
             const std::size_t n = hadamard_block(dim - offset);
-            const float* signs = random_signs ? hadamard_signs.value + offset : nullptr;
+            const float* signs = random_signs ? hadamard_signs_of<A>::table.value + offset : nullptr;
             if (n >= floats<A>::size) rotate_block<A>(row + offset, n, signs, direction);
             else hadamard_common::rotate_block_scalar<A>(row + offset, n, signs, direction);
             offset += n;

@@ -19,7 +19,7 @@ inline void hadamard_rotate(float* rows, std::size_t count, std::size_t stride, 
         for (std::size_t offset = 0; offset < dim;) {
             const std::size_t n = hadamard_block(dim - offset);
             hadamard_common::rotate_block_scalar<reference_arch>(
-                row + offset, n, random_signs ? hadamard_signs.value + offset : nullptr, direction);
+                row + offset, n, random_signs ? hadamard_signs_of<reference_arch>::table.value + offset : nullptr, direction);
             offset += n;
         }
     }
