@@ -16,6 +16,7 @@
 #   EVICTION_WINDOWS   text windows per configuration (default 8)
 #   EVICTION_DOC       report (default docs/EVICTION.md)
 #   KVC_FIDELITY_SKIP_DEPS=1   do not run scripts/install-deps.sh
+#   KVC_FIDELITY_NO_BUILD=1    use the tools already built in BUILD_DIR (any Release build with examples)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,9 +35,11 @@ if [[ ! -f "$model" ]]; then
   exit 1
 fi
 
-cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=ON >/dev/null
-cmake --build "$build_dir" --target kvc_fidelity kvc_attention_error
+if [[ "${KVC_FIDELITY_NO_BUILD:-0}" != 1 ]]; then
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=ON >/dev/null
+  cmake --build "$build_dir" --target kvc_fidelity kvc_attention_error
+fi
 tools="$build_dir/examples/engine"
 
 results="$build_dir/eviction"

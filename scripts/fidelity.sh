@@ -16,6 +16,7 @@
 #   FIDELITY_WINDOWS   text windows per configuration (default 8)
 #   FIDELITY_DOC       report (default docs/FIDELITY.md; the plot goes next to it as fidelity.png)
 #   KVC_FIDELITY_SKIP_DEPS=1   do not run scripts/install-deps.sh or install gnuplot
+#   KVC_FIDELITY_NO_BUILD=1    use the kvc-fidelity already built in BUILD_DIR (any Release build with examples)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,9 +50,11 @@ if [[ ! -f "$model" ]]; then
   exit 1
 fi
 
-cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=ON >/dev/null
-cmake --build "$build_dir" --target kvc_fidelity
+if [[ "${KVC_FIDELITY_NO_BUILD:-0}" != 1 ]]; then
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=ON >/dev/null
+  cmake --build "$build_dir" --target kvc_fidelity
+fi
 fidelity="$build_dir/examples/engine/kvc-fidelity"
 
 results="$build_dir/results"

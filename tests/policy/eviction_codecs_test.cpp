@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../cache/cache_test_util.hpp"
+#include "../kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
@@ -124,14 +125,23 @@ TYPED_TEST(EvictQuantized, KeptRowsAreUntouchedAttentionMatchesAndMemoryIsFreed)
                     ASSERT_EQ(kept_values[i * dim + d], sv[p * dim + d]) << "layer " << layer << " head " << h;
                 }
             }
-            // The oracle: softmax attention in double over exactly these rows.
+            // The oracle: softmax attention in double over exactly these rows,
+            // scored with the int8 query the integer key formats use
+            // (kernels/quant/common.hpp, quantize_query) on the packed rows and
+            // with the fp32 query on fp16 sink rows.
+            constexpr auto key_format = TypeParam::codec::key_format::format;
+            const std::size_t sinks = cache.head(layer, h).sink_tokens();
             for (std::size_t g = 0; g < c.group(); ++g) {
                 const std::size_t j = h * c.group() + g;
+                const std::vector<float> exact(q + j * dim, q + (j + 1) * dim);
+                const std::vector<float> packed_query =
+                    kvc_test::quantizes_query(key_format) ? kvc_test::dequantized_query(q + j * dim, dim) : exact;
                 std::vector<double> logits(held);
                 double max = -INFINITY;
                 for (std::size_t i = 0; i < held; ++i) {
                     double dot = 0.0;
-                    for (std::size_t d = 0; d < dim; ++d) dot += double(q[j * dim + d]) * kept_keys[i * dim + d];
+                    const std::vector<float>& query = i < sinks ? exact : packed_query;
+                    for (std::size_t d = 0; d < dim; ++d) dot += double(query[d]) * kept_keys[i * dim + d];
                     logits[i] = dot * c.logit_scale();
                     max = std::max(max, logits[i]);
                 }

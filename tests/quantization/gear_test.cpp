@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cache/cache_test_util.hpp"
+#include "kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/float16.hpp"
@@ -84,12 +85,31 @@ double half(std::uint16_t bits) { return static_cast<double>(kk::common::half_bi
 // except the Q1 dequantizer (tested bit-exact in tests/kernels).
 struct head_values {
     std::vector<double> keys, values; // [tokens][dim]
+    // Scores: the quantized part Q(k) of a compressed token meets the int8
+    // query of the integer formats (kernels/quant/common.hpp, quantize_query:
+    // the Q1 kernel scores it), its low-rank and sparse parts the fp32 query.
+    std::vector<double> key_rest;     // [compressed][dim]: L + S of each compressed key
+    std::size_t compressed = 0;
+    bool int8_query = false;
+
+    double logit_dot(const float* q, const std::vector<float>& q_int8, std::size_t t, std::size_t dim) const {
+        double dot = 0.0;
+        if (t < compressed && int8_query) {
+            for (std::size_t d = 0; d < dim; ++d)
+                dot += static_cast<double>(q_int8[d]) * (keys[t * dim + d] - key_rest[t * dim + d]) +
+                       static_cast<double>(q[d]) * key_rest[t * dim + d];
+        } else {
+            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(q[d]) * keys[t * dim + d];
+        }
+        return dot;
+    }
 };
 
 head_values stored(const kvc::gear_rows& head) {
     const std::size_t dim = head.dim(), tokens = head.tokens(), compressed = head.compressed_tokens();
     const kvc::gear_layout& l = head.layout();
-    head_values out{std::vector<double>(tokens * dim), std::vector<double>(tokens * dim)};
+    head_values out{std::vector<double>(tokens * dim), std::vector<double>(tokens * dim),
+                    std::vector<double>(compressed * dim, 0.0), compressed, kvc_test::quantizes_query(l.format)};
     const kk::kernel_table& ref = kk::reference_table();
     std::vector<float> row(dim);
     std::size_t chunk = 0, end = head.chunks() ? head.chunk_size(0) : 0;
@@ -102,12 +122,16 @@ head_values stored(const kvc::gear_rows& head) {
             const std::uint16_t* a = head.coefficients(t, keys);
             const std::uint16_t* b = head.factor(chunk, keys);
             for (std::size_t d = 0; d < dim; ++d) {
-                double v = row[d];
-                for (std::size_t i = 0; i < l.rank; ++i) v += half(a[i]) * half(b[i * dim + d]);
-                dst[t * dim + d] = v;
+                double v = row[d], rest = 0.0;
+                for (std::size_t i = 0; i < l.rank; ++i) rest += half(a[i]) * half(b[i * dim + d]);
+                dst[t * dim + d] = v + rest;
+                if (keys) out.key_rest[t * dim + d] = rest;
             }
             const std::uint16_t* s = head.sparse(t, keys);
-            for (std::size_t j = 0; j < l.outliers(); ++j) dst[t * dim + s[2 * j]] += half(s[2 * j + 1]);
+            for (std::size_t j = 0; j < l.outliers(); ++j) {
+                dst[t * dim + s[2 * j]] += half(s[2 * j + 1]);
+                if (keys) out.key_rest[t * dim + s[2 * j]] += half(s[2 * j + 1]);
+            }
         }
     }
     std::vector<float> k(dim), v(dim);
@@ -126,11 +150,11 @@ std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_va
     std::vector<double> out(c.query_heads * dim, 0.0);
     for (std::size_t j = 0; j < c.query_heads; ++j) {
         const head_values& hv = heads[j / group];
+        const std::vector<float> q_int8 = kvc_test::dequantized_query(queries + j * dim, dim);
         std::vector<double> logits(visible);
         double max = -INFINITY;
         for (std::size_t t = 0; t < visible; ++t) {
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[j * dim + d]) * hv.keys[t * dim + d];
+            const double dot = hv.logit_dot(queries + j * dim, q_int8, t, dim);
             logits[t] = dot * c.logit_scale();
             max = std::max(max, logits[t]);
         }
@@ -364,12 +388,13 @@ TEST(Gear, KernelOfEveryInstructionSetMatchesTheReference) {
     }
     // The logits are the oracle's, token by token.
     const head_values s = stored(rows);
-    for (std::size_t g = 0; g < group; ++g)
+    for (std::size_t g = 0; g < group; ++g) {
+        const std::vector<float> q_int8 = kvc_test::dequantized_query(queries.data() + g * dim, dim);
         for (std::size_t t = 0; t < held; ++t) {
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[g * dim + d]) * s.keys[t * dim + d];
+            const double dot = s.logit_dot(queries.data() + g * dim, q_int8, t, dim);
             EXPECT_NEAR(want_logits[g * held + t], dot / std::sqrt(128.0), 2e-5) << g << ' ' << t;
         }
+    }
 }
 
 // keep() moves parts without re-encoding: kept tokens decode to the same bits.

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cache/cache_test_util.hpp"
+#include "kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/kernels/dispatch.hpp"
@@ -231,11 +232,14 @@ TEST(MixedCodec, AttentionAndMassMatchOracleOnEveryInstructionSet) {
                 std::vector<double> want_mass(visible, 0.0);
                 for (std::size_t g = 0; g < 3; ++g) {
                     const std::size_t j = h * 3 + g;
+                    // Both bodies (int8_sym, int2_asym) score against the int8
+                    // query (kernels/quant/common.hpp, quantize_query).
+                    const std::vector<float> scored = kvc_test::dequantized_query(q + j * 64, 64);
                     std::vector<double> logits(visible);
                     double max = -INFINITY, sum = 0.0;
                     for (std::size_t t = 0; t < visible; ++t) {
                         double dot = 0.0;
-                        for (std::size_t d = 0; d < 64; ++d) dot += static_cast<double>(q[j * 64 + d]) * s.keys[t * 64 + d];
+                        for (std::size_t d = 0; d < 64; ++d) dot += static_cast<double>(scored[d]) * s.keys[t * 64 + d];
                         logits[t] = dot * c.logit_scale();
                         max = std::max(max, logits[t]);
                     }

@@ -24,6 +24,7 @@
 #include "engine/engine_test_util.hpp"
 #include "engine/model.hpp"
 #include "kernels/kernel_test_util.hpp"
+#include "kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/random.hpp"
@@ -387,7 +388,25 @@ TEST(Rotated, BlockAttentionMatchesOracleOverStoredRowsOnEveryInstructionSet) {
         SCOPED_TRACE(kvc::name_of(arch));
         kvc::set_active_arch(arch);
         quant_cache<q::rotated<q::q4_0>> cache(c);
-        auto oracle = [&](const float* query, std::size_t visible) {
+        // q4_0 keys are scored against the int8 query (kernels/quant/common.hpp,
+        // quantize_query) of the rotated query: in the original space that is
+        // H^T deq(H q), what the oracle scores the decoded keys with.
+        auto scored_query = [&](const float* query) {
+            std::vector<float> out(query, query + qrow);
+            const kvc::kernels::kernel_table& k = kvc::kernels::active();
+            k.hadamard.rotate(out.data(), c.query_heads, c.head_dim, c.head_dim, true,
+                              kvc::kernels::hadamard_direction::forward);
+            for (std::size_t j = 0; j < c.query_heads; ++j) {
+                const auto deq = kvc_test::dequantized_query(out.data() + j * c.head_dim, c.head_dim);
+                std::copy(deq.begin(), deq.end(), out.begin() + static_cast<std::ptrdiff_t>(j * c.head_dim));
+            }
+            k.hadamard.rotate(out.data(), c.query_heads, c.head_dim, c.head_dim, true,
+                              kvc::kernels::hadamard_direction::inverse);
+            return out;
+        };
+        auto oracle = [&](const float* raw_query, std::size_t visible) {
+            const std::vector<float> scored = scored_query(raw_query);
+            const float* query = scored.data();
             std::vector<float> k, v;
             for (std::size_t t = 0; t < visible; ++t)
                 for (std::size_t h = 0; h < c.kv_heads; ++h) {

@@ -12,11 +12,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "cache/cache_test_util.hpp"
+#include "kernels/quantized_query_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/float16.hpp"
@@ -80,12 +82,29 @@ kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim
 
 struct head_values {
     std::vector<float> keys, values; // [tokens][dim]
+    std::size_t sinks = 0;           // leading fp16 rows
 };
+
+// The query an inner codec scores its keys with, from the fp32 query of one
+// head: itself, or for the integer Q1 key formats the int8 query
+// (kernels/quant/common.hpp, quantize_query), in the codec's own space.
+using query_map = std::function<std::vector<float>(const float* q, std::size_t dim)>;
+std::vector<float> exact_query(const float* q, std::size_t dim) { return std::vector<float>(q, q + dim); }
+std::vector<float> int8_query(const float* q, std::size_t dim) { return kvc_test::dequantized_query(q, dim); }
+// rotated<q4_0>: H^T deq(H q), the same rotation kernels the codec runs.
+std::vector<float> rotated_int8_query(const float* q, std::size_t dim) {
+    std::vector<float> x(q, q + dim);
+    const kvc::kernels::kernel_table& k = kvc::kernels::active();
+    k.hadamard.rotate(x.data(), 1, dim, dim, true, kvc::kernels::hadamard_direction::forward);
+    x = kvc_test::dequantized_query(x.data(), dim);
+    k.hadamard.rotate(x.data(), 1, dim, dim, true, kvc::kernels::hadamard_direction::inverse);
+    return x;
+}
 
 template <class Store>
 head_values stored(const Store& head, std::size_t dim) {
     const std::size_t tokens = head.tokens();
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim)};
+    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim), head.sink_tokens()};
     head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
     head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
     return v;
@@ -100,17 +119,20 @@ std::vector<head_values> stored_heads(const Cache& cache, std::size_t layer = 0)
 }
 
 // Decode attention in double over the given per-head values (first `visible` tokens).
+// Sink rows meet the fp32 query, inner rows `inner(query)`.
 std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible) {
+                           std::size_t visible, const query_map& inner = exact_query) {
     const std::size_t dim = c.head_dim, group = c.group();
     std::vector<double> out(c.query_heads * dim, 0.0);
     for (std::size_t j = 0; j < c.query_heads; ++j) {
         const head_values& hv = heads[j / group];
+        const std::vector<float> inner_query = inner(queries + j * dim, dim);
         std::vector<double> logits(visible);
         double max = -INFINITY;
         for (std::size_t t = 0; t < visible; ++t) {
+            const float* query = t < hv.sinks ? queries + j * dim : inner_query.data();
             double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[j * dim + d]) * hv.keys[t * dim + d];
+            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(query[d]) * hv.keys[t * dim + d];
             logits[t] = dot * c.logit_scale();
             max = std::max(max, logits[t]);
         }
@@ -221,7 +243,7 @@ TEST(WithSinks, SinksAloneAreFullCacheFp16BitForBit) {
 // decode; every output against the double oracle over what the head stores.
 
 template <class Q>
-void expect_matches_oracle(const Q& policy, double tolerance) {
+void expect_matches_oracle(const Q& policy, double tolerance, const query_map& inner = exact_query) {
     const auto c = shape(2, 2, 64);
     const std::size_t chunks[] = {7, 30, 27}, steps = 6;
     std::size_t prompt = 0;
@@ -242,14 +264,14 @@ void expect_matches_oracle(const Q& policy, double tolerance) {
             cache.attend_chunk(0, queries.data() + t0 * qrow, n, out.data());
             for (std::size_t i = 0; i < n; ++i)
                 worst = std::max(worst, worst_head_error(c, out.data() + i * qrow,
-                                                         oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1)));
+                                                         oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1, inner)));
             t0 += n;
         }
         for (std::size_t t = prompt; t < total; ++t) {
             append(cache, keys, values, t, 1);
             std::vector<float> out(qrow);
             cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, stored_heads(cache), queries.data() + t * qrow, t + 1)));
+            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, stored_heads(cache), queries.data() + t * qrow, t + 1, inner)));
         }
         EXPECT_LE(worst, tolerance);
         // The first 4 tokens are the input's fp16 values; the rest are the inner codec's.
@@ -278,7 +300,7 @@ TEST(WithSinks, AttentionMatchesOracleOverStoredValuesOnEveryInstructionSet) {
     }
     {
         SCOPED_TRACE("q4_0");
-        expect_matches_oracle(q4_0_4{}, 2e-5);
+        expect_matches_oracle(q4_0_4{}, 2e-5, int8_query);
     }
     {
         SCOPED_TRACE("kivi<2> (residual 32: blocks form)");
@@ -286,11 +308,11 @@ TEST(WithSinks, AttentionMatchesOracleOverStoredValuesOnEveryInstructionSet) {
     }
     {
         SCOPED_TRACE("rotated<q4_0>");
-        expect_matches_oracle(rotated4{}, 2e-5);
+        expect_matches_oracle(rotated4{}, 2e-5, rotated_int8_query);
     }
     {
         SCOPED_TRACE("mixed");
-        expect_matches_oracle(mixed4{}, 2e-5);
+        expect_matches_oracle(mixed4{}, 2e-5, int8_query);
     }
 }
 
@@ -549,7 +571,7 @@ TEST(WithSinks, NanInASinkRowStaysInItsToken) {
         healed.attend(kvc::kernels::active(), p, state);
         kvc::kernels::common::finalize_state<kvc::kernels::reference_arch>(state, c.group(), 64, healed_out.data(), 64);
         kvc::cache_config one = shape(1, c.group(), 64);
-        const auto want_out = oracle(one, {left}, queries.data(), tokens - 1);
+        const auto want_out = oracle(one, {left}, queries.data(), tokens - 1, int8_query);
         EXPECT_LE(worst_head_error(one, healed_out.data(), want_out), 2e-5);
     }
 }
