@@ -183,7 +183,12 @@ TEST(EngineCalibration, EveryCalibratedAndMixedSpellingRunsOnKvref) {
     EXPECT_LT(kl["cq:c4b8"], kl["cq:c8b8"]);
     EXPECT_LT(kl["mixed:int8/int2:0.2"], int2);
     EXPECT_LT(kl["mixed:int4/int2:0.2"], int2);
-    EXPECT_LT(kl["mixed:int8/int2:0.2"], kl["mixed:int4/int2:0.2"]);
+    // int8 against int4 differs only in the 20% high rows: a small difference
+    // (kvref over 4 windows: 1.7e-3 vs 6.6e-3) that the sanitized build's 16
+    // scored positions cannot resolve, so it is compared at full size only.
+    if (!engine_test::slow_build) {
+        EXPECT_LT(kl["mixed:int8/int2:0.2"], kl["mixed:int4/int2:0.2"]);
+    }
 }
 
 // Calibration on generated text is deterministic: the same seed gives the same rows.
