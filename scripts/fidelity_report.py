@@ -100,6 +100,20 @@ def draw(results, plot_path, work_dir):
     subprocess.run(["gnuplot", script_path], check=True)
 
 
+def calibration_note(results):
+    """The paragraph on the calibrated codecs' calibration text ("" when none ran)."""
+    texts = sorted({r.get("calibration_text", "") for r in results} - {""})
+    if not texts:
+        return ""
+    return ("Calibrated codecs (`cq:*`: CQ codebooks, Q8; `kvquant:*`: KVQuant ranges and "
+            "codebooks, Q3, learnt from keys before RoPE) learn from the model's own keys and values "
+            "over text that no window scores: %s. Their cache bytes include the per-head "
+            "codebooks (CQ: 128 KiB per KV head at 8-bit codes). `mixed:HIGH/LOW:F` (Q6) keeps, per "
+            "KV head, the fraction F of the prompt tokens that received the most attention from the "
+            "prompt's last prefill chunk in HIGH and the rest in LOW, assigned when decoding starts "
+            "(`kvc_cache` in `examples/engine/cache_choice.hpp`).\n\n" % "; ".join(texts))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", required=True, help="directory with NNN.json, NNN.md and header.md")
@@ -191,7 +205,7 @@ including the state a policy asks for (accumulated attention for H2O/A2SF, the
 window of recent queries SnapKV scores with), which is why equal budgets can
 differ in bytes.
 
-Points with KL exactly 0 (the reference itself, and `none:f32`, which is
+{calibration}Points with KL exactly 0 (the reference itself, and `none:f32`, which is
 bit-identical to it) cannot sit on the log scale: the dashed line marks the
 reference's memory. Each `none:T` row (a `compressed_cache` with every policy
 `none`) has exactly the KL of the `full:T` row, as the identity composition
@@ -225,6 +239,7 @@ A new policy appears here after one line in the registry of
 with the budgets to sweep) and a rerun of `scripts/fidelity.sh`.
 """.format(
         command=args.command,
+        calibration=calibration_note(results),
         load=args.load,
         date=datetime.date.today().isoformat(),
         cpu=cpu_name(),

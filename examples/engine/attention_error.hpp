@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -30,32 +31,50 @@
 
 namespace engine {
 
-// Everything the model appended and attended with, per layer, in order:
-// keys and values [tokens][kv_heads][head_dim], queries [tokens][query_heads][head_dim].
-struct recorded_rows {
-    std::vector<std::vector<float>> keys, values, queries;
-};
-
-// A kv_cache that records what passes through it on its way to `inner`.
+// A kv_cache that records what passes through it on its way to `inner`
+// (recorded_rows, cache_choice.hpp: everything the model appended and
+// attended with, per layer, in order).
+//
+// Given `rotate_keys` (the model's RoPE), it also records the keys before
+// RoPE: it asks the model for them (wants_keys_before_rope), records them,
+// and rotates them itself with kvc's RoPE (kvc::kernels::rope_rotate, cos/sin
+// in double) before recording and forwarding them. The model's own rotation
+// uses float cos/sin, so the rotated keys then differ from the ordinary
+// path's by float rounding (tests/engine/calibration_test.cpp bounds the effect).
 class recording_cache final : public kv_cache {
 public:
-    recording_cache(std::unique_ptr<kv_cache> inner, const kvc::cache_config& shape)
-        : inner_(std::move(inner)), shape_(shape) {
+    recording_cache(std::unique_ptr<kv_cache> inner, const kvc::cache_config& shape,
+                    std::optional<kvc::rope_config> rotate_keys = std::nullopt)
+        : inner_(std::move(inner)), shape_(shape), rope_(rotate_keys) {
         rows_.keys.resize(shape.layers);
+        if (rope_) rows_.keys_before_rope.resize(shape.layers);
         rows_.values.resize(shape.layers);
         rows_.queries.resize(shape.layers);
     }
 
     void append(std::size_t layer, const view& keys, const view& values, std::int64_t first_position) override {
+        const std::size_t dim = shape_.head_dim;
+        rotated_.resize(keys.tokens() * shape_.kv_heads * dim);
         for (std::size_t t = 0; t < keys.tokens(); ++t)
             for (std::size_t h = 0; h < shape_.kv_heads; ++h) {
                 const float* k = keys.row(t, h);
                 const float* v = values.row(t, h);
-                rows_.keys[layer].insert(rows_.keys[layer].end(), k, k + shape_.head_dim);
-                rows_.values[layer].insert(rows_.values[layer].end(), v, v + shape_.head_dim);
+                if (rope_) {
+                    rows_.keys_before_rope[layer].insert(rows_.keys_before_rope[layer].end(), k, k + dim);
+                    float* r = &rotated_[(t * shape_.kv_heads + h) * dim];
+                    std::copy(k, k + dim, r);
+                    kvc::kernels::rope_rotate(*rope_, r, dim, first_position + static_cast<std::int64_t>(t));
+                    k = r;
+                }
+                rows_.keys[layer].insert(rows_.keys[layer].end(), k, k + dim);
+                rows_.values[layer].insert(rows_.values[layer].end(), v, v + dim);
             }
-        inner_->append(layer, keys, values, first_position);
+        if (rope_)
+            inner_->append(layer, view(rotated_.data(), keys.tokens(), shape_.kv_heads, dim), values, first_position);
+        else
+            inner_->append(layer, keys, values, first_position);
     }
+    bool wants_keys_before_rope() const override { return rope_.has_value(); }
     void attend(std::size_t layer, const float* queries, float* out) override {
         record_queries(layer, queries, 1);
         inner_->attend(layer, queries, out);
@@ -78,17 +97,21 @@ private:
 
     std::unique_ptr<kv_cache> inner_;
     kvc::cache_config shape_;
+    std::optional<kvc::rope_config> rope_;
     recorded_rows rows_;
+    std::vector<float> rotated_;
 };
 
-// The model's rows over `tokens`: prompt tokens prefilled in chunks, the rest decoded one by one.
+// The model's rows over `tokens`: prompt tokens prefilled in chunks, the rest
+// decoded one by one; with `keys_before_rope`, keys before RoPE too.
 inline recorded_rows record_rows(transformer& model, const std::vector<int>& tokens, std::size_t prompt,
-                                 std::size_t chunk) {
+                                 std::size_t chunk, bool keys_before_rope = false) {
     if (prompt == 0 || prompt > tokens.size())
         throw std::invalid_argument("record_rows: expected a prompt of 1.." + std::to_string(tokens.size()) +
                                     " tokens, got " + std::to_string(prompt));
     const kvc::cache_config shape = kv_cache_config(model.shape());
-    recording_cache recorder(make_cache(shape, cache_spec{"full:f32", "none"}), shape);
+    recording_cache recorder(make_cache(shape, cache_spec{"full:f32", "none"}), shape,
+                             keys_before_rope ? std::optional<kvc::rope_config>(model_rope()) : std::nullopt);
     model.prefill(tokens.data(), prompt, 0, recorder, chunk);
     for (std::size_t i = prompt; i < tokens.size(); ++i)
         model.decode(tokens[i], static_cast<std::int64_t>(i), recorder);

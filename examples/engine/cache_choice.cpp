@@ -96,7 +96,8 @@ std::string describe_options() {
     return text;
 }
 
-std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec) {
+std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec,
+                                     const calibration& calibrated) {
     for (const full_option& option : full_options) {
         if (spec.cache != option.name) continue;
         if (spec.evict != "none")
@@ -113,7 +114,7 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
     for (auto part : {&registry::make_compressed_part0, &registry::make_compressed_part1,
                       &registry::make_compressed_part2, &registry::make_compressed_part3,
                       &registry::make_compressed_part4}) {
-        cache = part(shape, spec, found);
+        cache = part(shape, spec, calibrated, found);
         if (found.codec_found) break;
     }
     if (!found.codec_found)

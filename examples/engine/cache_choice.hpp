@@ -12,6 +12,8 @@
 // Spelling on the command line (kvc_engine and kvc-fidelity):
 //   --cache full:f32 | full:f16 | full:bf16   kvc::full_cache storing fp32/fp16/bf16 rows
 //   --cache CODEC                             kvc::compressed_cache with that quantization codec
+//                                             (calibrated codecs, cq:* and kvquant:*, learn from
+//                                             the model's rows over calibration text: `calibration`)
 //   --evict NAME[:VALUE]                      ... and that eviction policy (default none)
 //   --evict-every N                           ... compressing during decode too, whenever a
 //                                             head is N tokens over its budget (B9)
@@ -25,6 +27,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -54,22 +58,82 @@ public:
     virtual std::size_t rows() const = 0;
     // Returns spare capacity, so bytes() is what the held rows need.
     virtual void shrink_to_fit() = 0;
+    // True when the cache rotates keys itself (KVQuant, Q3: it quantizes them
+    // before RoPE and applies RoPE inside attention): the model then appends
+    // its keys BEFORE RoPE. Queries are always given after RoPE.
+    virtual bool wants_keys_before_rope() const { return false; }
 };
 
+namespace detail {
+// kvc's positions contract: a head storage that declares `wants_positions`
+// receives each token's position so that it can rotate keys given before RoPE.
+template <class Storage, class = void>
+struct rotates_keys : std::false_type {};
+template <class Storage>
+struct rotates_keys<Storage, std::void_t<decltype(Storage::wants_positions)>>
+    : std::bool_constant<Storage::wants_positions> {};
+
+template <class Cache, class = void>
+struct keys_before_rope : std::false_type {};
+template <class Cache>
+struct keys_before_rope<Cache, std::void_t<typename Cache::head_storage>>
+    : rotates_keys<typename Cache::head_storage> {};
+
+// Caches whose codec stores each token at a precision its importance calls for (Q6).
+template <class Cache, class = void>
+struct assigns_precision : std::false_type {};
+template <class Cache>
+struct assigns_precision<Cache, std::void_t<decltype(std::declval<Cache&>().assign_precision(
+                                    std::size_t{}, std::size_t{}, std::declval<const float*>()))>>
+    : std::true_type {};
+} // namespace detail
+
 // The adapter: forwards each call to a kvc cache of type Cache.
+//
+// Mixed precision (Q6): a codec that stores tokens at the precision their
+// importance calls for gets its scores here. The importance of a token is the
+// attention mass it received from the queries of the prompt's last prefill
+// chunk (SnapKV's observation window, E5, unpooled: the chunk is 64 queries
+// with the tools' default --chunk), summed over the query heads of its KV
+// head, as the cache returns it from attend_chunk. It is assigned once per
+// layer, when the first decode token arrives (the moment evicting policies
+// compress, B9); tokens decoded later arrive at high precision and stay there.
+// Measured on kvref (kvc-fidelity, 4 windows, mixed:int8/int2:0.2), mean KL:
+// last chunk 1.7e-3; mass from every prompt query (H2O, E2) 9.1e-3; that
+// mass per query that saw the token 2.0e-3.
 template <class Cache>
 class kvc_cache final : public kv_cache {
 public:
     template <class... Arguments>
-    explicit kvc_cache(Arguments&&... arguments) : cache_(std::forward<Arguments>(arguments)...) {}
+    explicit kvc_cache(Arguments&&... arguments) : cache_(std::forward<Arguments>(arguments)...) {
+        if constexpr (detail::assigns_precision<Cache>::value) prompt_mass_.resize(cache_.config().layers);
+    }
 
     void append(std::size_t layer, const view& keys, const view& values, std::int64_t first_position) override {
+        if constexpr (detail::assigns_precision<Cache>::value) {
+            std::vector<float>& mass = prompt_mass_[layer];
+            if (keys.tokens() == 1 && !mass.empty()) { // the prompt of this layer is complete
+                const std::size_t held = cache_.tokens(layer, 0);
+                for (std::size_t h = 0; h < cache_.config().kv_heads; ++h)
+                    cache_.assign_precision(layer, h, mass.data() + h * held);
+                mass.clear();
+                mass.shrink_to_fit();
+            }
+        }
         cache_.append(layer, keys, values, first_position);
     }
     void attend(std::size_t layer, const float* queries, float* out) override { cache_.attend(layer, queries, out); }
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out) override {
-        cache_.attend_chunk(layer, queries, chunk, out);
+        if constexpr (detail::assigns_precision<Cache>::value) {
+            // mass: [kv_heads][tokens held] (no eviction: every head holds the same tokens).
+            std::vector<float>& mass = prompt_mass_[layer];
+            mass.assign(cache_.config().kv_heads * cache_.tokens(layer, 0), 0.0f);
+            cache_.attend_chunk(layer, queries, chunk, out, mass.data());
+        } else {
+            cache_.attend_chunk(layer, queries, chunk, out);
+        }
     }
+    bool wants_keys_before_rope() const override { return detail::keys_before_rope<Cache>::value; }
     std::size_t bytes() const override { return cache_.bytes(); }
     std::size_t rows() const override {
         std::size_t total = 0;
@@ -87,6 +151,8 @@ public:
 
 private:
     Cache cache_;
+    // Mixed precision only: per layer, the last prefill chunk's attention mass ([kv_heads][tokens]).
+    std::vector<std::vector<float>> prompt_mass_;
 };
 
 // A decorator that measures the time spent inside the cache's attention calls
@@ -114,6 +180,7 @@ public:
     std::size_t bytes() const override { return inner_->bytes(); }
     std::size_t rows() const override { return inner_->rows(); }
     void shrink_to_fit() override { inner_->shrink_to_fit(); }
+    bool wants_keys_before_rope() const override { return inner_->wants_keys_before_rope(); }
 
     double attention_seconds() const noexcept { return attention_seconds_; }
     double append_seconds() const noexcept { return append_seconds_; }
@@ -146,11 +213,32 @@ struct cache_spec {
     std::string method() const;
 };
 
+// Rows a model produced, per layer: keys (after RoPE, as caches receive
+// them), the same keys before RoPE (when recorded, else empty) and values,
+// [tokens][kv_heads][head_dim]; queries [tokens][query_heads][head_dim].
+struct recorded_rows {
+    std::vector<std::vector<float>> keys, keys_before_rope, values, queries;
+};
+
+// What calibrated codecs learn from (cq:*, kvquant:*): the model's RoPE and
+// its rows over calibration text, which must be disjoint from any text the
+// cache is scored on. `rows` runs the model on first call and is called only
+// for a calibrated codec; artifacts learnt from the rows are kept in
+// `artifacts` (by spelling), so a sweep building many caches learns each once.
+struct calibration {
+    kvc::rope_config rope;
+    std::function<const recorded_rows&()> rows; // empty: no calibration text (calibrated codecs are errors)
+    std::string text;                           // where the rows come from, for reports
+    std::shared_ptr<std::map<std::string, kvc::calibration::artifact>> artifacts =
+        std::make_shared<std::map<std::string, kvc::calibration::artifact>>();
+};
+
 // Builds the cache `spec` names for a model of shape `shape`. Throws
-// std::invalid_argument naming the valid spellings when `spec` is not one;
-// kvc::error when kvc rejects the configuration (e.g. a head dim the codec
-// does not support).
-std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec);
+// std::invalid_argument naming the valid spellings when `spec` is not one,
+// or when a calibrated codec is named without `calibrated.rows`; kvc::error
+// when kvc rejects the configuration (e.g. a head dim the codec does not support).
+std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec,
+                                     const calibration& calibrated = {});
 
 // Every --cache spelling and every --evict spelling, for messages.
 std::string cache_names();

@@ -2,7 +2,8 @@
 #include "cache_registry.hpp"
 
 namespace engine::registry {
-std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config& shape, const cache_spec& spec, lookup& found) {
-    return make_compressed<part_bounds[0], part_bounds[1]>(shape, spec, found);
+std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config& shape, const cache_spec& spec,
+                                                const calibration& calibrated, lookup& found) {
+    return make_compressed<part_bounds[0], part_bounds[1]>(shape, spec, calibrated, found);
 }
 } // namespace engine::registry

@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/calibration/cq.hpp>
+#include <kvc/calibration/kvquant.hpp>
 #include <kvc/kvc.hpp>
 
 #include "cache_choice.hpp"
@@ -37,6 +39,67 @@ struct policy_option {
     std::string_view summary;   // one line for --list
     Make make;                  // () -> policy, or (double value, std::size_t every) -> policy
 };
+
+// What a codec's factory may use besides nothing: the cache shape and the
+// model's calibration. Factories are () -> policy, or (const codec_context&)
+// -> policy for codecs learnt from the model's rows.
+struct codec_context {
+    const kvc::cache_config& shape;
+    const calibration& calibrated;
+    const cache_spec& spec;
+
+    // The artifact this spelling learns from the calibration rows, learnt on
+    // first use and kept in calibrated.artifacts. learn: (const recorded_rows&) -> artifact.
+    template <class Learn>
+    const kvc::calibration::artifact& artifact(Learn learn) const {
+        auto found = calibrated.artifacts->find(spec.cache);
+        if (found != calibrated.artifacts->end()) return found->second;
+        if (!calibrated.rows)
+            throw std::invalid_argument("--cache " + spec.cache + " is learnt from the model's keys and values; it "
+                                        "needs calibration text (kvc-fidelity and kvc_engine provide it)");
+        return calibrated.artifacts->emplace(spec.cache, learn(calibrated.rows())).first->second;
+    }
+    // One view per layer of recorded rows ([tokens][kv_heads][head_dim] each).
+    std::vector<kvc::kv_view<const float>> per_layer(const std::vector<std::vector<float>>& rows) const {
+        const std::size_t row = shape.kv_heads * shape.head_dim;
+        std::vector<kvc::kv_view<const float>> views;
+        for (std::size_t layer = 0; layer < shape.layers; ++layer)
+            views.emplace_back(rows.at(layer).data(), rows.at(layer).size() / row, shape.kv_heads, shape.head_dim);
+        return views;
+    }
+};
+
+// Q8 CQ with `channels` channels coupled per `bits`-bit code, codebooks learnt
+// from the calibration keys after RoPE (what the engine appends) and values.
+inline kvc::quant::cq cq_codec(const codec_context& context, std::size_t channels, std::size_t bits) {
+    return kvc::quant::cq(context.artifact([&](const recorded_rows& rows) {
+        kvc::calibration::cq_options options;
+        options.channels_per_group = channels;
+        options.bits = bits;
+        return kvc::calibration::calibrate_cq(context.per_layer(rows.keys), context.per_layer(rows.values), options);
+    }));
+}
+
+// Q3 KVQuant at `bits`: ranges (1% outliers) and codebooks learnt from the
+// calibration keys BEFORE RoPE and values; one fp16 sink; the model's RoPE.
+inline kvc::quant::kvquant kvquant_codec(const codec_context& context, unsigned bits) {
+    const kvc::calibration::artifact& learnt = context.artifact([&](const recorded_rows& rows) {
+        kvc::calibration::kvquant_options options;
+        options.bits = bits;
+        return kvc::calibration::calibrate_kvquant(context.shape, context.per_layer(rows.keys_before_rope),
+                                                   context.per_layer(rows.values), options);
+    });
+    return kvc::quant::kvquant(learnt, context.calibrated.rope);
+}
+
+// The policy `option` makes, from nothing or from the context.
+template <class Option>
+auto make_codec(const Option& option, const codec_context& context) {
+    if constexpr (std::is_invocable_v<const decltype(option.make)&, const codec_context&>)
+        return option.make(context);
+    else
+        return option.make();
+}
 
 // A quantization codec (the compressed_cache's third slot) that runs only alone.
 template <class Make>
@@ -104,7 +167,19 @@ inline auto codec_options() {
         codec("sparse:0.5", "Mustafar sparsity (Q10): half of each key and value row kept, bitmap + fp16",
               [] { return q::sparse(0.5); }),
         codec("sparse:0.7", "Mustafar sparsity (Q10): 30% of each row kept, bitmap + fp16",
-              [] { return q::sparse(0.7); }));
+              [] { return q::sparse(0.7); }),
+        codec("cq:c4b8", "CQ (Q8): 4 channels per 8-bit code (2 bits/channel), codebooks learnt on calibration text",
+              [](const codec_context& c) { return cq_codec(c, 4, 8); }),
+        codec("cq:c8b8", "CQ (Q8): 8 channels per 8-bit code (1 bit/channel), codebooks learnt on calibration text",
+              [](const codec_context& c) { return cq_codec(c, 8, 8); }),
+        codec("kvquant:3", "KVQuant (Q3): 3-bit pre-RoPE per-channel keys, 1% sparse outliers, learnt codebooks",
+              [](const codec_context& c) { return kvquant_codec(c, 3); }),
+        codec("kvquant:4", "KVQuant (Q3): 4-bit pre-RoPE per-channel keys, 1% sparse outliers, learnt codebooks",
+              [](const codec_context& c) { return kvquant_codec(c, 4); }),
+        codec("mixed:int8/int2:0.2", "Mixed precision (Q6): the 20% of tokens with most prompt attention in int8, "
+              "the rest int2 (groups of 32)", [] { return q::mixed<q::int8_sym, q::int2_asym, 32>(0.2); }),
+        codec("mixed:int4/int2:0.2", "Mixed precision (Q6): the 20% of tokens with most prompt attention in int4, "
+              "the rest int2 (groups of 32)", [] { return q::mixed<q::int4_sym, q::int2_asym, 32>(0.2); }));
 }
 
 // ===========================================================================
@@ -220,7 +295,8 @@ struct lookup {
 // The compressed cache for `spec` if its codec is one of codec_options()'s
 // entries [Begin, End); the cache_*.cpp files split the codecs between them.
 template <std::size_t Begin, std::size_t End>
-std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const cache_spec& spec, lookup& found) {
+std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const cache_spec& spec,
+                                          const calibration& calibrated, lookup& found) {
     const std::size_t colon = spec.evict.find(':');
     const std::string evict_name = spec.evict.substr(0, colon);
     const std::string evict_argument = colon == std::string::npos ? "" : spec.evict.substr(colon + 1);
@@ -230,7 +306,7 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
         if (codec_option.name != spec.cache) return;
         found.codec_found = true;
         using codec_option_type = std::decay_t<decltype(codec_option)>;
-        auto quantization = codec_option.make();
+        auto quantization = make_codec(codec_option, codec_context{shape, calibrated, spec});
         using quantization_type = decltype(quantization);
         if (evict_name == "none") {
             found.eviction_found = true;
@@ -263,13 +339,18 @@ inline constexpr std::size_t codec_count = std::tuple_size_v<decltype(codec_opti
 
 // The library's translation units (cache_part*.cpp) each build a slice of
 // the codecs; together they cover [0, codec_count). A codec with eviction is
-// about 20 compressed_cache types, one without is one: parts 0, 1 and 4 take
-// one or two of the former each, the rest share the light ones.
-inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, 14, codec_count};
-std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config&, const cache_spec&, lookup&);
-std::unique_ptr<kv_cache> make_compressed_part1(const kvc::cache_config&, const cache_spec&, lookup&);
-std::unique_ptr<kv_cache> make_compressed_part2(const kvc::cache_config&, const cache_spec&, lookup&);
-std::unique_ptr<kv_cache> make_compressed_part3(const kvc::cache_config&, const cache_spec&, lookup&);
-std::unique_ptr<kv_cache> make_compressed_part4(const kvc::cache_config&, const cache_spec&, lookup&);
+// about 20 compressed_cache types, one without is one: parts 0 to 3 take
+// one or two of the former each and share the light ones with part 4.
+inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, 16, codec_count};
+std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config&, const cache_spec&, const calibration&,
+                                                lookup&);
+std::unique_ptr<kv_cache> make_compressed_part1(const kvc::cache_config&, const cache_spec&, const calibration&,
+                                                lookup&);
+std::unique_ptr<kv_cache> make_compressed_part2(const kvc::cache_config&, const cache_spec&, const calibration&,
+                                                lookup&);
+std::unique_ptr<kv_cache> make_compressed_part3(const kvc::cache_config&, const cache_spec&, const calibration&,
+                                                lookup&);
+std::unique_ptr<kv_cache> make_compressed_part4(const kvc::cache_config&, const cache_spec&, const calibration&,
+                                                lookup&);
 
 } // namespace engine::registry

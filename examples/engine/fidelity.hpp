@@ -135,6 +135,7 @@ struct fidelity_setup {
     std::size_t chunk = 64;   // prefill chunk
     std::string model;        // for the report only
     std::string text;         // for the report only
+    std::string calibration;  // for the report only: the calibration text, when a cache was calibrated
 };
 
 // What one cache measured, summed or averaged over the windows.
@@ -159,8 +160,9 @@ struct fidelity_report {
 };
 
 // Runs every window with both caches (a fresh cache per window) and compares.
+// Calibrated codecs learn from `calibrated` (once, for every window).
 inline fidelity_report measure_fidelity(transformer& model, const std::vector<std::vector<int>>& windows,
-                                        const fidelity_setup& setup) {
+                                        const fidelity_setup& setup, const calibration& calibrated = {}) {
     if (windows.empty()) throw std::invalid_argument("no text windows to score");
     const model_shape& shape = model.shape();
     const kvc::cache_config config = kv_cache_config(shape);
@@ -171,8 +173,8 @@ inline fidelity_report measure_fidelity(transformer& model, const std::vector<st
     const double rows_seen = static_cast<double>(shape.layers * shape.kv_heads * (setup.prompt + setup.scored));
 
     for (std::size_t w = 0; w < windows.size(); ++w) {
-        timed_cache reference_cache(make_cache(config, setup.reference));
-        timed_cache tested_cache(make_cache(config, setup.tested));
+        timed_cache reference_cache(make_cache(config, setup.reference, calibrated));
+        timed_cache tested_cache(make_cache(config, setup.tested, calibrated));
         std::vector<float> reference_logits, tested_logits;
         auto run = [&](timed_cache& cache, std::vector<float>& logits) {
             logits = decode_logits(model, cache, windows[w], setup.prompt, setup.scored, setup.chunk);
@@ -203,6 +205,8 @@ inline fidelity_report measure_fidelity(transformer& model, const std::vector<st
         figures->rows_kept /= rows_seen * static_cast<double>(windows.size());
     }
 
+    for (const cache_spec* spec : {&setup.tested, &setup.reference})
+        if (calibrated.artifacts->count(spec->cache) != 0) report.setup.calibration = calibrated.text;
     report.positions = compared.positions();
     report.reference.perplexity = compared.reference_perplexity();
     report.tested.perplexity = compared.tested_perplexity();
@@ -255,6 +259,7 @@ inline std::string to_json(const fidelity_report& r) {
     };
     field("model", json_string(s.model));
     field("text", json_string(s.text));
+    field("calibration_text", json_string(s.calibration));
     field("method", json_string(s.tested.method()));
     field("cache", json_string(s.tested.cache));
     field("evict", json_string(s.tested.evict));

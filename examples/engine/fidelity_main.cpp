@@ -16,6 +16,11 @@
 // Text: --text FILE, or for a byte-level model the eval.txt next to it; for a
 // model with a tokenizer and no --text, text the model generates itself with
 // full_cache from a fixed seed (one window per seed: --seed, --seed + 1, ...).
+//
+// Calibrated codecs (cq:*, kvquant:*) learn from text no window scores: the
+// last 4 x `context` tokens of the text file, as 4 sequences (the windows are
+// taken from its start, and a text too short for both is an error), or for
+// generated text 4 stories of `context` tokens from seeds --seed + --windows, ...
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -25,6 +30,7 @@
 #include <vector>
 
 #include "cache_choice.hpp"
+#include "calibration.hpp"
 #include "cli.hpp"
 #include "fidelity.hpp"
 #include "model.hpp"
@@ -113,10 +119,6 @@ int measure(options o) {
         throw engine::usage_error("--prompt " + std::to_string(setup.prompt) + " + --tokens " +
                                   std::to_string(setup.scored) + " exceeds the model's context of " +
                                   std::to_string(shape.context) + " tokens");
-    // Check both spellings before any work, so a typo fails at once.
-    engine::make_cache(engine::kv_cache_config(shape), setup.reference);
-    engine::make_cache(engine::kv_cache_config(shape), setup.tested);
-
     const std::size_t window_tokens = setup.prompt + setup.scored + 1;
     std::vector<std::vector<int>> windows;
     if (o.text.empty() && words.byte_level()) {
@@ -125,12 +127,40 @@ int measure(options o) {
             throw engine::usage_error("no --text FILE given and no eval.txt next to " + o.model);
         o.text = beside.string();
     }
+    std::vector<int> tokens;
+    engine::calibration calibrated;
     if (!o.text.empty()) {
-        const std::vector<int> tokens = words.encode(engine::read_file(o.text));
+        tokens = words.encode(engine::read_file(o.text));
         if (tokens.size() < o.windows * window_tokens)
             throw engine::usage_error(o.text + " has " + std::to_string(tokens.size()) + " tokens, fewer than " +
                                       std::to_string(o.windows) + " windows of " + std::to_string(window_tokens) +
                                       " (prompt + tokens + 1); lower --windows, --prompt or --tokens");
+        const std::size_t sequence = shape.context, scored_tokens = o.windows * window_tokens;
+        const std::size_t calibration_tokens = engine::calibration_sequences * sequence;
+        const std::string span = "the last " + std::to_string(calibration_tokens) + " tokens of " + o.text + " (" +
+                                 std::to_string(engine::calibration_sequences) + " sequences)";
+        calibrated = engine::calibration_from(
+            model,
+            [&tokens, sequence, calibration_tokens, scored_tokens, span] {
+                if (tokens.size() < scored_tokens + calibration_tokens)
+                    throw engine::usage_error("calibrated caches learn from " + span + ", which the " +
+                                              std::to_string(scored_tokens) + " scored tokens overlap; lower "
+                                              "--windows, --prompt or --tokens");
+                std::vector<std::vector<int>> sequences;
+                for (auto from = tokens.end() - static_cast<std::ptrdiff_t>(calibration_tokens); from != tokens.end();
+                     from += static_cast<std::ptrdiff_t>(sequence))
+                    sequences.emplace_back(from, from + static_cast<std::ptrdiff_t>(sequence));
+                return sequences;
+            },
+            span);
+    } else {
+        calibrated = engine::generated_calibration(model, words.bos(), o.seed + o.windows);
+    }
+    // Check both spellings before any work, so a typo fails at once.
+    engine::make_cache(engine::kv_cache_config(shape), setup.reference, calibrated);
+    engine::make_cache(engine::kv_cache_config(shape), setup.tested, calibrated);
+
+    if (!o.text.empty()) {
         for (std::size_t w = 0; w < o.windows; ++w)
             windows.emplace_back(tokens.begin() + static_cast<std::ptrdiff_t>(w * window_tokens),
                                  tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * window_tokens));
@@ -145,7 +175,7 @@ int measure(options o) {
     }
     setup.model = o.model;
 
-    const engine::fidelity_report report = engine::measure_fidelity(model, windows, setup);
+    const engine::fidelity_report report = engine::measure_fidelity(model, windows, setup, calibrated);
     const std::string json = engine::to_json(report);
     if (!o.json.empty()) {
         std::ofstream file(o.json);

@@ -23,6 +23,7 @@
 #include <kvc/kvc.hpp>
 
 #include "cache_choice.hpp"
+#include "calibration.hpp"
 #include "cli.hpp"
 #include "fidelity.hpp"
 #include "model.hpp"
@@ -112,8 +113,9 @@ struct run {
     double prefill_seconds = 0.0, decode_seconds = 0.0, decode_attention_seconds = 0.0;
     std::size_t decode_steps = 0;
 
-    run(const kvc::cache_config& config, engine::cache_spec chosen)
-        : spec(std::move(chosen)), cache(std::make_unique<engine::timed_cache>(engine::make_cache(config, spec))) {}
+    run(const kvc::cache_config& config, engine::cache_spec chosen, const engine::calibration& calibrated)
+        : spec(std::move(chosen)),
+          cache(std::make_unique<engine::timed_cache>(engine::make_cache(config, spec, calibrated))) {}
 
     void prefill(engine::transformer& model, const std::vector<int>& prompt, std::size_t chunk) {
         const auto start = std::chrono::steady_clock::now();
@@ -163,10 +165,14 @@ int generate(const options& o) {
                                   std::to_string(shape.context) + " tokens; use --prompt-limit or fewer --steps");
 
     // The caches: the one under test and, with --compare, a reference.
+    // Calibrated codecs (cq:*, kvquant:*) learn from stories the model writes
+    // itself from fixed seeds (from BOS, or a newline for a byte-level model).
+    const engine::calibration calibrated =
+        engine::generated_calibration(model, words.byte_level() ? '\n' : words.bos(), engine::calibration_seed);
     const kvc::cache_config config = engine::kv_cache_config(shape);
     std::vector<run> runs;
-    runs.emplace_back(config, o.cache);
-    if (!o.compare.empty()) runs.emplace_back(config, engine::cache_spec{o.compare, "none"});
+    runs.emplace_back(config, o.cache, calibrated);
+    if (!o.compare.empty()) runs.emplace_back(config, engine::cache_spec{o.compare, "none"}, calibrated);
 
     const std::string sampling =
         o.temperature > 0 ? "temperature " + format("%g", o.temperature) + ", seed " + std::to_string(o.seed) : "greedy";

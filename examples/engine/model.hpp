@@ -46,6 +46,17 @@ struct model_shape {
     std::size_t kv_dim() const noexcept { return kv_heads * head_dim(); }
 };
 
+// llama2.c's RoPE, as kvc spells it: pairs (2i, 2i+1) of every head dim
+// rotated by position * theta^(-2i/head_dim). Codecs that rotate keys
+// themselves (KVQuant) take it; the model's own rotation below uses it too.
+inline kvc::rope_config model_rope() {
+    kvc::rope_config rope;
+    rope.theta = 10000.0;
+    rope.rotary_dims = 0; // all of head_dim
+    rope.interleaved = true;
+    return rope;
+}
+
 // The shape kvc needs: one cache_config per model, chosen storage type.
 inline kvc::cache_config kv_cache_config(const model_shape& shape, kvc::dtype storage = kvc::dtype::f16) {
     kvc::cache_config config;
@@ -280,14 +291,15 @@ private:
         rope_sin_.resize(n * s.head_dim() / 2);
     }
 
-    // RoPE: rotate each pair (2i, 2i+1) of every head by pos * 10000^(-2i/head_dim).
+    // RoPE (model_rope()): rotate each pair (2i, 2i+1) of every head by pos * 10000^(-2i/head_dim).
     // Angles are computed in double once per call, then used by every layer.
     void prepare_rope(std::size_t n, std::int64_t first_position) {
         const std::size_t half = shape_.head_dim() / 2;
+        const double theta = model_rope().theta;
         for (std::size_t t = 0; t < n; ++t)
             for (std::size_t i = 0; i < half; ++i) {
                 const double frequency =
-                    std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(shape_.head_dim()));
+                    std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(shape_.head_dim()));
                 const double angle = static_cast<double>(first_position + static_cast<std::int64_t>(t)) * frequency;
                 rope_cos_[t * half + i] = static_cast<float>(std::cos(angle));
                 rope_sin_[t * half + i] = static_cast<float>(std::sin(angle));
@@ -323,20 +335,22 @@ private:
                                          std::to_string(s.vocab));
         reserve_scratch(n);
         prepare_rope(n, first_position);
+        const bool keys_before_rope = cache.wants_keys_before_rope();
         const std::size_t dim = s.dim, kv = s.kv_dim(), hidden = s.hidden_dim, head_dim = s.head_dim();
 
         for (std::size_t t = 0; t < n; ++t)
             std::memcpy(&x_[t * dim], embedding_ + static_cast<std::size_t>(tokens[t]) * dim, dim * sizeof(float));
 
         for (std::size_t layer = 0; layer < s.layers; ++layer) {
-            // Attention block: q, k, v of the new tokens, RoPE on q and k.
+            // Attention block: q, k, v of the new tokens, RoPE on q and k
+            // (unless the cache rotates keys itself: then k goes in before RoPE).
             for (std::size_t t = 0; t < n; ++t)
                 detail::rmsnorm(&normed_[t * dim], &x_[t * dim], rms_attention_ + layer * dim, dim);
             detail::matmul(q_.data(), normed_.data(), wq_ + layer * dim * dim, n, dim, dim);
             detail::matmul(k_.data(), normed_.data(), wk_ + layer * kv * dim, n, dim, kv);
             detail::matmul(v_.data(), normed_.data(), wv_ + layer * kv * dim, n, dim, kv);
             apply_rope(q_.data(), n, s.heads);
-            apply_rope(k_.data(), n, s.kv_heads);
+            if (!keys_before_rope) apply_rope(k_.data(), n, s.kv_heads);
 
             // kvc: the new keys and values go into the cache, viewed in place as
             // [tokens][kv_heads][head_dim] fp32 (the cache converts to its own

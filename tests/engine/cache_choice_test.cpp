@@ -1,8 +1,10 @@
 // examples/engine/cache_choice.hpp: every configuration the registry offers
 // builds and runs; bad spellings are errors that list the valid ones.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -22,6 +24,29 @@ kvc::cache_config small_shape() {
     config.head_dim = 64; // the block codecs need a multiple of their group size (up to 64 here)
     return config;
 }
+
+// Calibration rows for small_shape(): 300 tokens of smooth, varied keys
+// (before and after a RoPE-like change, here simply different rows) and values.
+engine::calibration small_calibration() {
+    const kvc::cache_config shape = small_shape();
+    auto rows = std::make_shared<engine::recorded_rows>();
+    const std::size_t tokens = 300, floats = tokens * shape.kv_heads * shape.head_dim;
+    for (auto* part : {&rows->keys, &rows->keys_before_rope, &rows->values}) part->assign(shape.layers, {});
+    for (std::size_t layer = 0; layer < shape.layers; ++layer)
+        for (std::size_t i = 0; i < floats; ++i) {
+            const double x = static_cast<double>(i) * 0.37 + static_cast<double>(layer);
+            rows->keys[layer].push_back(static_cast<float>(std::sin(x) + 0.1 * std::cos(3.1 * x)));
+            rows->keys_before_rope[layer].push_back(static_cast<float>(std::cos(1.3 * x)));
+            rows->values[layer].push_back(static_cast<float>(std::sin(0.7 * x + 1.0)));
+        }
+    engine::calibration calibrated;
+    calibrated.rows = [rows]() -> const engine::recorded_rows& { return *rows; };
+    calibrated.text = "synthetic";
+    return calibrated;
+}
+
+// The codecs learnt from calibration rows.
+const char* const calibrated_spellings[] = {"cq:c4b8", "cq:c8b8", "kvquant:3", "kvquant:4"};
 
 std::string error_of(const engine::cache_spec& spec) {
     try {
@@ -59,11 +84,12 @@ void exercise(engine::kv_cache& cache, std::size_t tokens) {
 
 TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
     const std::vector<engine::sweep_point> points = engine::sweep_points();
+    const engine::calibration calibrated = small_calibration();
     std::set<std::string> labels;
     for (const engine::sweep_point& point : points) {
         SCOPED_TRACE(point.spec.label());
         EXPECT_TRUE(labels.insert(point.spec.label()).second) << "listed twice";
-        const auto cache = engine::make_cache(small_shape(), point.spec);
+        const auto cache = engine::make_cache(small_shape(), point.spec, calibrated);
         ASSERT_NE(cache, nullptr);
         exercise(*cache, 40);
         EXPECT_GT(cache->bytes(), 0u);
@@ -80,8 +106,73 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
     // The baseline, today's codecs and an eviction budget are all there.
     for (const char* expected : {"full:f32", "full:f16", "full:bf16", "none:f32", "none:f16", "none:bf16", "q8_0",
                                  "q4_0", "q4_1", "k4v2", "none:f16 + snapkv:0.25", "none:f16 + h2o:0.25 every 16",
-                                 "q4_0 + snapkv:0.25", "q8_0 + knorm:0.25"})
+                                 "q4_0 + snapkv:0.25", "q8_0 + knorm:0.25", "cq:c4b8", "cq:c8b8", "kvquant:3",
+                                 "kvquant:4", "mixed:int8/int2:0.2", "mixed:int4/int2:0.2"})
         EXPECT_EQ(labels.count(expected), 1u) << expected;
+}
+
+// Calibrated codecs need calibration rows: without them, a clear error; with
+// them, each artifact is learnt once and reused by every cache built from it.
+TEST(EngineCacheChoice, CalibratedCodecsLearnOnceFromTheCalibration) {
+    for (const char* spelling : calibrated_spellings) {
+        const std::string missing = error_of({spelling, "none"});
+        EXPECT_NE(missing.find("needs calibration text"), std::string::npos) << spelling << ": " << missing;
+    }
+    engine::calibration calibrated = small_calibration();
+    int calls = 0;
+    const auto rows = calibrated.rows;
+    calibrated.rows = [&calls, rows]() -> const engine::recorded_rows& { return ++calls, rows(); };
+    for (int round = 0; round < 2; ++round)
+        for (const char* spelling : calibrated_spellings) engine::make_cache(small_shape(), {spelling, "none"}, calibrated);
+    EXPECT_EQ(calls, 4); // once per spelling
+    EXPECT_EQ(calibrated.artifacts->size(), 4u);
+    EXPECT_EQ(calibrated.artifacts->at("kvquant:3").kind, "kvquant");
+    EXPECT_EQ(calibrated.artifacts->at("cq:c8b8").kind, "cq");
+}
+
+// Only KVQuant rotates keys itself, so only it asks the model for keys before RoPE.
+TEST(EngineCacheChoice, OnlyKVQuantTakesKeysBeforeRope) {
+    const engine::calibration calibrated = small_calibration();
+    for (const engine::sweep_point& point : engine::sweep_points()) {
+        const auto cache = engine::make_cache(small_shape(), point.spec, calibrated);
+        const bool kvquant = point.spec.cache.rfind("kvquant:", 0) == 0;
+        EXPECT_EQ(cache->wants_keys_before_rope(), kvquant) << point.spec.label();
+        EXPECT_EQ(engine::timed_cache(engine::make_cache(small_shape(), point.spec, calibrated))
+                      .wants_keys_before_rope(),
+                  kvquant)
+            << point.spec.label();
+    }
+}
+
+// Mixed precision: after the prompt, when the first decode token arrives, the
+// engine assigns each head's precision from the prompt's attention mass, so
+// 80% of the prompt's rows move to int2 and the cache shrinks to the layout's
+// size: per head ceil(0.2 n) high rows + the rest low (+ the new token, high).
+TEST(EngineCacheChoice, MixedPrecisionIsAssignedAfterThePrompt) {
+    const kvc::cache_config shape = small_shape();
+    for (const char* spelling : {"mixed:int8/int2:0.2", "mixed:int4/int2:0.2"}) {
+        SCOPED_TRACE(spelling);
+        const auto tested = engine::make_cache(shape, {spelling, "none"});
+        const auto all_high = engine::make_cache(shape, {spelling, "none"});
+        const std::size_t prompt = 40;
+        exercise(*tested, prompt); // prompt, then one decode step: assigned
+        // The same rows appended without attend_chunk: no prompt mass, nothing assigned.
+        std::vector<float> rows((prompt + 1) * shape.kv_heads * shape.head_dim, 0.1f);
+        for (std::size_t layer = 0; layer < shape.layers; ++layer)
+            for (std::size_t t = 0; t <= prompt; ++t)
+                all_high->append(layer, engine::kv_cache::view(rows.data(), 1, shape.kv_heads, shape.head_dim),
+                                 engine::kv_cache::view(rows.data(), 1, shape.kv_heads, shape.head_dim),
+                                 static_cast<std::int64_t>(t));
+        tested->shrink_to_fit();
+        all_high->shrink_to_fit();
+        const bool int8 = std::string(spelling).find("int8") != std::string::npos;
+        const std::size_t high_row = 2 * (int8 ? 34 : 18) * shape.head_dim / 32; // keys + values, group 32
+        const std::size_t low_row = 2 * 12 * shape.head_dim / 32;              // int2_asym: 8 bytes + 2 fp16
+        const std::size_t heads = shape.layers * shape.kv_heads;
+        // Rows the two caches differ by: 32 demoted prompt rows per head (40 - ceil(0.2 * 40)).
+        EXPECT_EQ(all_high->bytes() - tested->bytes(), heads * 32 * (high_row - low_row));
+        EXPECT_EQ(tested->rows(), all_high->rows());
+    }
 }
 
 TEST(EngineCacheChoice, MethodNamesTheCurve) {
