@@ -119,8 +119,10 @@ them), compressing once after the prompt.
 
 At keep ratio 0.25, {beat_count} of {policy_count} policies leave a lower
 attention-output error than random: {beat}.{lost_text} The test
-`tests/engine/attention_error_test.cpp` asserts it for knorm, snapkv, h2o and
-expected_attention on three windows.
+`tests/engine/attention_error_test.cpp` asserts it for snapkv, h2o and
+expected_attention on three windows; knorm, which issue 4 also names, is
+measured and printed there but not asserted: its premise (low-norm keys draw
+the attention) does not hold on kvref.
 
 ## Reading it
 

@@ -75,7 +75,7 @@ def draw(results, plot_path, work_dir):
     lowest = min((kl for points in curves.values() for _, kl, _ in points), default=1e-9)
     highest = max((kl for points in curves.values() for _, kl, _ in points), default=1e-3)
     script = "\n".join([
-        "set terminal pngcairo size 1100,620 font 'sans,11' noenhanced",
+        "set terminal pngcairo size 1500,1150 font 'sans,11' noenhanced",
         "set output %s" % quote(plot_path),
         "set title %s" % quote("kvref on held-out Python source: next-token KL against KV cache memory"),
         "set xlabel %s" % quote("KV cache memory after %d tokens (KiB)"
@@ -86,7 +86,8 @@ def draw(results, plot_path, work_dir):
         "set yrange [%g:%g]" % (lowest / 10.0, highest * 10.0),
         "set xrange [0:%g]" % (reference_kib * 1.15),
         "set grid",
-        "set key outside right top box",
+        # Dozens of curves: the legend goes under the plot in columns, so the data keeps the width.
+        "set key outside below center box maxrows 12 width -2 font 'sans,10'",
         "set arrow from %g, graph 0 to %g, graph 1 nohead dashtype 2 linewidth 2 linecolor rgb 'gray30'"
         % (reference_kib, reference_kib),
         "set label %s at %g, graph 0.96 right offset -0.8,0 textcolor rgb 'gray30'"
