@@ -53,6 +53,41 @@ TEST(KernelTables, EveryAvailableTableIsComplete) {
             EXPECT_NE(table->attend_partial[i], nullptr);
             EXPECT_NE(table->prefill[i], nullptr);
         }
+        EXPECT_NE(table->accumulate_mass, nullptr);
+    }
+}
+
+// The decode attention statistics: mass[t] += sum_g exp(l(g, t) - max g) / sum g,
+// against the same sum in double, on every set (xsimd's exp is within a few
+// ulp of libm's); accumulated on top of what is there; a group that saw
+// nothing (sum 0) adds nothing.
+TEST(AccumulateMass, MatchesDoubleDefinitionOnEveryArch) {
+    rng_type rng(29);
+    std::uniform_real_distribution<float> dist(-20.0f, 5.0f);
+    for (const kk::kernel_table* table : tables_under_test()) {
+        SCOPED_TRACE(kvc::name_of(table->arch));
+        for (std::size_t tokens : {1, 7, 16, 17, 64, 100, 1031})
+            for (std::size_t group : {1, 3, 4}) {
+                const std::size_t stride = tokens + 3;
+                std::vector<float> logits(group * stride), max(group), sum(group), mass(tokens, 0.25f);
+                for (float& l : logits) l = dist(rng);
+                for (std::size_t g = 0; g < group; ++g) {
+                    max[g] = *std::max_element(logits.begin() + static_cast<std::ptrdiff_t>(g * stride),
+                                               logits.begin() + static_cast<std::ptrdiff_t>(g * stride + tokens));
+                    sum[g] = g == 1 ? 0.0f : 1.0f + 0.5f * static_cast<float>(g); // any normaliser; 0: skipped
+                }
+                std::vector<double> want(tokens, 0.25);
+                for (std::size_t g = 0; g < group; ++g)
+                    if (sum[g] > 0.0f)
+                        for (std::size_t t = 0; t < tokens; ++t)
+                            want[t] += std::exp(double(logits[g * stride + t]) - max[g]) / sum[g];
+                table->accumulate_mass(logits.data(), stride, group, tokens, max.data(), sum.data(), mass.data());
+                for (std::size_t t = 0; t < tokens; ++t)
+                    // Per term: the float difference l - max (0.5 ulp of |l - max| <= 25, i.e. <= 1e-6
+                    // absolute, so <= 1e-6 relative after exp), exp itself (a few ulp), the product and
+                    // the sum (1 ulp each): < 2e-6 relative; 4e-6 leaves room.
+                    ASSERT_NEAR(mass[t], want[t], 4e-6 * want[t]) << "tokens " << tokens << " group " << group << " t " << t;
+            }
     }
 }
 

@@ -66,8 +66,7 @@ void attend_heads(const cache_config& config, HeadAt&& head_at, const float* que
         kernels::common::finalize_state<kernels::reference_arch>(state, group, dim, out + h * group * dim, dim);
         if (mass) {
             for (std::size_t t = 0; t < tokens; ++t) mass[t] = 0.0f;
-            kernels::common::accumulate_mass<kernels::reference_arch>(logits, tokens, group, tokens, state.max,
-                                                                      state.sum, mass);
+            k.accumulate_mass(logits, tokens, group, tokens, state.max, state.sum, mass);
             mass += tokens;
         }
     }

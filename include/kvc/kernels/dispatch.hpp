@@ -53,6 +53,7 @@ inline const kernel_table& reference_table() noexcept {
         reference::make_cq_kernels(),
         reference::make_kvquant_kernels(),
         reference::make_gear_kernels(),
+        &common::accumulate_mass<reference_arch>,
     };
     return table;
 }

@@ -53,6 +53,11 @@ struct kernel_table {
     kvquant_kernels kvquant;
     // GEAR (Q7): attention over Q(X) + low rank + sparse (kernels/quant/gear.hpp).
     gear_kernels gear;
+    // Decode's per-token attention mass, vectorised (the statistics attention-
+    // based eviction consumes): mass[t] += sum_g exp(logit(g, t) - max(g)) / sum(g),
+    // common::accumulate_mass's definition, with the set's own exp.
+    void (*accumulate_mass)(const float* logits, std::size_t logits_stride, std::size_t group, std::size_t tokens,
+                            const float* max, const float* sum, float* mass) noexcept;
 };
 
 constexpr int index_of(dtype type) noexcept { return static_cast<int>(type); }

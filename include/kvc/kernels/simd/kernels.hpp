@@ -262,6 +262,27 @@ void softmax(float* x, std::size_t n) noexcept {
     for (; i < n; ++i) x[i] *= inverse;
 }
 
+// common::accumulate_mass with xsimd's exp: one exp per logit is the whole
+// cost of the attention statistics, and the scalar libm call made them ~50%
+// of a decode step at 32K tokens and GQA 4.
+template <class A>
+void accumulate_mass(const float* logits, std::size_t logits_stride, std::size_t group, std::size_t tokens,
+                     const float* max, const float* sum, float* mass) noexcept {
+    constexpr std::size_t lanes = floats<A>::size;
+    for (std::size_t g = 0; g < group; ++g) {
+        if (!(sum[g] > 0.0f)) continue;
+        const float inverse = 1.0f / sum[g];
+        const floats<A> max_batch(max[g]), inverse_batch(inverse);
+        const float* row = logits + g * logits_stride;
+        std::size_t t = 0;
+        for (; t + lanes <= tokens; t += lanes) {
+            const floats<A> p = xsimd::exp(floats<A>::load_unaligned(row + t) - max_batch) * inverse_batch;
+            (floats<A>::load_unaligned(mass + t) + p).store_unaligned(mass + t);
+        }
+        for (; t < tokens; ++t) mass[t] += common::exp<A>(row[t] - max[g]) * inverse;
+    }
+}
+
 // Decode attention partial. Tokens are processed in blocks of 64, for H query
 // heads of the group at a time (H = 4, then the 1-3 left over, all known at
 // compile time so a group of 1 does one head's arithmetic, not four):
@@ -483,6 +504,7 @@ constexpr kernel_table make_table(arch_id arch) noexcept {
         make_cq_kernels<A>(),
         make_kvquant_kernels<A>(),
         make_gear_kernels<A>(),
+        &accumulate_mass<A>,
     };
 }
 
