@@ -2,6 +2,7 @@
 // attention oracle over what a cache stores, and a memory resource that counts.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -75,6 +76,22 @@ double relative_error(const A& a, const B& b) {
         norm += static_cast<double>(b[i]) * static_cast<double>(b[i]);
     }
     return std::sqrt(diff / norm);
+}
+
+// Worst norm-relative error over query heads of `got` ([query_heads][head_dim])
+// against the double oracle `want`: the measure every codec's attention test bounds.
+inline double worst_head_error(const kvc::cache_config& c, const float* got, const std::vector<double>& want) {
+    double worst = 0.0;
+    for (std::size_t j = 0; j < c.query_heads; ++j) {
+        double diff = 0.0, norm = 0.0;
+        for (std::size_t d = 0; d < c.head_dim; ++d) {
+            const double w = want[j * c.head_dim + d];
+            diff += (got[j * c.head_dim + d] - w) * (got[j * c.head_dim + d] - w);
+            norm += w * w;
+        }
+        worst = std::max(worst, std::sqrt(diff / norm));
+    }
+    return worst;
 }
 
 // Counts the bytes outstanding; optionally refuses allocations past a limit.

@@ -166,19 +166,7 @@ std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_va
     return out;
 }
 
-double worst_head_error(const kvc::cache_config& c, const float* got, const std::vector<double>& want) {
-    double worst = 0.0;
-    for (std::size_t j = 0; j < c.query_heads; ++j) {
-        double diff = 0.0, norm = 0.0;
-        for (std::size_t d = 0; d < c.head_dim; ++d) {
-            const double w = want[j * c.head_dim + d];
-            diff += (got[j * c.head_dim + d] - w) * (got[j * c.head_dim + d] - w);
-            norm += w * w;
-        }
-        worst = std::max(worst, std::sqrt(diff / norm));
-    }
-    return worst;
-}
+using kvc_test::worst_head_error;
 
 // One head built directly, rows appended in fp32.
 kvc::gear_rows make_rows(const q::gear& g, std::size_t dim, const std::vector<float>& keys,
