@@ -287,15 +287,8 @@ public:
                 keys.resize(tokens * dim);
                 scores.resize(tokens);
                 cache.head(layer, h).decode_keys(k, 0, tokens, keys.data());
-                kvc::evict::head_inputs in;
-                in.layer = layer;
-                in.kv_head = h;
-                in.tokens = tokens;
-                in.dim = dim;
-                in.keys = keys.data();
-                in.positions = cache.positions(layer, h);
-                in.kernels = &k;
-                kvc::evict::score::knorm{}.score(in, scores.data());
+                for (std::size_t t = 0; t < tokens; ++t)
+                    scores[t] = kvc::evict::score::knorm{}.on_append(k, keys.data() + t * dim, nullptr, dim);
                 cache.assign_precision(layer, h, scores.data());
             }
         cache.shrink_to_fit();

@@ -1,8 +1,11 @@
 // Budgets and selectors (B1-B7 of METHODS.md): lengths and totals where the answer is known.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
+#include <vector>
 #include <string>
 
 #include "../cache/cache_test_util.hpp"
@@ -205,6 +208,41 @@ void check_rerotation(double tolerance) {
     EXPECT_EQ(cache.next_position(0), 101);
 }
 
+// The selector's fast path (radix select over integer keys) against the
+// definition: sort every open token by selection::better and take the first
+// `count`. Scores with NaN, +-0, +-inf and many ties, some tokens already chosen.
+TEST(Selection, TakeBestEqualsSortingByTheSelectorsOrder) {
+    std::mt19937 rng(41);
+    const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f, 1e-30f, -1e30f};
+    for (int trial = 0; trial < 300; ++trial) {
+        const std::size_t held = 1 + rng() % 300;
+        std::vector<float> scores(held);
+        for (float& s : scores) {
+            const unsigned pick = rng() % 4;
+            s = pick == 0 ? specials[rng() % 9] : pick == 1 ? float(int(rng() % 5)) : std::normal_distribution<float>()(rng);
+        }
+        std::vector<std::int32_t> positions(held);
+        std::iota(positions.begin(), positions.end(), 0);
+        evict::head_candidates head;
+        head.scores = scores.data();
+        head.positions = positions.data();
+        head.held = head.target = held;
+        std::vector<char> chosen(held, 0);
+        for (std::size_t t = 0; t < held; ++t) chosen[t] = rng() % 7 == 0;
+        const std::size_t count = rng() % (held + 2);
+        std::vector<std::uint32_t> open;
+        for (std::size_t t = 0; t < held; ++t)
+            if (!chosen[t]) open.push_back(std::uint32_t(t));
+        std::sort(open.begin(), open.end(), [&](std::uint32_t a, std::uint32_t b) {
+            return evict::selection::better(scores.data(), a, b);
+        });
+        std::vector<char> expected = chosen;
+        for (std::size_t i = 0; i < std::min(count, open.size()); ++i) expected[open[i]] = 1;
+        evict::selection::take_best(head, count, chosen);
+        ASSERT_EQ(chosen, expected) << "trial " << trial << ", held " << held << ", count " << count;
+    }
+}
+
 TEST(KeyRerotation, ARerotatedKeyEqualsTheKeyComputedAtItsNewPosition) {
     check_rerotation<float>(1e-6);          // fp32: rounding of one rotation
     check_rerotation<kvc::half>(2e-3);      // fp16: the storage's own rounding, twice
@@ -237,7 +275,8 @@ TEST(ByteBudget, FewerBitsPerTokenBuyMoreTokensForTheSameBytes) {
     c.query_heads = 2;
     c.head_dim = 64;
     const std::size_t budget_bytes = 600 * 1024;
-    // Per token and head: fp32 rows 2 x 256 B + 4 B position = 516 B; fp16 rows 2 x 128 B + 4 B = 260 B.
+    // Per token and head: fp32 rows 2 x 256 B + 4 B position + 4 B knorm's score (made at append) = 520 B;
+    // fp16 rows 2 x 128 B + 4 B + 4 B = 264 B.
     evicting_cache<evict::knorm> wide(c, evict::knorm(evict::budget::in_bytes(budget_bytes)));
     kvc::compressed_cache<evict::knorm, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none> narrow(
         c, evict::knorm(evict::budget::in_bytes(budget_bytes)));
@@ -245,11 +284,11 @@ TEST(ByteBudget, FewerBitsPerTokenBuyMoreTokensForTheSameBytes) {
     fill_all(narrow, c, 1000, 50);
     wide.compress();
     narrow.compress();
-    EXPECT_EQ(wide.tokens(0, 0), budget_bytes / (4 * 516));
-    EXPECT_EQ(narrow.tokens(0, 0), budget_bytes / (4 * 260));
+    EXPECT_EQ(wide.tokens(0, 0), budget_bytes / (4 * 520));
+    EXPECT_EQ(narrow.tokens(0, 0), budget_bytes / (4 * 264));
     EXPECT_GT(narrow.tokens(1, 1), wide.tokens(1, 1));
     // The rows and positions the budget pays for fit in it.
-    EXPECT_LE(4 * wide.tokens(0, 0) * 516, budget_bytes);
+    EXPECT_LE(4 * wide.tokens(0, 0) * 520, budget_bytes);
     EXPECT_THROW(evicting_cache<evict::knorm>(c, evict::knorm(evict::budget::in_bytes(1000))), kvc::error);
 }
 

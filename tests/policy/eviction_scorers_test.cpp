@@ -220,6 +220,68 @@ TEST(LagKV, WithoutTwoFullChunksItKeepsTheNewestTokensAsStreamingDoes) {
     EXPECT_EQ(kept_positions(a), kept_positions(b));
 }
 
+// LagKV's scores against its formula computed in double, on the scorer
+// alone: per scored chunk, keys and values normalised per channel by the next
+// chunk's min and range, standard deviation over channels (n - 1), softmax
+// over the chunk, the two averaged; a token's score is its rank in the chunk
+// divided by lag. Sinks, the last full chunk and the tail score 1.
+TEST(LagKV, ScoresAreTheRanksOfTheFormulaComputedInDouble) {
+    const std::size_t dim = 8, lag = 16, sinks = 4, tokens = sinks + 4 * lag + 3;
+    const auto keys = random_floats(tokens * dim, 21), values = random_floats(tokens * dim, 22, 3.0f);
+    const auto& k = kvc::kernels::active();
+    kvc::dense_rows rows(kvc::dtype::f32, dim, kvc::default_resource());
+    rows.reserve(tokens);
+    for (std::size_t t = 0; t < tokens; ++t) rows.push_back(k, kvc::dtype::f32, &keys[t * dim], &values[t * dim]);
+    const evict::row_source source = evict::row_source::of(rows);
+    evict::head_inputs in;
+    in.tokens = tokens;
+    in.dim = dim;
+    in.kernels = &k;
+    in.rows = &source;
+    score::lagkv lagkv;
+    lagkv.lag = lag;
+    lagkv.sinks = sinks;
+    std::vector<float> scores(tokens);
+    lagkv.score(in, scores.data());
+
+    auto spread = [&](const std::vector<float>& x, std::size_t start) {
+        std::vector<double> low(dim, 1e300), high(dim, -1e300), out(lag);
+        for (std::size_t i = 0; i < lag; ++i)
+            for (std::size_t d = 0; d < dim; ++d) {
+                low[d] = std::min(low[d], double(x[(start + lag + i) * dim + d]));
+                high[d] = std::max(high[d], double(x[(start + lag + i) * dim + d]));
+            }
+        double total = 0;
+        for (std::size_t i = 0; i < lag; ++i) {
+            std::vector<double> n(dim);
+            double mean = 0;
+            for (std::size_t d = 0; d < dim; ++d) mean += n[d] = (x[(start + i) * dim + d] - low[d]) / (high[d] - low[d]);
+            mean /= dim;
+            double squares = 0;
+            for (double v : n) squares += (v - mean) * (v - mean);
+            total += out[i] = std::exp(std::sqrt(squares / (dim - 1)));
+        }
+        for (double& v : out) v /= total;
+        return out;
+    };
+    const std::size_t scored_chunks = (tokens - sinks) / lag - 1; // 3
+    for (std::size_t c = 0; c < scored_chunks; ++c) {
+        const std::size_t start = sinks + c * lag;
+        const auto ks = spread(keys, start), vs = spread(values, start);
+        std::vector<double> combined(lag);
+        for (std::size_t i = 0; i < lag; ++i) combined[i] = 0.5 * (ks[i] + vs[i]);
+        std::vector<std::size_t> order(lag);
+        std::iota(order.begin(), order.end(), std::size_t{0});
+        std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return combined[a] < combined[b]; });
+        for (std::size_t r = 1; r < lag; ++r) // the data has no near-ties, so the order is unambiguous in float
+            ASSERT_GT(combined[order[r]] - combined[order[r - 1]], 1e-6 * combined[order[r]]) << "chunk " << c;
+        for (std::size_t r = 0; r < lag; ++r)
+            EXPECT_EQ(scores[start + order[r]], float(r) / float(lag)) << "chunk " << c << ", rank " << r;
+    }
+    for (std::size_t t = 0; t < sinks; ++t) EXPECT_EQ(scores[t], 1.0f);
+    for (std::size_t t = sinks + scored_chunks * lag; t < tokens; ++t) EXPECT_EQ(scores[t], 1.0f);
+}
+
 // ---------------------------------------------------------------- E12 leverage
 
 // Keys in a 4-dimensional subspace plus faint noise; one key points along a

@@ -122,6 +122,63 @@ TEST(Eviction, KnormKeepsTheLowNormKeyAndDropsTheHighNormOne) {
     EXPECT_LE(worst_kept, best_evicted);
 }
 
+// knorm's norms are taken at append and must follow their tokens through
+// every compaction: under a decode-time schedule (many compressions), the
+// kept middle tokens are still exactly the lowest-norm ones, since a token is
+// only ever displaced by a better one. Misaligned scores would break this.
+TEST(Eviction, KnormScoresMadeAtAppendFollowTheirTokensThroughRepeatedCompaction) {
+    const auto c = shape(2, 2, 16);
+    const std::size_t tokens = 600, sinks = 4, window = 8;
+    const auto keys = random_floats(tokens * 2 * 16, 31), values = random_floats(tokens * 2 * 16, 32);
+    evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::absolute(64, sinks, window), {false, 8}));
+    std::size_t compressions = 0;
+    for (std::size_t t = 0; t < tokens; ++t) {
+        const std::size_t before = cache.tokens(0, 0);
+        cache.append(0, token_major(keys.data() + t * 2 * 16, 1, 2, 16), token_major(values.data() + t * 2 * 16, 1, 2, 16),
+                     static_cast<std::int64_t>(t));
+        compressions += cache.tokens(0, 0) < before + 1;
+    }
+    EXPECT_GT(compressions, 50u);
+    cache.compress(); // every token before the final window has now been compared
+    for (std::size_t h = 0; h < 2; ++h) {
+        const auto kept = kept_positions(cache, 0, h);
+        const std::set<std::int32_t> kept_set(kept.begin(), kept.end());
+        auto norm = [&](std::int32_t p) {
+            double s = 0;
+            for (std::size_t d = 0; d < 16; ++d) s += double(keys[(p * 2 + h) * 16 + d]) * keys[(p * 2 + h) * 16 + d];
+            return s;
+        };
+        const std::int32_t window_start = kept.back() - static_cast<std::int32_t>(window) + 1;
+        double worst_kept = 0, best_evicted = 1e300;
+        for (std::int32_t p = sinks; p < window_start; ++p)
+            (kept_set.count(p) ? worst_kept = std::max(worst_kept, norm(p)) : best_evicted = std::min(best_evicted, norm(p)));
+        EXPECT_LE(worst_kept, best_evicted) << "head " << h;
+    }
+}
+
+// The per-token score knorm keeps is memory the cache holds: bytes() counts
+// it, and compaction returns it with the rows.
+TEST(Eviction, ScoresMadeAtAppendAreCountedAndFreed) {
+    kvc_test::counting_resource counter;
+    auto c = shape(2, 4, 64);
+    c.resource = &counter;
+    {
+        evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::ratio(0.25)));
+        const std::size_t metadata = counter.in_use;
+        const std::size_t tokens = 512;
+        const auto keys = random_floats(tokens * 2 * 64, 33);
+        cache.reserve(tokens);
+        fill(cache, c, keys, keys, tokens);
+        const std::size_t per_token = 2 * 64 * 4 + 4 + 4; // K and V rows, position, knorm's score
+        EXPECT_EQ(cache.bytes(), metadata + 2 * tokens * per_token);
+        EXPECT_EQ(cache.bytes(), counter.in_use);
+        cache.compress();
+        EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token);
+        EXPECT_EQ(cache.bytes(), counter.in_use);
+    }
+    EXPECT_EQ(counter.in_use, 0u);
+}
+
 TEST(Eviction, SinksAndRecentWindowAlwaysSurvive) {
     const auto c = shape(2, 2, 8);
     const std::size_t tokens = 300;
@@ -170,6 +227,16 @@ TEST(Eviction, CompressionFreesTheMemoryExactly) {
         EXPECT_EQ(cache.tokens(0, 0), 128u);
         EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token);
         EXPECT_EQ(cache.bytes(), counter.in_use); // really returned to the resource
+        // A decode attend without a caller buffer puts H2O's statistics in the
+        // cache's scratch (one float per held token of the layer): counted too.
+        const auto q = random_floats(4 * 64, 10);
+        std::vector<float> out(4 * 64);
+        cache.attend(0, q.data(), out.data());
+        EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token + 2 * 128 * sizeof(float));
+        EXPECT_EQ(cache.bytes(), counter.in_use);
+        const std::size_t after_first = counter.in_use;
+        cache.attend(0, q.data(), out.data());
+        EXPECT_EQ(counter.in_use, after_first); // the scratch is reused, not reallocated per call
     }
     EXPECT_EQ(counter.in_use, 0u);
 }

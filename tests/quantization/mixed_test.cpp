@@ -188,15 +188,8 @@ TEST(MixedCodec, EvictionScorerOutputFits) {
     for (std::size_t h = 0; h < 2; ++h) {
         std::vector<float> decoded(tokens * 64), scores(tokens);
         cache.head(0, h).decode_keys(k, 0, tokens, decoded.data());
-        kvc::evict::head_inputs in;
-        in.layer = 0;
-        in.kv_head = h;
-        in.tokens = tokens;
-        in.dim = 64;
-        in.keys = decoded.data();
-        in.positions = cache.positions(0, h);
-        in.kernels = &k;
-        kvc::evict::score::knorm{}.score(in, scores.data());
+        for (std::size_t t = 0; t < tokens; ++t)
+            scores[t] = kvc::evict::score::knorm{}.on_append(k, decoded.data() + t * 64, nullptr, 64);
         cache.assign_precision(0, h, scores.data());
         const auto& head = cache.head(0, h);
         EXPECT_EQ(head.high_tokens(), 20u);

@@ -59,6 +59,12 @@ template <class P>
 struct needs_external_scores_of<P, std::void_t<decltype(P::scorer_type::needs_external_scores)>>
     : std::bool_constant<P::scorer_type::needs_external_scores> {};
 
+template <class P, class = void>
+struct scores_on_append_of_policy : std::false_type {};
+template <class P>
+struct scores_on_append_of_policy<P, std::void_t<typename P::scorer_type>>
+    : evict::scores_on_append_of<typename P::scorer_type> {};
+
 template <class S, class = void>
 struct has_store_key : std::false_type {};
 template <class S>
@@ -144,12 +150,13 @@ public:
     static constexpr bool collects_queries = needs_queries_v<Eviction> || needs_queries_v<Merging> ||
                                              needs_queries_v<Quantization> || needs_queries_v<Projection>;
     static constexpr bool collects_external = detail::needs_external_scores_of<Eviction>::value;
+    static constexpr bool collects_append_scores = detail::scores_on_append_of_policy<Eviction>::value;
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
                               Quantization quantization = {}, Projection projection = {})
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
-          heads_(config_.resource), layers_(config_.resource) {
+          heads_(config_.resource), layers_(config_.resource), mass_scratch_(config_.resource) {
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -177,7 +184,8 @@ public:
     compressed_cache(const compressed_cache& other)
         : config_(other.config_), eviction_(other.eviction_), merging_(other.merging_),
           quantization_(other.quantization_), projection_(other.projection_),
-          heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource) {}
+          heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource),
+          mass_scratch_(other.config_.resource) {}
     compressed_cache& operator=(const compressed_cache& other) {
         if (this != &other) {
             compressed_cache copy(other);
@@ -221,6 +229,7 @@ public:
             slot.rows.reserve_for_append(count);
             if constexpr (collects_attention_stats) slot.stats.reserve_for_append(count);
             if constexpr (collects_external) slot.external.reserve_for_append(count);
+            if constexpr (collects_append_scores) slot.appended.reserve_for_append(count);
         }
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
@@ -245,6 +254,11 @@ public:
             if constexpr (collects_external) {
                 slot.external.resize_within_capacity(old + count);
                 for (std::size_t t = 0; t < count; ++t) slot.external[old + t] = 0.0f;
+            }
+            if constexpr (collects_append_scores) {
+                slot.appended.resize_within_capacity(old + count);
+                for (std::size_t t = 0; t < count; ++t)
+                    slot.appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
             }
         }
         if (state.last_position < 0) state.first_position = first_position;
@@ -271,8 +285,7 @@ public:
         detail::validate_layer(config_, layer, "compressed_cache::attend");
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend: expected non-null queries and out");
-        std::vector<float> local; // statistics for the policies when the caller wants none
-        float* statistics = statistics_buffer(layer, mass, local);
+        float* statistics = statistics_buffer(layer, mass);
         detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); }, queries,
                              out, statistics);
         observe(layer, statistics, queries, 1);
@@ -290,8 +303,7 @@ public:
                         shortest, " (the tokens every head holds), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend_chunk: expected non-null queries and out");
-        std::vector<float> local;
-        float* statistics = statistics_buffer(layer, mass, local);
+        float* statistics = statistics_buffer(layer, mass);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); },
                                    queries, chunk, out, statistics);
         observe(layer, statistics, queries, chunk);
@@ -343,6 +355,8 @@ public:
                 in.scale = config_.logit_scale();
                 in.kernels = &k;
                 in.group = group;
+                const evict::row_source rows = evict::row_source::of(slot.rows);
+                in.rows = &rows;
                 if constexpr (scorer_type::needs_keys) {
                     keys.resize(held * dim);
                     slot.rows.decode_keys(k, 0, held, keys.data());
@@ -355,6 +369,7 @@ public:
                 }
                 if constexpr (collects_attention_stats) in.attention = slot.stats.data();
                 if constexpr (collects_external) in.external = slot.external.data();
+                if constexpr (collects_append_scores) in.appended = slot.appended.data();
                 if constexpr (collects_queries) {
                     in.query_count = gather_queries(state, h, recent);
                     in.queries = recent.data();
@@ -445,13 +460,14 @@ public:
     }
 
     // Every byte taken from the memory resource: encoded rows, positions,
-    // policy state, recent queries and bookkeeping.
+    // policy state, recent queries, the statistics scratch and bookkeeping.
     std::size_t bytes() const noexcept {
         std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
         for (const head_slot& slot : heads_)
-            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes();
+            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes() +
+                     slot.appended.bytes();
         for (const layer_state& state : layers_) total += state.queries.bytes();
-        return total;
+        return total + mass_scratch_.bytes();
     }
 
     void reserve(std::size_t tokens) {
@@ -460,6 +476,7 @@ public:
             slot.positions.reserve(tokens);
             if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
             if constexpr (collects_external) slot.external.reserve(tokens);
+            if constexpr (collects_append_scores) slot.appended.reserve(tokens);
         }
     }
     void shrink_to_fit() {
@@ -468,7 +485,9 @@ public:
             slot.positions.shrink_to_fit();
             slot.stats.shrink_to_fit();
             slot.external.shrink_to_fit();
+            slot.appended.shrink_to_fit();
         }
+        mass_scratch_.release();
     }
     void clear() noexcept {
         for (head_slot& slot : heads_) {
@@ -476,7 +495,9 @@ public:
             slot.positions.release();
             slot.stats.release();
             slot.external.release();
+            slot.appended.release();
         }
+        mass_scratch_.release();
         for (layer_state& state : layers_) {
             state.queries.release();
             state.last_position = -1;
@@ -495,8 +516,9 @@ private:
         aligned_buffer<std::int32_t> positions;
         aligned_buffer<float> stats;    // running attention statistic of the scorer
         aligned_buffer<float> external; // engine-supplied scores (E18)
+        aligned_buffer<float> appended; // the scorer's per-token scores from append (scores_on_append)
         head_slot(head_storage rows_, memory_resource* resource)
-            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource) {}
+            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource), appended(resource) {}
     };
     // Everything one layer owns besides its heads.
     struct layer_state {
@@ -545,21 +567,27 @@ private:
             const std::size_t per_token = heads_.empty() ? 1
                                           : heads_[0].rows.bytes_per_token() + sizeof(std::int32_t) +
                                                 (collects_attention_stats ? sizeof(float) : 0) +
-                                                (collects_external ? sizeof(float) : 0);
+                                                (collects_external ? sizeof(float) : 0) +
+                                                (collects_append_scores ? sizeof(float) : 0);
             return eviction_.keep.bytes / (config_.layers * config_.kv_heads * per_token);
         } else {
             return 0;
         }
     }
 
-    // Where attention statistics go: the caller's buffer, or `local` when only a policy wants them.
-    float* statistics_buffer(std::size_t layer, float* caller_mass, std::vector<float>& local) const {
+    // Where attention statistics go: the caller's buffer, or the cache's
+    // scratch when only a policy wants them. The scratch grows geometrically
+    // with the layer's tokens, so decoding does not allocate on every step.
+    float* statistics_buffer(std::size_t layer, float* caller_mass) {
         if constexpr (collects_attention_stats) {
             if (caller_mass) return caller_mass;
-            local.resize(tokens(layer));
-            return local.data();
+            const std::size_t needed = tokens(layer);
+            mass_scratch_.clear();
+            mass_scratch_.reserve_for_append(needed);
+            mass_scratch_.resize_within_capacity(needed);
+            return mass_scratch_.data();
         } else {
-            (void)layer, (void)local;
+            (void)layer;
             return caller_mass;
         }
     }
@@ -604,6 +632,28 @@ private:
         return state.query_count;
     }
 
+    // The scorer's on_append for one token, from the rows as the engine gave them.
+    template <class KeyView, class ValueView, class KeyElement, class ValueElement>
+    float append_score(const kernels::kernel_table& k, const KeyElement* key, const ValueElement* value) const noexcept {
+        const std::size_t dim = config_.head_dim;
+        float key_row[max_head_dim], value_row[max_head_dim];
+        const float* key_f32 = nullptr;
+        const float* value_f32 = nullptr;
+        if constexpr (KeyView::element_dtype == dtype::f32) {
+            key_f32 = key;
+        } else {
+            k.to_f32[kernels::index_of(KeyView::element_dtype)](key, key_row, dim);
+            key_f32 = key_row;
+        }
+        if constexpr (ValueView::element_dtype == dtype::f32) {
+            value_f32 = value;
+        } else {
+            k.to_f32[kernels::index_of(ValueView::element_dtype)](value, value_row, dim);
+            value_f32 = value_row;
+        }
+        return eviction_.scorer.on_append(k, key_f32, value_f32, dim);
+    }
+
     // B10: moves kept token i of a head to position first + i, rotating its key by the difference.
     void rerotate(const kernels::kernel_table& k, head_slot& slot, std::int64_t first) noexcept {
         if constexpr (detail::has_store_key<head_storage>::value) {
@@ -639,6 +689,7 @@ private:
             out.positions = gathered(slot.positions);
             out.stats = gathered(slot.stats);
             out.external = gathered(slot.external);
+            out.appended = gathered(slot.appended);
             return out;
         } else { // codecs without compacted(): copy, compact in place, return the spare capacity
             head_slot out = slot;
@@ -646,10 +697,12 @@ private:
             detail::keep_elements(out.positions, at, count);
             if (!out.stats.empty()) detail::keep_elements(out.stats, at, count);
             if (!out.external.empty()) detail::keep_elements(out.external, at, count);
+            if (!out.appended.empty()) detail::keep_elements(out.appended, at, count);
             out.rows.shrink_to_fit();
             out.positions.shrink_to_fit();
             out.stats.shrink_to_fit();
             out.external.shrink_to_fit();
+            out.appended.shrink_to_fit();
             return out;
         }
     }
@@ -668,6 +721,7 @@ private:
     Projection projection_;
     std::pmr::vector<head_slot> heads_;    // [layer][kv_head]
     std::pmr::vector<layer_state> layers_; // [layer]
+    aligned_buffer<float> mass_scratch_;    // attention statistics of one call, when the caller passes no buffer
 };
 
 } // namespace kvc

@@ -134,6 +134,26 @@ public:
             value, values_.data() + t * value_row_bytes_, dim_, layout_.group_size);
     }
 
+    // A copy holding only the tokens at `indices` (ascending), in exactly the
+    // memory they need; the rows' bytes are copied as they are (eviction never
+    // re-quantizes). Old storage untouched; may throw bad_alloc.
+    packed_rows compacted(const std::uint32_t* indices, std::size_t count) const {
+        packed_rows out(layout_, dim_, keys_.resource());
+        const std::size_t sinks = sink_.tokens();
+        std::size_t kept_sinks = 0;
+        while (kept_sinks < count && indices[kept_sinks] < sinks) ++kept_sinks;
+        if (kept_sinks != 0) out.sink_ = sink_.compacted(indices, kept_sinks);
+        const std::size_t packed = count - kept_sinks;
+        out.keys_.reserve(packed * key_row_bytes_);
+        out.values_.reserve(packed * value_row_bytes_);
+        // Packed row r holds token sinks + r.
+        detail::gather_rows(out.keys_.data(), keys_.data(), key_row_bytes_, indices + kept_sinks, packed, sinks);
+        detail::gather_rows(out.values_.data(), values_.data(), value_row_bytes_, indices + kept_sinks, packed, sinks);
+        out.keys_.resize_within_capacity(packed * key_row_bytes_);
+        out.values_.resize_within_capacity(packed * value_row_bytes_);
+        return out;
+    }
+
     // Keeps the tokens at `indices` (ascending, each < tokens()), in that order.
     void keep(const std::uint32_t* indices, std::size_t count) noexcept {
         const std::size_t sinks = sink_.tokens();

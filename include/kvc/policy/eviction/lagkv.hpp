@@ -24,18 +24,19 @@
 //   keeps the newest tokens, as StreamingLLM would. For short contexts lower `lag`.
 // - A channel whose reference range is zero contributes 0 (no information)
 //   instead of dividing by zero. Standard deviation with n - 1, as torch.std.
+// - The rows are decoded chunk by chunk (the scored chunk and its successor),
+//   never the whole head at once.
 #pragma once
 
-#include <Eigen/Dense>
-
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <numeric>
 #include <vector>
 
 #include "kvc/core/error.hpp"
-#include "kvc/policy/eviction/scorer_helpers.hpp"
+#include "kvc/policy/eviction/policy.hpp"
 
 namespace kvc::evict {
 namespace score {
@@ -43,7 +44,7 @@ namespace score {
 struct lagkv {
     static constexpr bool needs_attention_stats = false;
     static constexpr std::size_t query_window = 0;
-    static constexpr bool needs_keys = true, needs_values = true;
+    static constexpr bool needs_keys = false, needs_values = false; // reads the rows chunk by chunk
     std::size_t lag = 128; // chunk length
     std::size_t sinks = 4; // leading held tokens kept as sinks (match budget.sinks)
 
@@ -63,43 +64,71 @@ struct lagkv {
         const std::size_t kept_from = sink + scored_chunks * lag;
         for (std::size_t t = kept_from; t < tokens; ++t) scores[t] = 1.0f;
 
-        std::vector<float> key_score(lag), value_score(lag), combined(lag);
+        // Two chunks of keys and of values at a time: the one scored and its
+        // successor, which becomes the next one scored (each row decoded once).
+        const std::size_t chunk_floats = lag * in.dim;
+        std::vector<float> keys(2 * chunk_floats), values(2 * chunk_floats);
+        float* key_chunk = keys.data();
+        float* key_next = keys.data() + chunk_floats;
+        float* value_chunk = values.data();
+        float* value_next = values.data() + chunk_floats;
+        const kernels::kernel_table& k = *in.kernels;
+        in.rows->keys(in.rows->head, k, sink, lag, key_chunk);
+        in.rows->values(in.rows->head, k, sink, lag, value_chunk);
+        std::vector<float> key_score(lag), value_score(lag), combined(lag), low(in.dim), inverse(in.dim);
         std::vector<std::uint32_t> order(lag);
         for (std::size_t c = 0; c < scored_chunks; ++c) {
             const std::size_t start = sink + c * lag;
-            chunk_spread(in, in.keys, start, key_score.data());
-            chunk_spread(in, in.values, start, value_score.data());
+            in.rows->keys(in.rows->head, k, start + lag, lag, key_next);
+            in.rows->values(in.rows->head, k, start + lag, lag, value_next);
+            chunk_spread(k, in.dim, key_chunk, key_next, low.data(), inverse.data(), key_score.data());
+            chunk_spread(k, in.dim, value_chunk, value_next, low.data(), inverse.data(), value_score.data());
             for (std::size_t i = 0; i < lag; ++i) combined[i] = 0.5f * (key_score[i] + value_score[i]);
             // Rank within the chunk, lowest first; NaN lowest; ties to the later token.
             std::iota(order.begin(), order.end(), 0u);
             std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
-                return score_detail::ranks_before(combined.data(), b, a);
+                return selection::better(combined.data(), b, a);
             });
             for (std::size_t rank = 0; rank < lag; ++rank)
                 scores[start + order[rank]] = static_cast<float>(rank) / static_cast<float>(lag);
+            std::swap(key_chunk, key_next);
+            std::swap(value_chunk, value_next);
         }
     }
 
 private:
-    using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-    // softmax over the chunk of std_channels((x - min_next) / (max_next - min_next)).
-    void chunk_spread(const head_inputs& in, const float* rows, std::size_t start, float* out) const {
-        const Eigen::Index n = static_cast<Eigen::Index>(lag), d = static_cast<Eigen::Index>(in.dim);
-        const Eigen::Map<const row_matrix> chunk(rows + start * in.dim, n, d);
-        const Eigen::Map<const row_matrix> next(rows + (start + lag) * in.dim, n, d);
-        const Eigen::RowVectorXf low = next.colwise().minCoeff();
-        const Eigen::RowVectorXf range = next.colwise().maxCoeff() - low;
-        const Eigen::RowVectorXf inverse = range.unaryExpr([](float r) { return r > 0.0f ? 1.0f / r : 0.0f; });
-        const Eigen::ArrayXXf normalised = (chunk.rowwise() - low).array().rowwise() * inverse.array();
-        Eigen::Map<Eigen::ArrayXf> spread(out, n);
-        if (d < 2) {
-            spread.setZero();
-        } else {
-            const Eigen::ArrayXf mean = normalised.rowwise().mean();
-            spread = ((normalised.colwise() - mean).square().rowwise().sum() / static_cast<float>(d - 1)).sqrt();
+    // out[i] = softmax over the chunk of std_channels((x_i - min_next) / (max_next - min_next)),
+    // rows [lag][dim]; low and inverse are scratch of dim floats.
+    void chunk_spread(const kernels::kernel_table& k, std::size_t dim, const float* chunk, const float* next,
+                      float* low, float* inverse, float* out) const {
+        for (std::size_t d = 0; d < dim; ++d) low[d] = inverse[d] = next[d];
+        for (std::size_t i = 1; i < lag; ++i)
+            for (std::size_t d = 0; d < dim; ++d) {
+                const float x = next[i * dim + d];
+                low[d] = std::min(low[d], x);
+                inverse[d] = std::max(inverse[d], x); // the maximum, until turned into 1 / range below
+            }
+        for (std::size_t d = 0; d < dim; ++d) {
+            const float range = inverse[d] - low[d];
+            inverse[d] = range > 0.0f ? 1.0f / range : 0.0f;
         }
-        in.kernels->softmax(out, lag);
+        for (std::size_t i = 0; i < lag; ++i) {
+            const float* row = chunk + i * dim;
+            if (dim < 2) {
+                out[i] = 0.0f;
+                continue;
+            }
+            float mean = 0.0f;
+            for (std::size_t d = 0; d < dim; ++d) mean += (row[d] - low[d]) * inverse[d];
+            mean /= static_cast<float>(dim);
+            float squares = 0.0f;
+            for (std::size_t d = 0; d < dim; ++d) {
+                const float deviation = (row[d] - low[d]) * inverse[d] - mean;
+                squares += deviation * deviation;
+            }
+            out[i] = std::sqrt(squares / static_cast<float>(dim - 1));
+        }
+        k.softmax(out, lag);
     }
 };
 

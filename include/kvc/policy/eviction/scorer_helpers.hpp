@@ -108,15 +108,6 @@ inline unsigned popcount64(std::uint64_t x) noexcept {
 #endif
 }
 
-// Orders token indices best first by `scores`: NaN last, ties to the more
-// recent token (the selector's own rule, so a ranking made here agrees with it).
-inline bool ranks_before(const float* scores, std::uint32_t a, std::uint32_t c) noexcept {
-    const float sa = scores[a], sc = scores[c];
-    const bool nan_a = std::isnan(sa), nan_c = std::isnan(sc);
-    if (nan_a || nan_c) return nan_a != nan_c ? nan_c : a > c;
-    return sa > sc || (sa == sc && a > c);
-}
-
 // Whether a base scorer reads engine-supplied scores (E18); wrappers forward it.
 template <class S, class = void>
 struct reads_external_scores : std::false_type {};

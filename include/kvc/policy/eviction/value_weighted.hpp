@@ -27,7 +27,7 @@
 //   are shifted so it becomes 0. Attention-based bases (>= 0) are untouched,
 //   as in the paper.
 // - Forwards the base's needs (attention statistics, queries, keys, external
-//   scores) and its observe(); adds needs_values.
+//   scores, scores made at append) and its observe(); adds needs_values.
 #pragma once
 
 #include <Eigen/Dense>
@@ -55,6 +55,7 @@ struct value_weighted {
     static constexpr std::size_t query_window = Base::query_window;
     static constexpr bool needs_keys = Base::needs_keys, needs_values = true;
     static constexpr bool needs_external_scores = score_detail::reads_external_scores<Base>::value;
+    static constexpr bool scores_on_append = scores_on_append_of<Base>::value;
 
     Base base{};
     double first_stage = 0.5; // share of the target chosen by the base score alone
@@ -77,6 +78,12 @@ struct value_weighted {
         base.observe(state, mass, tokens, queries);
     }
 
+    template <class B = Base, std::enable_if_t<scores_on_append_of<B>::value, int> = 0>
+    float on_append(const kernels::kernel_table& k, const float* key, const float* value,
+                    std::size_t dim) const noexcept {
+        return base.on_append(k, key, value, dim);
+    }
+
     void score(const head_inputs& in, float* scores) const {
         using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
         const std::size_t tokens = in.tokens;
@@ -90,7 +97,7 @@ struct value_weighted {
         std::vector<std::uint32_t> order(tokens);
         std::iota(order.begin(), order.end(), 0u);
         std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(first), order.end(),
-                          [&](std::uint32_t a, std::uint32_t c) { return score_detail::ranks_before(base_score.data(), a, c); });
+                          [&](std::uint32_t a, std::uint32_t c) { return selection::better(base_score.data(), a, c); });
         std::vector<char> in_first(tokens, 0);
         for (std::size_t i = 0; i < first; ++i) in_first[order[i]] = 1;
 
