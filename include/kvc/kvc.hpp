@@ -13,6 +13,7 @@
 #include "kvc/core/error.hpp"
 #include "kvc/core/float16.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/core/recycling_resource.hpp"
 
 #include "kvc/view/kv_view.hpp"
 
