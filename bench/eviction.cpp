@@ -13,6 +13,12 @@
 // to the OS) or pool (kvc::recycling_resource, warmed by one untimed
 // compression: what an engine serving many sequences sees).
 //
+// BM_evict_append/<scorer>: what scoring at append costs (knorm, CUR and
+// LagKV score there so that compression need not read the rows): appending
+// one 32K-token layer (8 KV heads, dim 128, fp16, 1K-token appends) to a
+// cache with the scorer, against the same appends to fp16 full_cache,
+// alternating in one process; vs_plain_time = the scorer cache's total / full_cache's.
+//
 // BM_attention_stats/h2o: the overhead of collecting per-token attention
 // statistics in the fused attention (see the function).
 //
@@ -131,6 +137,31 @@ void BM_evict_compress(benchmark::State& state) {
 }
 
 template <class Policy>
+void BM_evict_append(benchmark::State& state) {
+    const kvc::cache_config c = evict_shape(1);
+    double with_scores = 0.0, plain = 0.0;
+    for (auto _ : state) {
+        {
+            evicting<Policy> cache(c, Policy(kvc::evict::budget::ratio(evict_ratio)));
+            const auto start = std::chrono::steady_clock::now();
+            fill(cache, 1, evict_tokens);
+            with_scores += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            benchmark::DoNotOptimize(cache.tokens(0));
+        }
+        {
+            kvc::full_cache cache(c);
+            const auto start = std::chrono::steady_clock::now();
+            fill(cache, 1, evict_tokens);
+            plain += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            benchmark::DoNotOptimize(cache.tokens(0));
+        }
+    }
+    state.counters["vs_plain_time"] = with_scores / plain;
+    state.counters["append_ms"] = with_scores / static_cast<double>(state.iterations()) * 1e3;
+    state.SetLabel(kvc::name_of(kvc::active_arch()));
+}
+
+template <class Policy>
 void BM_evict_decode(benchmark::State& state) {
     constexpr std::size_t layers = 4;
     const kvc::cache_config c = evict_shape(layers);
@@ -214,6 +245,12 @@ void register_eviction_benchmarks() {
     compress("keydiff", BM_evict_compress<evict::keydiff>);
     compress("lagkv", BM_evict_compress<evict::lagkv>);
     compress("cur", BM_evict_compress<evict::cur>);
+    for (const auto& [name, function] :
+         {std::pair{"streaming", &BM_evict_append<evict::streaming>}, std::pair{"knorm", &BM_evict_append<evict::knorm>},
+          std::pair{"cur", &BM_evict_append<evict::cur>}, std::pair{"lagkv", &BM_evict_append<evict::lagkv>}})
+        benchmark::RegisterBenchmark((std::string("BM_evict_append/") + name).c_str(), function)
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(3);
     benchmark::RegisterBenchmark("BM_evict_decode/knorm", BM_evict_decode<evict::knorm>)->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_attention_stats/h2o", BM_attention_stats)->Unit(benchmark::kMillisecond)->MinTime(1.0);
 }

@@ -221,7 +221,7 @@ TEST(LagKV, WithoutTwoFullChunksItKeepsTheNewestTokensAsStreamingDoes) {
 }
 
 // LagKV's scores against its formula computed in double, on the scorer
-// alone: per scored chunk, keys and values normalised per channel by the next
+// alone (scored at append): per scored chunk, keys and values normalised per channel by the next
 // chunk's min and range, standard deviation over channels (n - 1), softmax
 // over the chunk, the two averaged; a token's score is its rank in the chunk
 // divided by lag. Sinks, the last full chunk and the tail score 1.
@@ -233,16 +233,30 @@ TEST(LagKV, ScoresAreTheRanksOfTheFormulaComputedInDouble) {
     rows.reserve(tokens);
     for (std::size_t t = 0; t < tokens; ++t) rows.push_back(k, kvc::dtype::f32, &keys[t * dim], &values[t * dim]);
     const evict::row_source source = evict::row_source::of(rows);
-    evict::head_inputs in;
-    in.tokens = tokens;
-    in.dim = dim;
-    in.kernels = &k;
-    in.rows = &source;
+    std::vector<std::int32_t> positions(tokens);
+    std::iota(positions.begin(), positions.end(), 100); // the sequence starts at position 100
     score::lagkv lagkv;
     lagkv.lag = lag;
     lagkv.sinks = sinks;
-    std::vector<float> scores(tokens);
-    lagkv.score(in, scores.data());
+    std::vector<float> scratch(lagkv.append_scratch(dim));
+    evict::append_inputs in;
+    in.dim = dim;
+    in.positions = positions.data();
+    in.first_position = 100;
+    in.rows = &source;
+    in.kernels = &k;
+    in.scratch = scratch.data();
+    // All tokens in one append, and one token per append (as decoding does): the same scores.
+    std::vector<float> scores(tokens), one_by_one(tokens);
+    in.held_before = 0;
+    in.held = tokens;
+    lagkv.on_append_rows(in, scores.data());
+    for (std::size_t t = 0; t < tokens; ++t) {
+        in.held_before = t;
+        in.held = t + 1;
+        lagkv.on_append_rows(in, one_by_one.data());
+    }
+    EXPECT_EQ(scores, one_by_one);
 
     auto spread = [&](const std::vector<float>& x, std::size_t start) {
         std::vector<double> low(dim, 1e300), high(dim, -1e300), out(lag);

@@ -65,6 +65,12 @@ template <class P>
 struct scores_on_append_of_policy<P, std::void_t<typename P::scorer_type>>
     : evict::scores_on_append_of<typename P::scorer_type> {};
 
+template <class P, class = void>
+struct scores_append_rows_of_policy : std::false_type {};
+template <class P>
+struct scores_append_rows_of_policy<P, std::void_t<typename P::scorer_type>>
+    : evict::scores_append_rows_of<typename P::scorer_type> {};
+
 template <class S, class = void>
 struct has_store_key : std::false_type {};
 template <class S>
@@ -151,12 +157,13 @@ public:
                                              needs_queries_v<Quantization> || needs_queries_v<Projection>;
     static constexpr bool collects_external = detail::needs_external_scores_of<Eviction>::value;
     static constexpr bool collects_append_scores = detail::scores_on_append_of_policy<Eviction>::value;
+    static constexpr bool scores_append_rows = detail::scores_append_rows_of_policy<Eviction>::value;
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
                               Quantization quantization = {}, Projection projection = {})
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
-          heads_(config_.resource), layers_(config_.resource), mass_scratch_(config_.resource) {
+          heads_(config_.resource), layers_(config_.resource), scratch_(config_.resource) {
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -185,7 +192,7 @@ public:
         : config_(other.config_), eviction_(other.eviction_), merging_(other.merging_),
           quantization_(other.quantization_), projection_(other.projection_),
           heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource),
-          mass_scratch_(other.config_.resource) {}
+          scratch_(other.config_.resource) {}
     compressed_cache& operator=(const compressed_cache& other) {
         if (this != &other) {
             compressed_cache copy(other);
@@ -231,6 +238,8 @@ public:
             if constexpr (collects_external) slot.external.reserve_for_append(count);
             if constexpr (collects_append_scores) slot.appended.reserve_for_append(count);
         }
+        if constexpr (scores_append_rows) scratch_.reserve(eviction_.scorer.append_scratch(config_.head_dim));
+        const std::int64_t sequence_start = state.last_position < 0 ? first_position : state.first_position;
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -257,8 +266,22 @@ public:
             }
             if constexpr (collects_append_scores) {
                 slot.appended.resize_within_capacity(old + count);
-                for (std::size_t t = 0; t < count; ++t)
-                    slot.appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
+                if constexpr (scores_append_rows) {
+                    const evict::row_source rows = evict::row_source::of(slot.rows);
+                    evict::append_inputs in;
+                    in.held_before = old;
+                    in.held = old + count;
+                    in.dim = config_.head_dim;
+                    in.positions = slot.positions.data();
+                    in.first_position = sequence_start;
+                    in.rows = &rows;
+                    in.kernels = &k;
+                    in.scratch = scratch_.data();
+                    eviction_.scorer.on_append_rows(in, slot.appended.data());
+                } else {
+                    for (std::size_t t = 0; t < count; ++t)
+                        slot.appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
+                }
             }
         }
         if (state.last_position < 0) state.first_position = first_position;
@@ -467,7 +490,7 @@ public:
             total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes() +
                      slot.appended.bytes();
         for (const layer_state& state : layers_) total += state.queries.bytes();
-        return total + mass_scratch_.bytes();
+        return total + scratch_.bytes();
     }
 
     void reserve(std::size_t tokens) {
@@ -487,7 +510,7 @@ public:
             slot.external.shrink_to_fit();
             slot.appended.shrink_to_fit();
         }
-        mass_scratch_.release();
+        scratch_.release();
     }
     void clear() noexcept {
         for (head_slot& slot : heads_) {
@@ -497,7 +520,7 @@ public:
             slot.external.release();
             slot.appended.release();
         }
-        mass_scratch_.release();
+        scratch_.release();
         for (layer_state& state : layers_) {
             state.queries.release();
             state.last_position = -1;
@@ -582,10 +605,10 @@ private:
         if constexpr (collects_attention_stats) {
             if (caller_mass) return caller_mass;
             const std::size_t needed = tokens(layer);
-            mass_scratch_.clear();
-            mass_scratch_.reserve_for_append(needed);
-            mass_scratch_.resize_within_capacity(needed);
-            return mass_scratch_.data();
+            scratch_.clear();
+            scratch_.reserve_for_append(needed);
+            scratch_.resize_within_capacity(needed);
+            return scratch_.data();
         } else {
             (void)layer;
             return caller_mass;
@@ -721,7 +744,8 @@ private:
     Projection projection_;
     std::pmr::vector<head_slot> heads_;    // [layer][kv_head]
     std::pmr::vector<layer_state> layers_; // [layer]
-    aligned_buffer<float> mass_scratch_;    // attention statistics of one call, when the caller passes no buffer
+    aligned_buffer<float> scratch_; // attention statistics of one call (when the caller passes no buffer),
+                                    // or an append-time scorer's working rows
 };
 
 } // namespace kvc

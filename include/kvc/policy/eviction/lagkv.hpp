@@ -9,30 +9,37 @@
 // into a distribution over the chunk by a softmax; the same for values; the
 // two are averaged. Tokens are ranked within their chunk and the rank divided
 // by `lag` is the score, so every chunk keeps the same share of its tokens
-// (the selector's ties go to later chunks). The last full chunk (it has no
-// next chunk to be measured against) and the partial tail after it are kept:
-// they score 1, above every rank (at most (lag - 1) / lag).
+// (the selector's ties go to later chunks). A chunk not scored yet (the last
+// full chunk, which has no complete successor, and the partial tail after
+// it) scores 1, above every rank (at most (lag - 1) / lag), and so do the sinks.
+//
+// As in the paper, a chunk is scored once, when its successor is complete,
+// and at append time: the appended rows (and the chunk before them) are
+// still in cache then, and compression reads one float per token instead of
+// every key and value of the head (on a 32K-token layer of 8 heads that
+// pass cost several times a decode attention pass).
 //
 // Choices where the source leaves room:
-// - Chunks are cut over the tokens the head holds, in order. The paper
-//   compresses a chunk once, when its successor is complete; kvc rescoring a
-//   head that was compressed before cuts the survivors into chunks again.
-// - The first `sinks` held tokens are the sinks (score 1); keep this equal to
+// - Chunks are cut by position: chunk c holds positions first + sinks + c*lag
+//   .. + lag - 1 of the sequence. If some of a chunk's tokens were evicted
+//   before it was scored (only when the budget is smaller than the unscored
+//   tail), it is scored over its survivors against its successor's survivors,
+//   with ranks divided by `lag` all the same.
+// - The first `sinks` positions are the sinks (score 1); keep this equal to
 //   the budget's sinks, which is what keeps the first tokens of the sequence.
-// - With fewer than sinks + 2 * lag held tokens no chunk has a successor:
-//   scores rise with recency (the reference code's choice), so the policy
-//   keeps the newest tokens, as StreamingLLM would. For short contexts lower `lag`.
+// - With fewer than sinks + 2 * lag tokens no chunk has been scored: every
+//   token scores 1 and ties go to the newest, so the policy keeps the newest
+//   tokens, as StreamingLLM would. For short contexts lower `lag`.
 // - A channel whose reference range is zero contributes 0 (no information)
 //   instead of dividing by zero. Standard deviation with n - 1, as torch.std.
-// - The rows are decoded chunk by chunk (the scored chunk and its successor),
-//   never the whole head at once.
+// - Key re-rotation (B10) renumbers positions; chunks are then cut over the
+//   renumbered sequence from the next append on.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <numeric>
 #include <vector>
 
 #include "kvc/core/error.hpp"
@@ -44,91 +51,113 @@ namespace score {
 struct lagkv {
     static constexpr bool needs_attention_stats = false;
     static constexpr std::size_t query_window = 0;
-    static constexpr bool needs_keys = false, needs_values = false; // reads the rows chunk by chunk
+    static constexpr bool needs_keys = false, needs_values = false;
+    static constexpr bool scores_on_append = true;
     std::size_t lag = 128; // chunk length
-    std::size_t sinks = 4; // leading held tokens kept as sinks (match budget.sinks)
+    std::size_t sinks = 4; // leading positions kept as sinks (match budget.sinks)
 
     void validate() const {
-        detail::require(lag >= 2, "evict::score::lagkv: expected lag >= 2 (a chunk needs a spread), got ", lag);
+        detail::require(lag >= 2 && lag <= (std::size_t{1} << 24),
+                        "evict::score::lagkv: expected lag in 2..2^24 (a chunk needs a spread), got ", lag);
     }
 
-    void score(const head_inputs& in, float* scores) const {
-        const std::size_t tokens = in.tokens, sink = std::min(sinks, tokens);
-        for (std::size_t t = 0; t < sink; ++t) scores[t] = 1.0f;
-        if (tokens < sink + 2 * lag) {
-            for (std::size_t t = sink; t < tokens; ++t)
-                scores[t] = static_cast<float>(t - sink) / static_cast<float>(tokens - sink);
-            return;
-        }
-        const std::size_t scored_chunks = (tokens - sink) / lag - 1;
-        const std::size_t kept_from = sink + scored_chunks * lag;
-        for (std::size_t t = kept_from; t < tokens; ++t) scores[t] = 1.0f;
+    // Key and value spreads of a chunk, then a row, the reference's per-channel
+    // minimum and inverse range, and a row of ones.
+    std::size_t append_scratch(std::size_t dim) const noexcept { return 2 * lag + 4 * dim; }
 
-        // Two chunks of keys and of values at a time: the one scored and its
-        // successor, which becomes the next one scored (each row decoded once).
-        const std::size_t chunk_floats = lag * in.dim;
-        std::vector<float> keys(2 * chunk_floats), values(2 * chunk_floats);
-        float* key_chunk = keys.data();
-        float* key_next = keys.data() + chunk_floats;
-        float* value_chunk = values.data();
-        float* value_next = values.data() + chunk_floats;
-        const kernels::kernel_table& k = *in.kernels;
-        in.rows->keys(in.rows->head, k, sink, lag, key_chunk);
-        in.rows->values(in.rows->head, k, sink, lag, value_chunk);
-        std::vector<float> key_score(lag), value_score(lag), combined(lag), low(in.dim), inverse(in.dim);
-        std::vector<std::uint32_t> order(lag);
-        for (std::size_t c = 0; c < scored_chunks; ++c) {
-            const std::size_t start = sink + c * lag;
-            in.rows->keys(in.rows->head, k, start + lag, lag, key_next);
-            in.rows->values(in.rows->head, k, start + lag, lag, value_next);
-            chunk_spread(k, in.dim, key_chunk, key_next, low.data(), inverse.data(), key_score.data());
-            chunk_spread(k, in.dim, value_chunk, value_next, low.data(), inverse.data(), value_score.data());
-            for (std::size_t i = 0; i < lag; ++i) combined[i] = 0.5f * (key_score[i] + value_score[i]);
-            // Rank within the chunk, lowest first; NaN lowest; ties to the later token.
-            std::iota(order.begin(), order.end(), 0u);
-            std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
-                return selection::better(combined.data(), b, a);
-            });
-            for (std::size_t rank = 0; rank < lag; ++rank)
-                scores[start + order[rank]] = static_cast<float>(rank) / static_cast<float>(lag);
-            std::swap(key_chunk, key_next);
-            std::swap(value_chunk, value_next);
+    // New tokens score 1 (not scored yet); every chunk whose successor the
+    // append completed gets its ranks.
+    void on_append_rows(const append_inputs& in, float* scores) const noexcept {
+        for (std::size_t t = in.held_before; t < in.held; ++t) scores[t] = 1.0f;
+        const std::int64_t chunks_from = in.first_position + static_cast<std::int64_t>(sinks);
+        const auto length = static_cast<std::int64_t>(lag);
+        for (std::size_t t = in.held_before; t < in.held; ++t) {
+            const std::int64_t offset = in.positions[t] - chunks_from + 1; // tokens of the chunked sequence so far
+            if (offset < 2 * length || offset % length != 0) continue;
+            const std::int64_t start = chunks_from + (offset / length - 2) * length; // first position of chunk c
+            score_chunk(in, start, scores);
         }
+    }
+
+    void score(const head_inputs& in, float* scores) const noexcept {
+        for (std::size_t t = 0; t < in.tokens; ++t) scores[t] = in.appended[t];
     }
 
 private:
+    // Ranks the held tokens of the chunk at positions [start, start + lag)
+    // against the held tokens of the next chunk.
+    void score_chunk(const append_inputs& in, std::int64_t start, float* scores) const noexcept {
+        const std::int32_t* begin = in.positions;
+        const std::int32_t* end = in.positions + in.held;
+        const auto at = [&](std::int64_t position) {
+            return static_cast<std::size_t>(std::lower_bound(begin, end, position) - begin);
+        };
+        const auto length = static_cast<std::int64_t>(lag);
+        const std::size_t first = at(start), middle = at(start + length), last = at(start + 2 * length);
+        const std::size_t count = middle - first;
+        if (count == 0) return;
+        float* key_spread = in.scratch;
+        float* value_spread = in.scratch + lag;
+        float* row = in.scratch + 2 * lag;
+        float* low = row + in.dim;
+        float* inverse = low + in.dim;
+        spread(in, in.rows->keys, first, count, middle, last, row, low, inverse, key_spread);
+        spread(in, in.rows->values, first, count, middle, last, row, low, inverse, value_spread);
+        for (std::size_t i = 0; i < count; ++i) key_spread[i] = 0.5f * (key_spread[i] + value_spread[i]);
+        // Rank within the chunk, lowest first (NaN lowest, ties to the later
+        // token). The order is sorted in the value slots, free by now: chunk
+        // indices are exact in a float (validate() keeps lag below 2^24).
+        float* order = value_spread;
+        for (std::size_t i = 0; i < count; ++i) order[i] = static_cast<float>(i);
+        std::sort(order, order + count, [&](float a, float b) {
+            return selection::better(key_spread, static_cast<std::uint32_t>(b), static_cast<std::uint32_t>(a));
+        });
+        for (std::size_t rank = 0; rank < count; ++rank)
+            scores[first + static_cast<std::size_t>(order[rank])] = static_cast<float>(rank) / static_cast<float>(lag);
+    }
+
+    using decode_rows = void (*)(const void*, const kernels::kernel_table&, std::size_t, std::size_t, float*);
+
     // out[i] = softmax over the chunk of std_channels((x_i - min_next) / (max_next - min_next)),
-    // rows [lag][dim]; low and inverse are scratch of dim floats.
-    void chunk_spread(const kernels::kernel_table& k, std::size_t dim, const float* chunk, const float* next,
-                      float* low, float* inverse, float* out) const {
-        for (std::size_t d = 0; d < dim; ++d) low[d] = inverse[d] = next[d];
-        for (std::size_t i = 1; i < lag; ++i)
-            for (std::size_t d = 0; d < dim; ++d) {
-                const float x = next[i * dim + d];
-                low[d] = std::min(low[d], x);
-                inverse[d] = std::max(inverse[d], x); // the maximum, until turned into 1 / range below
-            }
+    // for held rows [first, first + count) against the reference rows [reference, reference_end).
+    void spread(const append_inputs& in, decode_rows decode, std::size_t first, std::size_t count,
+                std::size_t reference, std::size_t reference_end, float* row, float* low, float* inverse,
+                float* out) const noexcept {
+        const std::size_t dim = in.dim;
+        const kernels::kernel_table& k = *in.kernels;
+        constexpr int f32 = kernels::index_of(dtype::f32);
+        float* ones = inverse + dim;
+        for (std::size_t d = 0; d < dim; ++d) ones[d] = 1.0f;
+        if (reference == reference_end) { // no reference rows: no information
+            for (std::size_t d = 0; d < dim; ++d) low[d] = inverse[d] = 0.0f;
+        } else {
+            decode(in.rows->head, k, reference, 1, low);
+            for (std::size_t d = 0; d < dim; ++d) inverse[d] = low[d]; // the maximum, for now
+        }
+        for (std::size_t t = reference + 1; t < reference_end; ++t) {
+            decode(in.rows->head, k, t, 1, row);
+            for (std::size_t d = 0; d < dim; ++d) low[d] = std::min(low[d], row[d]);
+            for (std::size_t d = 0; d < dim; ++d) inverse[d] = std::max(inverse[d], row[d]);
+        }
         for (std::size_t d = 0; d < dim; ++d) {
             const float range = inverse[d] - low[d];
             inverse[d] = range > 0.0f ? 1.0f / range : 0.0f;
         }
-        for (std::size_t i = 0; i < lag; ++i) {
-            const float* row = chunk + i * dim;
+        for (std::size_t i = 0; i < count; ++i) {
             if (dim < 2) {
                 out[i] = 0.0f;
                 continue;
             }
-            float mean = 0.0f;
-            for (std::size_t d = 0; d < dim; ++d) mean += (row[d] - low[d]) * inverse[d];
-            mean /= static_cast<float>(dim);
-            float squares = 0.0f;
-            for (std::size_t d = 0; d < dim; ++d) {
-                const float deviation = (row[d] - low[d]) * inverse[d] - mean;
-                squares += deviation * deviation;
-            }
-            out[i] = std::sqrt(squares / static_cast<float>(dim - 1));
+            // The two sums over channels go through the dot kernel: a float
+            // sum written as a loop is one long dependency chain the compiler
+            // may not reorder, and it was most of LagKV's append cost.
+            decode(in.rows->head, k, first + i, 1, row);
+            for (std::size_t d = 0; d < dim; ++d) row[d] = (row[d] - low[d]) * inverse[d];
+            const float mean = k.dot[f32](row, ones, dim) / static_cast<float>(dim);
+            for (std::size_t d = 0; d < dim; ++d) row[d] -= mean;
+            out[i] = std::sqrt(k.dot[f32](row, row, dim) / static_cast<float>(dim - 1));
         }
-        k.softmax(out, lag);
+        k.softmax(out, count);
     }
 };
 

@@ -218,6 +218,29 @@ struct row_source {
     }
 };
 
+// A scorer whose token scores need their neighbours' rows (LagKV measures a
+// chunk against the chunk after it) declares scores_on_append and, instead of
+// on_append, scores once per head after an append's rows are stored:
+//   std::size_t append_scratch(std::size_t dim) const noexcept;  // floats of scratch it needs
+//   void on_append_rows(const append_inputs&, float* scores) const noexcept;
+// `scores` holds the head's per-token append scores, [held]; the scorer sets
+// the new tokens' [held_before, held) and may rewrite older ones (a chunk
+// that can be scored now). The cache reserves the scratch before the append
+// changes anything, so the call cannot fail.
+struct append_inputs {
+    std::size_t held_before = 0, held = 0, dim = 0;
+    const std::int32_t* positions = nullptr; // of the held tokens, ascending
+    std::int64_t first_position = 0;         // the sequence's first position (where the sinks are)
+    const row_source* rows = nullptr;
+    const kernels::kernel_table* kernels = nullptr;
+    float* scratch = nullptr; // append_scratch(dim) floats
+};
+template <class S, class = void>
+struct scores_append_rows_of : std::false_type {};
+template <class S>
+struct scores_append_rows_of<S, std::void_t<decltype(std::declval<const S&>().on_append_rows(
+                                    std::declval<const append_inputs&>(), std::declval<float*>()))>> : std::true_type {};
+
 // What a scorer sees of one KV head. Rows are fp32, [tokens][dim], decoded
 // from whatever the codec stores; pointers a scorer did not ask for are null.
 struct head_inputs {

@@ -78,10 +78,19 @@ struct value_weighted {
         base.observe(state, mass, tokens, queries);
     }
 
-    template <class B = Base, std::enable_if_t<scores_on_append_of<B>::value, int> = 0>
-    float on_append(const kernels::kernel_table& k, const float* key, const float* value,
-                    std::size_t dim) const noexcept {
+    template <class B = Base>
+    auto on_append(const kernels::kernel_table& k, const float* key, const float* value, std::size_t dim) const noexcept
+        -> decltype(std::declval<const B&>().on_append(k, key, value, dim)) {
         return base.on_append(k, key, value, dim);
+    }
+    template <class B = Base>
+    auto on_append_rows(const append_inputs& in, float* scores) const noexcept
+        -> decltype(std::declval<const B&>().on_append_rows(in, scores)) {
+        base.on_append_rows(in, scores);
+    }
+    template <class B = Base>
+    auto append_scratch(std::size_t dim) const noexcept -> decltype(std::declval<const B&>().append_scratch(dim)) {
+        return base.append_scratch(dim);
     }
 
     void score(const head_inputs& in, float* scores) const {
