@@ -156,29 +156,6 @@ TEST(Eviction, KnormScoresMadeAtAppendFollowTheirTokensThroughRepeatedCompaction
     }
 }
 
-// The per-token score knorm keeps is memory the cache holds: bytes() counts
-// it, and compaction returns it with the rows.
-TEST(Eviction, ScoresMadeAtAppendAreCountedAndFreed) {
-    kvc_test::counting_resource counter;
-    auto c = shape(2, 4, 64);
-    c.resource = &counter;
-    {
-        evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::ratio(0.25)));
-        const std::size_t metadata = counter.in_use;
-        const std::size_t tokens = 512;
-        const auto keys = random_floats(tokens * 2 * 64, 33);
-        cache.reserve(tokens);
-        fill(cache, c, keys, keys, tokens);
-        const std::size_t per_token = 2 * 64 * 4 + 4 + 4; // K and V rows, position, knorm's score
-        EXPECT_EQ(cache.bytes(), metadata + 2 * tokens * per_token);
-        EXPECT_EQ(cache.bytes(), counter.in_use);
-        cache.compress();
-        EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token);
-        EXPECT_EQ(cache.bytes(), counter.in_use);
-    }
-    EXPECT_EQ(counter.in_use, 0u);
-}
-
 TEST(Eviction, SinksAndRecentWindowAlwaysSurvive) {
     const auto c = shape(2, 2, 8);
     const std::size_t tokens = 300;
@@ -208,18 +185,23 @@ TEST(Eviction, StreamingKeepsExactlyTheSinksAndTheNewestTokens) {
     EXPECT_EQ(kept_positions(cache, 0, 0), expected);
 }
 
-TEST(Eviction, CompressionFreesTheMemoryExactly) {
+// Fills two heads with 512 tokens, compresses to 0.25 and checks bytes()
+// against the layout (K and V rows of 64 fp32, an int32 position and one
+// float of policy state per token: H2O's statistic, knorm's norm made at
+// append) and against a counting resource: the memory really goes back.
+// `then(cache, counter, held_bytes)` runs before the cache is destroyed.
+template <class Policy, class Then>
+void expect_exact_bytes_through_compaction(std::uint32_t seed, Then then) {
     kvc_test::counting_resource counter;
     auto c = shape(2, 4, 64);
     c.resource = &counter;
     {
-        evicting_cache<evict::h2o> cache(c, evict::h2o(evict::budget::ratio(0.25)));
+        evicting_cache<Policy> cache(c, Policy(evict::budget::ratio(0.25)));
         const std::size_t metadata = counter.in_use;
         const std::size_t tokens = 512;
-        const auto keys = random_floats(tokens * 2 * 64, 9);
+        const auto keys = random_floats(tokens * 2 * 64, seed);
         cache.reserve(tokens);
         fill(cache, c, keys, keys, tokens);
-        // Per head: K and V rows of 64 fp32, an int32 position and a float statistic per token.
         const std::size_t per_token = 2 * 64 * 4 + 4 + 4;
         EXPECT_EQ(cache.bytes(), metadata + 2 * tokens * per_token);
         EXPECT_EQ(cache.bytes(), counter.in_use);
@@ -227,18 +209,29 @@ TEST(Eviction, CompressionFreesTheMemoryExactly) {
         EXPECT_EQ(cache.tokens(0, 0), 128u);
         EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token);
         EXPECT_EQ(cache.bytes(), counter.in_use); // really returned to the resource
+        then(cache, counter, metadata + 2 * 128 * per_token);
+    }
+    EXPECT_EQ(counter.in_use, 0u);
+}
+
+TEST(Eviction, CompressionFreesTheMemoryExactly) {
+    expect_exact_bytes_through_compaction<evict::h2o>(9, [](auto& cache, const auto& counter, std::size_t held) {
         // A decode attend without a caller buffer puts H2O's statistics in the
         // cache's scratch (one float per held token of the layer): counted too.
         const auto q = random_floats(4 * 64, 10);
         std::vector<float> out(4 * 64);
         cache.attend(0, q.data(), out.data());
-        EXPECT_EQ(cache.bytes(), metadata + 2 * 128 * per_token + 2 * 128 * sizeof(float));
+        EXPECT_EQ(cache.bytes(), held + 2 * 128 * sizeof(float));
         EXPECT_EQ(cache.bytes(), counter.in_use);
         const std::size_t after_first = counter.in_use;
         cache.attend(0, q.data(), out.data());
         EXPECT_EQ(counter.in_use, after_first); // the scratch is reused, not reallocated per call
-    }
-    EXPECT_EQ(counter.in_use, 0u);
+    });
+}
+
+// knorm's per-token norm, made at append, is memory the cache holds: counted and freed with the rows.
+TEST(Eviction, ScoresMadeAtAppendAreCountedAndFreed) {
+    expect_exact_bytes_through_compaction<evict::knorm>(33, [](auto&, const auto&, std::size_t) {});
 }
 
 TEST(Eviction, H2OKeepsTheTokenThatDrewOverwhelmingAttention) {
