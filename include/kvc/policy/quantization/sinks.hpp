@@ -79,7 +79,6 @@
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/problem.hpp"
-#include "kvc/policy/quantization/rotated.hpp" // detail::has_stored_bytes
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
