@@ -44,7 +44,6 @@
 #include <memory>
 #include <mutex>
 #include <random>
-#include <type_traits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -134,12 +133,6 @@ public:
     virtual void finish_fill() {}
 };
 
-// Head stores that are not packed_rows report the bytes one attention reads.
-template <class S, class = void>
-struct has_stored_bytes : std::false_type {};
-template <class S>
-struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
-
 template <class Cache>
 class target_of : public target {
 public:
@@ -165,16 +158,12 @@ public:
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
             return total;
-        } else {
+        } else { // packed_rows: the packed rows and the fp16 sinks
             std::size_t total = 0;
             for (std::size_t h = 0; h < kv_heads; ++h) {
                 const auto& head = cache_.head(layer, h);
-                if constexpr (has_stored_bytes<std::decay_t<decltype(head)>>::value) {
-                    total += head.stored_bytes();
-                } else {
-                    total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                             head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
-                }
+                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
+                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
             }
             return total;
         }

@@ -18,6 +18,7 @@
 
 #include "cache/cache_test_util.hpp"
 #include "kernels/quantized_query_util.hpp"
+#include "quantization/codec_test_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/kernels/dispatch.hpp"
@@ -35,6 +36,18 @@ namespace q = kvc::quant;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
 using kvc::kernels::quant_format;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::exact_query;
+using kvc_test::int8_query;
+using kvc_test::oracle_over_stored;
+using kvc_test::query_map;
+using kvc_test::shape;
+using kvc_test::stored;
+using kvc_test::stored_heads;
+using kvc_test::stored_rows;
+using kvc_test::worst_head_error;
 
 template <class Q>
 using quant_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Q, kvc::project::none>;
@@ -47,79 +60,10 @@ static_assert(q::block<q::int2_asym, 128>::value_bits_per_value() == 2.25);
 static_assert(q::block<q::fp8_e4m3, 64>::key_bits_per_value() == 8.25);
 static_assert(!quant_cache<q::q4_0>::collects_attention_stats && !quant_cache<q::q4_0>::collects_queries);
 
-// Restores the active instruction set at the end of a test.
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
-
-// The stored values of one head, as the storage reports them (exact).
-struct head_values {
-    std::vector<float> keys, values; // [tokens][dim]
-    std::size_t sinks;               // leading rows held in fp16
-};
-
-template <class Cache>
-head_values stored(const Cache& cache, std::size_t layer, std::size_t h) {
-    const auto& head = cache.head(layer, h);
-    const std::size_t tokens = head.tokens(), dim = cache.config().head_dim;
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim), head.sink_tokens()};
-    head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
-    head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
-    return v;
-}
-
-// Decode attention in double over given per-head values; query i of a chunk
-// sees the first `visible` tokens. Packed rows of an integer key format are
-// scored against the dequantized int8 query (kernels/quant/common.hpp), the
-// fp16 sink rows against the fp32 query.
-std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible, quant_format key_format) {
-    const std::size_t dim = c.head_dim, group = c.group();
-    std::vector<double> out(c.query_heads * dim, 0.0);
-    for (std::size_t j = 0; j < c.query_heads; ++j) {
-        const head_values& hv = heads[j / group];
-        const float* fp32 = queries + j * dim;
-        const std::vector<float> packed = kvc_test::quantizes_query(key_format)
-                                              ? kvc_test::dequantized_query(fp32, dim)
-                                              : std::vector<float>(fp32, fp32 + dim);
-        std::vector<double> logits(visible);
-        double max = -INFINITY;
-        for (std::size_t t = 0; t < visible; ++t) {
-            const float* q = t < hv.sinks ? fp32 : packed.data();
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(q[d]) * hv.keys[t * dim + d];
-            logits[t] = dot * c.logit_scale();
-            max = std::max(max, logits[t]);
-        }
-        double sum = 0.0;
-        for (double& l : logits) sum += (l = std::exp(l - max));
-        for (std::size_t t = 0; t < visible; ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * hv.values[t * dim + d];
-    }
-    return out;
-}
-
-using kvc_test::worst_head_error;
+// Packed rows of an integer key format are scored against the dequantized
+// int8 query (kernels/quant/common.hpp), fp8 rows and the fp16 sink rows
+// against the fp32 query.
+query_map key_query(quant_format key_format) { return kvc_test::quantizes_query(key_format) ? int8_query : exact_query; }
 
 // ---------------------------------------------------------------------------
 
@@ -134,41 +78,12 @@ TYPED_TEST_SUITE(BlockCodec, codecs);
 // oracle over the stored values (only float rounding differs), on every set.
 TYPED_TEST(BlockCodec, AttentionMatchesOracleOverStoredValuesOnEveryInstructionSet) {
     arch_guard guard;
-    const auto c = shape(3, 2, 128);
-    const std::size_t prompt = 96, chunk = 32, steps = 9, total = prompt + steps;
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const auto keys = random_floats(total * row, 41), values = random_floats(total * row, 42);
-    const auto queries = random_floats(total * qrow, 43);
+    const kvc_test::chunked_run run(shape(3, 2, 128), {32, 32, 32}, 9, 41);
     for (kvc::arch_id arch : archs()) {
         SCOPED_TRACE(kvc::name_of(arch));
         kvc::set_active_arch(arch);
-        quant_cache<TypeParam> cache(c);
-        double worst = 0.0;
-        for (std::size_t t0 = 0; t0 < prompt; t0 += chunk) {
-            cache.append(0, token_major(keys.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                         static_cast<std::int64_t>(t0));
-            std::vector<head_values> heads;
-            for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-            std::vector<float> out(chunk * qrow);
-            cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
-            for (std::size_t i = 0; i < chunk; ++i) {
-                const auto want =
-                    oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1, TypeParam::layout().key_format);
-                worst = std::max(worst, worst_head_error(c, out.data() + i * qrow, want));
-            }
-        }
-        for (std::size_t t = prompt; t < total; ++t) {
-            cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-            std::vector<head_values> heads;
-            for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-            std::vector<float> out(qrow);
-            cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1,
-                                                                           TypeParam::layout().key_format)));
-        }
-        EXPECT_LE(worst, 2e-5);
+        quant_cache<TypeParam> cache(run.config);
+        EXPECT_LE(run.worst_error_over_stored(cache, key_query(TypeParam::layout().key_format)), 2e-5);
     }
 }
 
@@ -272,16 +187,6 @@ TEST(BlockCodec, ErrorAgainstFullCacheDecreasesWithBits) {
 // ---------------------------------------------------------------------------
 // Construction.
 
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
-
 TEST(BlockCodec, RejectsUnsupportedHeadDimGroupSizeAndBitWidth) {
     const std::string dim = error_of([] { quant_cache<q::block<q::int4_sym, 64>> cache(shape(1, 1, 96)); });
     EXPECT_NE(dim.find("kvc::quant::block"), std::string::npos) << dim;
@@ -331,7 +236,7 @@ TEST(BlockCodec, NonFiniteInputPoisonsOnlyItsGroupAndHead) {
             dirty.append(0, token_major(keys.data(), tokens, 2, 128), token_major(values.data(), tokens, 2, 128), 0);
             // Storage: only head 0, token `bad`, key group 1 differs; it decodes to NaN.
             for (std::size_t h = 0; h < 2; ++h) {
-                const head_values a = stored(clean, 0, h), b = stored(dirty, 0, h);
+                const stored_rows a = stored(clean, 0, h), b = stored(dirty, 0, h);
                 EXPECT_EQ(a.values, b.values);
                 for (std::size_t i = 0; i < a.keys.size(); ++i) {
                     const bool poisoned = h == 0 && i / 128 == bad && i % 128 / 32 == 1;
@@ -480,7 +385,7 @@ TEST(BlockCodec, SinkTokensAreFullPrecision) {
         full.attend(0, queries.data(), x.data());
         packed.attend(0, queries.data(), y.data());
         EXPECT_EQ(x, y) << "decode over sink tokens";
-        const head_values h = stored(packed, 0, 1);
+        const stored_rows h = stored(packed, 0, 1);
         for (std::size_t t = 0; t < 4; ++t)
             for (std::size_t d = 0; d < 64; ++d)
                 EXPECT_EQ(h.keys[t * 64 + d], kvc::to_float(kvc::to_half(keys[t * row + 64 + d])));
@@ -513,7 +418,7 @@ TEST(BlockCodec, EvictionRunsOnPackedStorage) {
     EXPECT_LT(cache.bytes(), before);
     for (std::size_t h = 0; h < 2; ++h) {
         ASSERT_EQ(cache.tokens(0, h), 40u);
-        const head_values kept = stored(cache, 0, h), all = stored(twin, 0, h);
+        const stored_rows kept = stored(cache, 0, h), all = stored(twin, 0, h);
         const std::int32_t* positions = cache.positions(0, h);
         for (std::size_t i = 0; i < 40; ++i)
             for (std::size_t d = 0; d < 64; ++d) {
@@ -524,8 +429,9 @@ TEST(BlockCodec, EvictionRunsOnPackedStorage) {
     const auto queries = random_floats(c.query_heads * 64, 62);
     std::vector<float> out(c.query_heads * 64);
     cache.attend(0, queries.data(), out.data());
-    std::vector<head_values> heads = {stored(cache, 0, 0), stored(cache, 0, 1)};
-    EXPECT_LE(worst_head_error(c, out.data(), oracle(c, heads, queries.data(), 40, quant_format::int4_asym)), 2e-5);
+    EXPECT_LE(worst_head_error(c, out.data(),
+                               oracle_over_stored(c, stored_heads(cache), queries.data(), 40, int8_query)),
+              2e-5);
 }
 
 TEST(BlockCodec, CopiesAreIndependentAndIdentical) {

@@ -29,6 +29,7 @@
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/cq.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
@@ -36,24 +37,13 @@ namespace kk = kvc::kernels;
 namespace cal = kvc::calibration;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::shape;
 using cq_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::cq, kvc::project::none>;
 
 static_assert(kvc::is_quantization_policy_v<kvc::quant::cq>);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kk::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
 
 struct cq_table {
     std::string name;
@@ -69,15 +59,6 @@ std::vector<cq_table> tables() {
     out.push_back({"portable(sse2)", &portable});
 #endif
     return out;
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
 }
 
 // An artifact with the given codebooks (artifact order [l][h][g][k][c]).
@@ -469,16 +450,6 @@ TEST(CqCodec, BytesMatchLayoutFormulaAndMemoryResource) {
     }
     EXPECT_DOUBLE_EQ(kvc::quant::cq(random_artifact(1, 1, 64, 8, 8, 1)).bits_per_channel(), 1.0);
     EXPECT_DOUBLE_EQ(kvc::quant::cq(random_artifact(1, 1, 64, 4, 8, 1)).bits_per_channel(), 2.0);
-}
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
 }
 
 TEST(CqCodec, BadInputThrowsKvcError) {

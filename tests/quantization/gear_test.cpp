@@ -29,6 +29,7 @@
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/gear.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
@@ -37,36 +38,16 @@ namespace kk = kvc::kernels;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
 using kk::quant_format;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::shape;
 
 template <class Q>
 using quant_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Q, kvc::project::none>;
 using gear_cache = quant_cache<q::gear>;
 
 static_assert(kvc::is_quantization_policy_v<q::gear>);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kk::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
 
 q::gear gear_of(unsigned bits, std::size_t chunk = 64, std::size_t rank = 2, double s = 0.02) {
     q::gear g;
@@ -152,16 +133,9 @@ std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_va
         const head_values& hv = heads[j / group];
         const std::vector<float> q_int8 = kvc_test::dequantized_query(queries + j * dim, dim);
         std::vector<double> logits(visible);
-        double max = -INFINITY;
-        for (std::size_t t = 0; t < visible; ++t) {
-            const double dot = hv.logit_dot(queries + j * dim, q_int8, t, dim);
-            logits[t] = dot * c.logit_scale();
-            max = std::max(max, logits[t]);
-        }
-        double sum = 0.0;
-        for (double& l : logits) sum += (l = std::exp(l - max));
         for (std::size_t t = 0; t < visible; ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * hv.values[t * dim + d];
+            logits[t] = hv.logit_dot(queries + j * dim, q_int8, t, dim) * c.logit_scale();
+        kvc_test::add_softmax_output(std::move(logits), hv.values, dim, out.data() + j * dim);
     }
     return out;
 }
@@ -294,42 +268,25 @@ TEST(Gear, LowRankPartReducesTheStoredError) {
 // oracle over the stored parts; on every instruction set.
 TEST(Gear, AttentionMatchesOracleOverStoredPartsOnEveryInstructionSet) {
     arch_guard guard;
-    const auto c = shape(2, 3, 128);
-    const std::size_t prompt = 96, chunk = 24, steps = 40, total = prompt + steps;
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    auto keys = random_floats(total * row, 81), values = random_floats(total * row, 82);
-    for (std::size_t i = 0; i < keys.size(); i += 128) keys[i + 9] *= 8.0f; // an outlier channel
-    const auto queries = random_floats(total * qrow, 83);
+    kvc_test::chunked_run run(shape(2, 3, 128), {24, 24, 24, 24}, 40, 81);
+    for (std::size_t i = 0; i < run.keys.size(); i += 128) run.keys[i + 9] *= 8.0f; // an outlier channel
+    const kvc::cache_config& c = run.config;
+    const auto rows_of = [](const gear_cache& cache) {
+        std::vector<head_values> heads;
+        for (std::size_t h = 0; h < cache.config().kv_heads; ++h) heads.push_back(stored(cache.head(0, h)));
+        return heads;
+    };
+    const auto over_parts = [&](const std::vector<head_values>& heads, const float* query, std::size_t visible) {
+        return oracle(c, heads, query, visible);
+    };
     for (unsigned bits : {2u, 4u})
         for (kvc::arch_id arch : archs()) {
             SCOPED_TRACE(std::string(kvc::name_of(arch)) + " bits " + std::to_string(bits));
             kvc::set_active_arch(arch);
             gear_cache cache(c, {}, {}, gear_of(bits, 32, 3));
-            double worst = 0.0;
-            for (std::size_t t0 = 0; t0 < prompt; t0 += chunk) {
-                cache.append(0, token_major(keys.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                             token_major(values.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                             static_cast<std::int64_t>(t0));
-                std::vector<head_values> heads;
-                for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache.head(0, h)));
-                std::vector<float> out(chunk * qrow);
-                cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
-                for (std::size_t i = 0; i < chunk; ++i)
-                    worst = std::max(worst, worst_head_error(c, out.data() + i * qrow,
-                                                             oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1)));
-            }
-            for (std::size_t t = prompt; t < total; ++t) {
-                cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                             token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim),
-                             static_cast<std::int64_t>(t));
-                std::vector<head_values> heads;
-                for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache.head(0, h)));
-                std::vector<float> out(qrow);
-                cache.attend(0, queries.data() + t * qrow, out.data());
-                worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1)));
-            }
-            EXPECT_EQ(cache.head(0, 0).chunks(), total / 32);
-            EXPECT_EQ(cache.head(0, 0).recent_tokens(), total % 32);
+            const double worst = run.worst_error(cache, rows_of, over_parts);
+            EXPECT_EQ(cache.head(0, 0).chunks(), run.total / 32);
+            EXPECT_EQ(cache.head(0, 0).recent_tokens(), run.total % 32);
             EXPECT_LE(worst, 2e-5);
         }
 }
@@ -469,16 +426,6 @@ TEST(Gear, BytesMatchLayoutFormulaAndMemoryResource) {
 
 // ---------------------------------------------------------------------------
 // Construction.
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
 
 TEST(Gear, RejectsUnsupportedParameters) {
     const auto make = [](q::gear g, std::size_t dim) { return error_of([&] { gear_cache cache(shape(1, 1, dim), {}, {}, g); }); };

@@ -30,6 +30,7 @@
 #include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/storage/kivi_rows.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
@@ -45,21 +46,6 @@ static_assert(kvc::is_quantization_policy_v<q::kivi<2>>);
 static_assert(q::kivi<4>::key_bits_per_value() == 5.0 && q::kivi<4>::value_bits_per_value() == 5.0);
 static_assert(q::kivi<2>::key_bits_per_value() == 3.0 && q::kivi<2>::value_bits_per_value() == 3.0);
 static_assert(q::kivi<2, 128>::key_bits_per_value() == 2.25 && q::kivi<2, 128>::value_bits_per_value() == 2.25);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
 
 kvc::kivi_layout layout_of(quant_format f, std::size_t g, std::size_t r, std::size_t s) {
     kvc::kivi_layout l;
@@ -449,53 +435,6 @@ TEST(KiviKernels, PrefillMatchesOracleOverPrefixesWithMass) {
 // ---------------------------------------------------------------------------
 // Inside compressed_cache.
 
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
-
-struct head_values {
-    std::vector<float> keys, values;
-};
-
-template <class Cache>
-head_values stored(const Cache& cache, std::size_t layer, std::size_t h) {
-    const auto& head = cache.head(layer, h);
-    const std::size_t tokens = head.tokens(), dim = cache.config().head_dim;
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim)};
-    head.decode_keys(reference(), 0, tokens, v.keys.data());
-    head.decode_values(reference(), 0, tokens, v.values.data());
-    return v;
-}
-
-std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible) {
-    const std::size_t dim = c.head_dim, group = c.group();
-    std::vector<double> out(c.query_heads * dim, 0.0);
-    for (std::size_t j = 0; j < c.query_heads; ++j) {
-        const head_values& hv = heads[j / group];
-        std::vector<double> logits(visible);
-        double max = -INFINITY;
-        for (std::size_t t = 0; t < visible; ++t) {
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[j * dim + d]) * hv.keys[t * dim + d];
-            logits[t] = dot * c.logit_scale();
-            max = std::max(max, logits[t]);
-        }
-        double sum = 0.0;
-        for (double& l : logits) sum += (l = std::exp(l - max));
-        for (std::size_t t = 0; t < visible; ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * hv.values[t * dim + d];
-    }
-    return out;
-}
-
-using kvc_test::worst_head_error;
-
 template <class Q>
 class KiviCodec : public ::testing::Test {};
 using codecs = ::testing::Types<q::kivi<4>, q::kivi<2>, q::kivi<2, 64, 16, 3>, q::kivi<4, 128, 0>, q::kivi<4, 32, 32, 2>>;
@@ -503,38 +442,12 @@ TYPED_TEST_SUITE(KiviCodec, codecs);
 
 TYPED_TEST(KiviCodec, AttentionMatchesOracleOverStoredValuesOnEveryInstructionSet) {
     arch_guard guard;
-    const auto c = shape(3, 2, 128);
-    const std::size_t prompt = 192, chunk = 64, steps = 40, total = prompt + steps;
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const auto keys = random_floats(total * row, 71), values = random_floats(total * row, 72);
-    const auto queries = random_floats(total * qrow, 73);
+    const chunked_run run(shape(3, 2, 128), {64, 64, 64}, 40, 71);
     for (kvc::arch_id arch : archs()) {
         SCOPED_TRACE(kvc::name_of(arch));
         kvc::set_active_arch(arch);
-        quant_cache<TypeParam> cache(c);
-        double worst = 0.0;
-        for (std::size_t t0 = 0; t0 < prompt; t0 += chunk) {
-            cache.append(0, token_major(keys.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                         static_cast<std::int64_t>(t0));
-            std::vector<head_values> heads;
-            for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-            std::vector<float> out(chunk * qrow);
-            cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
-            for (std::size_t i = 0; i < chunk; i += 7) {
-                const auto want = oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1);
-                worst = std::max(worst, worst_head_error(c, out.data() + i * qrow, want));
-            }
-        }
-        for (std::size_t t = prompt; t < total; ++t) {
-            cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-            std::vector<head_values> heads;
-            for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-            std::vector<float> out(qrow);
-            cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1)));
-        }
+        quant_cache<TypeParam> cache(run.config);
+        const double worst = run.worst_error_over_stored(cache, exact_query, 7); // every 7th query of a chunk
         const auto& head = cache.head(0, 0);
         EXPECT_LE(head.residual_tokens(), TypeParam::residual + TypeParam::group_size - 1);
         EXPECT_GT(head.blocks(), 0u);
@@ -599,16 +512,6 @@ TEST(KiviCodec, GrowthByOneTokenCountsEveryByte) {
 
 // ---------------------------------------------------------------------------
 // Bad input.
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
 
 TEST(KiviCodec, RejectsUnsupportedHeadDimGroupSizeAndBits) {
     const std::string dim = error_of([] { quant_cache<q::kivi<4, 64>> cache(shape(1, 1, 96)); });
@@ -818,8 +721,7 @@ TEST(KiviCodec, EvictionRunsOnKiviStorage) {
     const auto queries = random_floats(c.query_heads * 64, 85);
     std::vector<float> out(c.query_heads * 64);
     cache.attend(0, queries.data(), out.data());
-    std::vector<head_values> heads = {stored(cache, 0, 0), stored(cache, 0, 1)};
-    EXPECT_LE(worst_head_error(c, out.data(), oracle(c, heads, queries.data(), 120)), 2e-5);
+    EXPECT_LE(worst_head_error(c, out.data(), oracle_over_stored(c, stored_heads(cache), queries.data(), 120)), 2e-5);
     // Appending after compaction keeps the rule.
     cache.append(0, token_major(keys.data(), 50, 2, 64), token_major(values.data(), 50, 2, 64), 300);
     EXPECT_LE(cache.head(0, 0).residual_tokens(), 32u + 32u - 1);

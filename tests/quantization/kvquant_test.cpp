@@ -30,40 +30,19 @@
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/kvquant.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
 using view = kvc::kv_view<const float>;
 using kvq_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::kvquant, kvc::project::none>;
 namespace cal = kvc::calibration;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
 
 static_assert(kvc::is_quantization_policy_v<kvc::quant::kvquant>);
 static_assert(kvc::quant::kvquant::head_storage::wants_positions);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int n = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + n);
-}
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no error)";
-}
 
 kvc::cache_config shape(std::size_t layers, std::size_t kv_heads, std::size_t dim, std::size_t group = 1) {
     kvc::cache_config c;

@@ -28,6 +28,7 @@
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
@@ -35,47 +36,16 @@ namespace q = kvc::quant;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
 using kvc::kernels::quant_format;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::shape;
+using kvc_test::stored;
+using kvc_test::stored_rows;
 using codec = q::mixed<q::int8_sym, q::int2_asym, 32>;
 using mixed_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, codec, kvc::project::none>;
 
 static_assert(kvc::is_quantization_policy_v<codec>);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
-
-struct head_values {
-    std::vector<float> keys, values;
-};
-
-head_values stored(const mixed_cache& cache, std::size_t layer, std::size_t h) {
-    const auto& head = cache.head(layer, h);
-    const std::size_t tokens = head.tokens(), dim = cache.config().head_dim;
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim)};
-    head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
-    head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
-    return v;
-}
 
 // A row through a format, as the scalar reference quantizes and dequantizes it.
 std::vector<float> through(quant_format f, const float* x, std::size_t dim) {
@@ -97,16 +67,6 @@ std::vector<bool> top_by_score(const std::vector<float>& scores, std::size_t cou
     std::vector<bool> high(scores.size(), false);
     for (std::size_t i = 0; i < count; ++i) high[order[i]] = true;
     return high;
-}
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
 }
 
 // ---------------------------------------------------------------------------
@@ -139,7 +99,7 @@ TEST(MixedCodec, PlainScoresSplitTokensAndRowsDecodeAsTheirFormats) {
         const std::vector<bool> want_high = top_by_score(scores[h], high_count);
         ASSERT_EQ(head.high_tokens(), high_count);
         ASSERT_EQ(head.low_tokens(), tokens - high_count);
-        const head_values s = stored(cache, 0, h);
+        const stored_rows s = stored(cache, 0, h);
         for (std::size_t t = 0; t < tokens; ++t) {
             EXPECT_EQ(head.is_high(t), want_high[t]) << t;
             const float* k = keys.data() + t * row + h * 64;
@@ -165,7 +125,7 @@ TEST(MixedCodec, PlainScoresSplitTokensAndRowsDecodeAsTheirFormats) {
     std::vector<float> reversed(tokens + 1);
     for (std::size_t t = 0; t <= tokens; ++t) reversed[t] = static_cast<float>(t); // head 1: old low tokens now high
     cache.assign_precision(0, 1, reversed.data());
-    const head_values s = stored(cache, 0, 1);
+    const stored_rows s = stored(cache, 0, 1);
     const std::size_t t = tokens - 1; // low before (score -49), high now
     ASSERT_TRUE(cache.head(0, 1).is_high(t));
     const auto twice = through(quant_format::int8_sym,
@@ -221,7 +181,7 @@ TEST(MixedCodec, AttentionAndMassMatchOracleOnEveryInstructionSet) {
         for (std::size_t h = 0; h < 2; ++h) cache.assign_precision(0, h, scores.data());
         const auto check = [&](const float* q, const float* out, const float* mass, std::size_t visible) {
             for (std::size_t h = 0; h < 2; ++h) {
-                const head_values s = stored(cache, 0, h);
+                const stored_rows s = stored(cache, 0, h);
                 std::vector<double> want_mass(visible, 0.0);
                 for (std::size_t g = 0; g < 3; ++g) {
                     const std::size_t j = h * 3 + g;
@@ -320,7 +280,7 @@ TEST(MixedCodec, BadScoresThrowAndLeaveTheHeadUnchanged) {
     std::vector<float> scores(tokens);
     for (std::size_t t = 0; t < tokens; ++t) scores[t] = static_cast<float>(t % 3);
     cache.assign_precision(0, 0, scores.data());
-    const head_values before = stored(cache, 0, 0);
+    const stored_rows before = stored(cache, 0, 0);
     const std::size_t bytes = cache.bytes(), high = cache.head(0, 0).high_tokens();
     std::vector<float> bad(tokens, 1.0f);
     bad[7] = std::numeric_limits<float>::quiet_NaN();
@@ -334,7 +294,7 @@ TEST(MixedCodec, BadScoresThrowAndLeaveTheHeadUnchanged) {
     EXPECT_NE(direct.find("expected 20 scores, got a null pointer"), std::string::npos) << direct;
     EXPECT_EQ(cache.bytes(), bytes);
     EXPECT_EQ(cache.head(0, 0).high_tokens(), high);
-    const head_values after = stored(cache, 0, 0);
+    const stored_rows after = stored(cache, 0, 0);
     EXPECT_EQ(before.keys, after.keys);
     EXPECT_EQ(before.values, after.values);
     // Infinite scores are ordinary extremes.

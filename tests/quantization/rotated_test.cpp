@@ -37,6 +37,7 @@
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
@@ -48,6 +49,9 @@ using kvc_test::reference;
 using kvc_test::tables_under_test;
 using kvc_test::unit_roundoff;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::worst_head_error;
 
 template <class Q>
 using quant_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Q, kvc::project::none>;
@@ -56,27 +60,9 @@ static_assert(kvc::is_quantization_policy_v<q::rotated<q::q4_0>>);
 static_assert(q::rotated<q::q4_0>::key_bits_per_value() == q::q4_0::key_bits_per_value());
 static_assert(std::is_same_v<q::rotated<q::none<float>>::head_storage, kvc::rotated_rows<kvc::dense_rows, true>>);
 
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
+// fp32 storage: full_cache, what rotated<none<float>> is compared with, holds the exact rows.
 kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
+    kvc::cache_config c = kvc_test::shape(kv_heads, group, dim, layers);
     c.storage = kvc::dtype::f32;
     return c;
 }
@@ -246,21 +232,6 @@ TEST(HadamardKernel, SignTableIsTheDocumentedSplitmixSequence) {
 // ---------------------------------------------------------------------------
 // In the cache.
 
-// Worst relative error, over query heads, of `got` against double `want`.
-double worst_head_error(std::size_t heads, std::size_t dim, const float* got, const std::vector<double>& want) {
-    double worst = 0.0;
-    for (std::size_t j = 0; j < heads; ++j) {
-        double diff = 0.0, norm = 0.0;
-        for (std::size_t d = 0; d < dim; ++d) {
-            const double w = want[j * dim + d];
-            diff += (got[j * dim + d] - w) * (got[j * dim + d] - w);
-            norm += w * w;
-        }
-        worst = std::max(worst, std::sqrt(diff / norm));
-    }
-    return worst;
-}
-
 // Rows of one head as the store decodes them (original space), [tokens][dim].
 template <class Cache>
 std::vector<float> decoded_keys(const Cache& cache, std::size_t layer, std::size_t h) {
@@ -353,7 +324,7 @@ TEST(Rotated, NoneFloatAttentionEqualsFullCacheWithinRounding) {
                 check(a.data(), b.data(), t + 1, queries.data() + t * qrow);
                 // And against attention in double over the original rows.
                 const auto exact = kvc_test::oracle_attention(c, keys, values, t + 1, queries.data() + t * qrow);
-                EXPECT_LE(worst_head_error(c.query_heads, dim, a.data(), exact), 1e-4);
+                EXPECT_LE(worst_head_error(c, a.data(), exact), 1e-4);
             }
             // decode_keys / decode_values are the original rows, within the two rotations' rounding.
             for (std::size_t h = 0; h < c.kv_heads; ++h) {
@@ -378,11 +349,9 @@ TEST(Rotated, NoneFloatAttentionEqualsFullCacheWithinRounding) {
 // and the stored rows are the same bytes on every instruction set.
 TEST(Rotated, BlockAttentionMatchesOracleOverStoredRowsOnEveryInstructionSet) {
     arch_guard guard;
-    const auto c = shape(2, 4, 128);
-    const std::size_t prompt = 64, chunk = 32, steps = 6, total = prompt + steps;
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const auto keys = random_floats(total * row, 11), values = random_floats(total * row, 12);
-    const auto queries = random_floats(total * qrow, 13);
+    const kvc_test::chunked_run run(shape(2, 4, 128), {32, 32}, 6, 11);
+    const kvc::cache_config& c = run.config;
+    const std::size_t total = run.total;
     std::vector<float> first_keys;
     for (kvc::arch_id arch : archs()) {
         SCOPED_TRACE(kvc::name_of(arch));
@@ -390,49 +359,9 @@ TEST(Rotated, BlockAttentionMatchesOracleOverStoredRowsOnEveryInstructionSet) {
         quant_cache<q::rotated<q::q4_0>> cache(c);
         // q4_0 keys are scored against the int8 query (kernels/quant/common.hpp,
         // quantize_query) of the rotated query: in the original space that is
-        // H^T deq(H q), what the oracle scores the decoded keys with.
-        auto scored_query = [&](const float* query) {
-            std::vector<float> out(query, query + qrow);
-            const kvc::kernels::kernel_table& k = kvc::kernels::active();
-            k.hadamard.rotate(out.data(), c.query_heads, c.head_dim, c.head_dim, true,
-                              kvc::kernels::hadamard_direction::forward);
-            for (std::size_t j = 0; j < c.query_heads; ++j) {
-                const auto deq = kvc_test::dequantized_query(out.data() + j * c.head_dim, c.head_dim);
-                std::copy(deq.begin(), deq.end(), out.begin() + static_cast<std::ptrdiff_t>(j * c.head_dim));
-            }
-            k.hadamard.rotate(out.data(), c.query_heads, c.head_dim, c.head_dim, true,
-                              kvc::kernels::hadamard_direction::inverse);
-            return out;
-        };
-        auto oracle = [&](const float* raw_query, std::size_t visible) {
-            const std::vector<float> scored = scored_query(raw_query);
-            const float* query = scored.data();
-            std::vector<float> k, v;
-            for (std::size_t t = 0; t < visible; ++t)
-                for (std::size_t h = 0; h < c.kv_heads; ++h) {
-                    const auto kh = decoded_keys(cache, 0, h), vh = decoded_values(cache, 0, h);
-                    k.insert(k.end(), kh.begin() + t * c.head_dim, kh.begin() + (t + 1) * c.head_dim);
-                    v.insert(v.end(), vh.begin() + t * c.head_dim, vh.begin() + (t + 1) * c.head_dim);
-                }
-            return kvc_test::oracle_attention(c, k, v, visible, query);
-        };
-        double worst = 0.0;
-        for (std::size_t t0 = 0; t0 < prompt; t0 += chunk) {
-            cache.append(0, token_major(keys.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t0 * row, chunk, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t0));
-            std::vector<float> out(chunk * qrow);
-            cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
-            for (std::size_t i = 0; i < chunk; i += 7)
-                worst = std::max(worst, worst_head_error(c.query_heads, c.head_dim, out.data() + i * qrow,
-                                                         oracle(queries.data() + (t0 + i) * qrow, t0 + i + 1)));
-        }
-        for (std::size_t t = prompt; t < total; ++t) {
-            cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-            std::vector<float> out(qrow);
-            cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c.query_heads, c.head_dim, out.data(), oracle(queries.data() + t * qrow, t + 1)));
-        }
+        // H^T deq(H q), what the oracle scores the decoded keys with; every
+        // 7th query of a chunk.
+        const double worst = run.worst_error_over_stored(cache, kvc_test::rotated_int8_query, 7);
         // As block_test's bound for the codec alone, plus the rotations of queries and output (~1e-6).
         EXPECT_LE(worst, 2e-5);
         // Same stored bytes everywhere (the rotation and the quantizer are exact functions of the input).

@@ -34,12 +34,25 @@
 #include "kvc/policy/quantization/sinks.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
 namespace q = kvc::quant;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::exact_query;
+using kvc_test::int8_query;
+using kvc_test::oracle_over_stored;
+using kvc_test::query_map;
+using kvc_test::rotated_int8_query;
+using kvc_test::shape;
+using kvc_test::stored;
+using kvc_test::stored_rows;
+using kvc_test::worst_head_error;
 
 template <class Q, class E = kvc::evict::none>
 using cache_of = kvc::compressed_cache<E, kvc::merge::none, Q, kvc::project::none>;
@@ -55,106 +68,6 @@ static_assert(!kvc::detail::wants_positions<sparse4::head_storage>::value);
 static_assert(kvc::detail::has_compacted<sparse4::head_storage>::value);
 static_assert(kvc::detail::has_assign_precision<mixed4::head_storage>::value);
 static_assert(!kvc::detail::has_assign_precision<sparse4::head_storage>::value);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
-
-struct head_values {
-    std::vector<float> keys, values; // [tokens][dim]
-    std::size_t sinks = 0;           // leading fp16 rows
-};
-
-// The query an inner codec scores its keys with, from the fp32 query of one
-// head: itself, or for the integer Q1 key formats the int8 query
-// (kernels/quant/common.hpp, quantize_query), in the codec's own space.
-using query_map = std::function<std::vector<float>(const float* q, std::size_t dim)>;
-std::vector<float> exact_query(const float* q, std::size_t dim) { return std::vector<float>(q, q + dim); }
-std::vector<float> int8_query(const float* q, std::size_t dim) { return kvc_test::dequantized_query(q, dim); }
-// rotated<q4_0>: H^T deq(H q), the same rotation kernels the codec runs.
-std::vector<float> rotated_int8_query(const float* q, std::size_t dim) {
-    std::vector<float> x(q, q + dim);
-    const kvc::kernels::kernel_table& k = kvc::kernels::active();
-    k.hadamard.rotate(x.data(), 1, dim, dim, true, kvc::kernels::hadamard_direction::forward);
-    x = kvc_test::dequantized_query(x.data(), dim);
-    k.hadamard.rotate(x.data(), 1, dim, dim, true, kvc::kernels::hadamard_direction::inverse);
-    return x;
-}
-
-template <class Store>
-head_values stored(const Store& head, std::size_t dim) {
-    const std::size_t tokens = head.tokens();
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim), head.sink_tokens()};
-    head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
-    head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
-    return v;
-}
-
-template <class Cache>
-std::vector<head_values> stored_heads(const Cache& cache, std::size_t layer = 0) {
-    std::vector<head_values> heads;
-    for (std::size_t h = 0; h < cache.config().kv_heads; ++h)
-        heads.push_back(stored(cache.head(layer, h), cache.config().head_dim));
-    return heads;
-}
-
-// Decode attention in double over the given per-head values (first `visible` tokens).
-// Sink rows meet the fp32 query, inner rows `inner(query)`.
-std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible, const query_map& inner = exact_query) {
-    const std::size_t dim = c.head_dim, group = c.group();
-    std::vector<double> out(c.query_heads * dim, 0.0);
-    for (std::size_t j = 0; j < c.query_heads; ++j) {
-        const head_values& hv = heads[j / group];
-        const std::vector<float> inner_query = inner(queries + j * dim, dim);
-        std::vector<double> logits(visible);
-        double max = -INFINITY;
-        for (std::size_t t = 0; t < visible; ++t) {
-            const float* query = t < hv.sinks ? queries + j * dim : inner_query.data();
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(query[d]) * hv.keys[t * dim + d];
-            logits[t] = dot * c.logit_scale();
-            max = std::max(max, logits[t]);
-        }
-        double sum = 0.0;
-        for (double& l : logits) sum += (l = std::exp(l - max));
-        for (std::size_t t = 0; t < visible; ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * hv.values[t * dim + d];
-    }
-    return out;
-}
-
-using kvc_test::worst_head_error;
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
 
 float fp16(float x) { return kvc::to_float(kvc::to_half(x)); }
 
@@ -232,46 +145,24 @@ TEST(WithSinks, SinksAloneAreFullCacheFp16BitForBit) {
 
 template <class Q>
 void expect_matches_oracle(const Q& policy, double tolerance, const query_map& inner = exact_query) {
-    const auto c = shape(2, 2, 64);
-    const std::size_t chunks[] = {7, 30, 27}, steps = 6;
-    std::size_t prompt = 0;
-    for (std::size_t n : chunks) prompt += n;
-    const std::size_t total = prompt + steps, row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const auto keys = random_floats(total * row, 21), values = random_floats(total * row, 22);
-    const auto queries = random_floats(total * qrow, 23);
+    const kvc_test::chunked_run run(shape(2, 2, 64), {7, 30, 27}, 6, 21);
+    const kvc::cache_config& c = run.config;
+    const std::size_t row = run.row(), total = run.total;
     for (kvc::arch_id arch : archs()) {
         SCOPED_TRACE(kvc::name_of(arch));
         kvc::set_active_arch(arch);
         cache_of<Q> cache(c, {}, {}, policy);
-        double worst = 0.0;
-        std::size_t t0 = 0;
-        for (std::size_t n : chunks) {
-            append(cache, keys, values, t0, n);
-            const auto heads = stored_heads(cache);
-            std::vector<float> out(n * qrow);
-            cache.attend_chunk(0, queries.data() + t0 * qrow, n, out.data());
-            for (std::size_t i = 0; i < n; ++i)
-                worst = std::max(worst, worst_head_error(c, out.data() + i * qrow,
-                                                         oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1, inner)));
-            t0 += n;
-        }
-        for (std::size_t t = prompt; t < total; ++t) {
-            append(cache, keys, values, t, 1);
-            std::vector<float> out(qrow);
-            cache.attend(0, queries.data() + t * qrow, out.data());
-            worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, stored_heads(cache), queries.data() + t * qrow, t + 1, inner)));
-        }
-        EXPECT_LE(worst, tolerance);
+        EXPECT_LE(run.worst_error_over_stored(cache, inner), tolerance);
         // The first 4 tokens are the input's fp16 values; the rest are the inner codec's.
         for (std::size_t h = 0; h < c.kv_heads; ++h) {
             const auto& head = cache.head(0, h);
             ASSERT_EQ(head.sink_tokens(), 4u);
             ASSERT_EQ(head.inner_tokens(), total - 4);
-            const head_values v = stored(head, c.head_dim);
+            const stored_rows v = stored(head, c.head_dim);
             for (std::size_t t = 0; t < 4; ++t)
                 for (std::size_t d = 0; d < c.head_dim; ++d) {
-                    ASSERT_EQ(v.keys[t * c.head_dim + d], fp16(keys[t * row + h * c.head_dim + d]));
-                    ASSERT_EQ(v.values[t * c.head_dim + d], fp16(values[t * row + h * c.head_dim + d]));
+                    ASSERT_EQ(v.keys[t * c.head_dim + d], fp16(run.keys[t * row + h * c.head_dim + d]));
+                    ASSERT_EQ(v.values[t * c.head_dim + d], fp16(run.values[t * row + h * c.head_dim + d]));
                 }
             std::vector<float> inner(4 * c.head_dim);
             head.inner().decode_keys(kvc::kernels::reference_table(), 2, 4, inner.data());
@@ -435,12 +326,12 @@ void expect_compaction_keeps_order(const Q& policy) {
     h.reserve_for_append(tokens);
     for (std::size_t t = 0; t < tokens; ++t)
         h.push_back(kvc::kernels::active(), kvc::dtype::f32, keys.data() + t * dim, values.data() + t * dim);
-    const head_values before = stored(h, dim);
+    const stored_rows before = stored(h, dim);
     const std::vector<std::uint32_t> kept = {0, 2, 5, 7, 8, 15, 19};
     auto small = h.compacted(kept.data(), kept.size());
     EXPECT_EQ(small.sink_tokens(), 2u);
     EXPECT_EQ(small.inner_tokens(), 5u);
-    const head_values after = stored(small, dim);
+    const stored_rows after = stored(small, dim);
     for (std::size_t i = 0; i < kept.size(); ++i)
         for (std::size_t d = 0; d < dim; ++d) {
             ASSERT_EQ(after.keys[i * dim + d], before.keys[kept[i] * dim + d]) << i;
@@ -502,7 +393,7 @@ TEST(WithSinks, EvictionInsideCompressedCache) {
         ASSERT_EQ(cache.tokens(0, h), 40u);
         const auto& head = cache.head(0, h);
         EXPECT_EQ(head.sink_tokens(), 4u); // budget::absolute(40, 4 sinks, ...) keeps the first 4
-        const head_values kept = stored(head, 64), all = stored(twin.head(0, h), 64);
+        const stored_rows kept = stored(head, 64), all = stored(twin.head(0, h), 64);
         const std::int32_t* positions = cache.positions(0, h);
         for (std::size_t i = 0; i < 40; ++i)
             for (std::size_t d = 0; d < 64; ++d) ASSERT_EQ(kept.keys[i * 64 + d], all.keys[positions[i] * 64 + d]);
@@ -533,7 +424,7 @@ TEST(WithSinks, NanInASinkRowStaysInItsToken) {
             const bool poisoned = j / c.group() == 0;
             for (std::size_t d = 0; d < 64; ++d) ASSERT_EQ(std::isnan(out[j * 64 + d]), poisoned) << j;
         }
-        const head_values got = stored(cache.head(0, 0), 64), want = stored(clean.head(0, 0), 64);
+        const stored_rows got = stored(cache.head(0, 0), 64), want = stored(clean.head(0, 0), 64);
         for (std::size_t i = 0; i < got.keys.size(); ++i) {
             if (i == 1 * 64 + 5) {
                 EXPECT_TRUE(std::isnan(got.keys[i]));
@@ -547,7 +438,7 @@ TEST(WithSinks, NanInASinkRowStaysInItsToken) {
             if (t != 1) kept.push_back(t);
         const auto healed = cache.head(0, 0).compacted(kept.data(), kept.size());
         EXPECT_EQ(healed.sink_tokens(), 3u);
-        const head_values left = stored(healed, 64);
+        const stored_rows left = stored(healed, 64);
         std::vector<float> state_acc(c.group() * 64), state_max(c.group()), state_sum(c.group()), healed_out(c.group() * 64);
         const kvc::kernels::decode_state state{state_max.data(), state_sum.data(), state_acc.data()};
         kvc::kernels::common::reset_state<kvc::kernels::reference_arch>(state, c.group(), 64);
@@ -559,7 +450,7 @@ TEST(WithSinks, NanInASinkRowStaysInItsToken) {
         healed.attend(kvc::kernels::active(), p, state);
         kvc::kernels::common::finalize_state<kvc::kernels::reference_arch>(state, c.group(), 64, healed_out.data(), 64);
         kvc::cache_config one = shape(1, c.group(), 64);
-        const auto want_out = oracle(one, {left}, queries.data(), tokens - 1, int8_query);
+        const auto want_out = oracle_over_stored(one, {left}, queries.data(), tokens - 1, int8_query);
         EXPECT_LE(worst_head_error(one, healed_out.data(), want_out), 2e-5);
     }
 }
@@ -653,7 +544,7 @@ TEST(WithSinks, AssignPrecisionGetsTheInnerTokensScores) {
     EXPECT_EQ(head.inner().high_tokens(), 1u);
     EXPECT_EQ(head.inner().low_tokens(), 9u);
     // Token 9 (inner row 5) decodes at int8 precision, token 10 at int2.
-    const head_values v = stored(head, dim);
+    const stored_rows v = stored(head, dim);
     double err9 = 0.0, err10 = 0.0;
     for (std::size_t d = 0; d < dim; ++d) {
         err9 = std::max(err9, std::abs(static_cast<double>(v.keys[9 * dim + d]) - keys[9 * dim + d]));

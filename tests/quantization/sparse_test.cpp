@@ -25,87 +25,22 @@
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "quantization/codec_test_util.hpp"
 
 namespace {
 
 namespace q = kvc::quant;
 using kvc_test::random_floats;
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+using kvc_test::arch_guard;
+using kvc_test::archs;
+using kvc_test::error_of;
+using kvc_test::shape;
+using kvc_test::stored;
+using kvc_test::stored_rows;
 using sparse_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, q::sparse, kvc::project::none>;
 
 static_assert(kvc::is_quantization_policy_v<q::sparse>);
-
-class arch_guard {
-public:
-    arch_guard() : arch_(kvc::active_arch()) {}
-    ~arch_guard() { kvc::set_active_arch(arch_); }
-
-private:
-    kvc::arch_id arch_;
-};
-
-std::vector<kvc::arch_id> archs() {
-    kvc::arch_id list[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(list);
-    return std::vector<kvc::arch_id>(list, list + count);
-}
-
-kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::size_t dim, std::size_t layers = 1) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = kv_heads * group;
-    c.head_dim = dim;
-    return c;
-}
-
-struct head_values {
-    std::vector<float> keys, values; // [tokens][dim]
-};
-
-head_values stored(const sparse_cache& cache, std::size_t layer, std::size_t h) {
-    const auto& head = cache.head(layer, h);
-    const std::size_t tokens = head.tokens(), dim = cache.config().head_dim;
-    head_values v{std::vector<float>(tokens * dim), std::vector<float>(tokens * dim)};
-    head.decode_keys(kvc::kernels::reference_table(), 0, tokens, v.keys.data());
-    head.decode_values(kvc::kernels::reference_table(), 0, tokens, v.values.data());
-    return v;
-}
-
-// Decode attention in double over the given per-head values (first `visible` tokens).
-std::vector<double> oracle(const kvc::cache_config& c, const std::vector<head_values>& heads, const float* queries,
-                           std::size_t visible) {
-    const std::size_t dim = c.head_dim, group = c.group();
-    std::vector<double> out(c.query_heads * dim, 0.0);
-    for (std::size_t j = 0; j < c.query_heads; ++j) {
-        const head_values& hv = heads[j / group];
-        std::vector<double> logits(visible);
-        double max = -INFINITY;
-        for (std::size_t t = 0; t < visible; ++t) {
-            double dot = 0.0;
-            for (std::size_t d = 0; d < dim; ++d) dot += static_cast<double>(queries[j * dim + d]) * hv.keys[t * dim + d];
-            logits[t] = dot * c.logit_scale();
-            max = std::max(max, logits[t]);
-        }
-        double sum = 0.0;
-        for (double& l : logits) sum += (l = std::exp(l - max));
-        for (std::size_t t = 0; t < visible; ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * hv.values[t * dim + d];
-    }
-    return out;
-}
-
-using kvc_test::worst_head_error;
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
 
 // ---------------------------------------------------------------------------
 
@@ -124,47 +59,22 @@ TEST(SparseCodec, KeptCountsAndBitsPerValue) {
 TEST(SparseCodec, AttentionMatchesOracleOverStoredValuesOnEveryInstructionSet) {
     arch_guard guard;
     for (std::size_t dim : {std::size_t{128}, std::size_t{80}}) {
-        const auto c = shape(3, 2, dim);
-        const std::size_t prompt = 96, chunk = 32, steps = 9, total = prompt + steps;
-        const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-        const auto keys = random_floats(total * row, 71), values = random_floats(total * row, 72);
-        const auto queries = random_floats(total * qrow, 73);
+        const kvc_test::chunked_run run(shape(3, 2, dim), {32, 32, 32}, 9, 71);
+        const std::size_t row = run.row();
         for (kvc::arch_id arch : archs()) {
             SCOPED_TRACE(std::string(kvc::name_of(arch)) + " dim " + std::to_string(dim));
             kvc::set_active_arch(arch);
-            sparse_cache cache(c, {}, {}, q::sparse(0.5, 0.7));
-            double worst = 0.0;
-            for (std::size_t t0 = 0; t0 < prompt; t0 += chunk) {
-                cache.append(0, token_major(keys.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                             token_major(values.data() + t0 * row, chunk, c.kv_heads, c.head_dim),
-                             static_cast<std::int64_t>(t0));
-                std::vector<head_values> heads;
-                for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-                std::vector<float> out(chunk * qrow);
-                cache.attend_chunk(0, queries.data() + t0 * qrow, chunk, out.data());
-                for (std::size_t i = 0; i < chunk; ++i)
-                    worst = std::max(worst, worst_head_error(c, out.data() + i * qrow,
-                                                             oracle(c, heads, queries.data() + (t0 + i) * qrow, t0 + i + 1)));
-            }
-            for (std::size_t t = prompt; t < total; ++t) {
-                cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                             token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-                std::vector<head_values> heads;
-                for (std::size_t h = 0; h < c.kv_heads; ++h) heads.push_back(stored(cache, 0, h));
-                std::vector<float> out(qrow);
-                cache.attend(0, queries.data() + t * qrow, out.data());
-                worst = std::max(worst, worst_head_error(c, out.data(), oracle(c, heads, queries.data() + t * qrow, t + 1)));
-            }
-            EXPECT_LE(worst, 2e-5);
+            sparse_cache cache(run.config, {}, {}, q::sparse(0.5, 0.7));
+            EXPECT_LE(run.worst_error_over_stored(cache), 2e-5);
             // The stored rows keep exactly the chosen counts, with the input's fp16 values.
-            const head_values h0 = stored(cache, 0, 1);
-            for (std::size_t t = 0; t < total; ++t) {
+            const stored_rows h0 = stored(cache, 0, 1);
+            for (std::size_t t = 0; t < run.total; ++t) {
                 std::size_t nonzero = 0;
                 for (std::size_t d = 0; d < dim; ++d) {
                     const float k = h0.keys[t * dim + d];
                     if (k != 0.0f) {
                         ++nonzero;
-                        EXPECT_EQ(k, kvc::to_float(kvc::to_half(keys[t * row + dim + d])));
+                        EXPECT_EQ(k, kvc::to_float(kvc::to_half(run.keys[t * row + dim + d])));
                     }
                 }
                 EXPECT_EQ(nonzero, dim / 2) << "token " << t; // Gaussian data: no kept zeros
@@ -217,7 +127,7 @@ TEST(SparseCodec, ZeroSparsityStoresExactlyFp16) {
         cache.append(0, token_major(keys.data(), tokens, 2, 64), token_major(values.data(), tokens, 2, 64), 0);
         full.append(0, token_major(keys.data(), tokens, 2, 64), token_major(values.data(), tokens, 2, 64), 0);
         for (std::size_t h = 0; h < 2; ++h) {
-            const head_values s = stored(cache, 0, h);
+            const stored_rows s = stored(cache, 0, h);
             for (std::size_t t = 0; t < tokens; ++t)
                 for (std::size_t d = 0; d < 64; ++d) {
                     ASSERT_EQ(s.keys[t * 64 + d], kvc::to_float(kvc::to_half(keys[t * row + h * 64 + d])));
@@ -300,14 +210,14 @@ TEST(SparseCodec, NonFiniteInputPoisonsOnlyItsTokenAndHead) {
             keys[bad * row + 0 * 64 + 40] = special; // head 0
             dirty.append(0, token_major(keys.data(), tokens, 2, 64), token_major(values.data(), tokens, 2, 64), 0);
             for (std::size_t h = 0; h < 2; ++h) {
-                const head_values a = stored(clean, 0, h), b = stored(dirty, 0, h);
+                const stored_rows a = stored(clean, 0, h), b = stored(dirty, 0, h);
                 EXPECT_EQ(a.values, b.values);
                 for (std::size_t i = 0; i < a.keys.size(); ++i) {
                     if (h == 0 && i / 64 == bad) continue;
                     EXPECT_EQ(a.keys[i], b.keys[i]) << "head " << h << " element " << i;
                 }
             }
-            const head_values poisoned = stored(dirty, 0, 0);
+            const stored_rows poisoned = stored(dirty, 0, 0);
             const float kept = poisoned.keys[bad * 64 + 40];
             if (std::isnan(special)) {
                 EXPECT_TRUE(std::isnan(kept));

@@ -183,31 +183,53 @@ inline void accumulate_mass(const float* logits, std::size_t logits_stride, std:
     }
 }
 
-// Chunked causal prefill on top of any decode partial of the same arch:
-// query i attends over the first tokens - chunk + i + 1 rows.
-template <class A, void (*Partial)(const decode_problem&, const decode_state&) noexcept>
-inline void prefill_by_rows(const prefill_problem& p, float* workspace) noexcept {
-    decode_state state{workspace, workspace + p.group, workspace + 2 * p.group};
+// Chunked causal prefill as one decode pass per query, for any storage whose
+// decode can fold "the first n rows" into a running softmax state: query i of
+// the chunk sees the first visible = tokens - chunk + i + 1 of the `tokens`
+// rows, and attend_prefix(visible, d, state) folds exactly those rows into
+// `state` for d's query group. d carries the query side (dim, group, queries,
+// query_stride, scale, logits, logits_stride; tokens = visible); the callback
+// supplies the rows. Outputs and attention mass are exactly those of decode
+// attention token by token; the cost is chunk passes over the rows (no tiling
+// across queries). Logits rows are `tokens` apart, so a callback may write
+// logits past `visible` (with_sinks masks its later rows rather than cutting
+// them). Problem: prefill_problem or quant_prefill_problem (both name the
+// query and output fields alike). workspace: prefill_workspace_floats(p.group,
+// p.dim, tokens, p.mass != nullptr) floats.
+template <class A, class Problem, class AttendPrefix>
+inline void prefill_by_decode(const Problem& p, std::size_t tokens, float* workspace,
+                              AttendPrefix&& attend_prefix) noexcept {
+    const decode_state state{workspace, workspace + p.group, workspace + 2 * p.group};
     float* logits = p.mass ? workspace + p.group * (p.dim + 2) : nullptr;
     for (std::size_t i = 0; i < p.chunk; ++i) {
+        const std::size_t visible = tokens - p.chunk + i + 1;
         decode_problem d;
-        d.keys = p.keys;
-        d.values = p.values;
-        d.key_stride = p.key_stride;
-        d.value_stride = p.value_stride;
-        d.tokens = p.tokens - p.chunk + i + 1;
+        d.tokens = visible;
         d.dim = p.dim;
         d.group = p.group;
         d.queries = p.queries + i * p.query_token_stride;
         d.query_stride = p.query_head_stride;
         d.scale = p.scale;
         d.logits = logits;
-        d.logits_stride = d.tokens;
+        d.logits_stride = tokens;
         reset_state<A>(state, p.group, p.dim);
-        Partial(d, state);
+        attend_prefix(visible, d, state);
         finalize_state<A>(state, p.group, p.dim, p.out + i * p.out_token_stride, p.out_head_stride);
-        if (logits) accumulate_mass<A>(logits, d.tokens, p.group, d.tokens, state.max, state.sum, p.mass);
+        if (logits) accumulate_mass<A>(logits, tokens, p.group, visible, state.max, state.sum, p.mass);
     }
+}
+
+// prefill_by_decode over plain rows and a decode partial of the same arch.
+template <class A, void (*Partial)(const decode_problem&, const decode_state&) noexcept>
+inline void prefill_by_rows(const prefill_problem& p, float* workspace) noexcept {
+    prefill_by_decode<A>(p, p.tokens, workspace,
+                         [&p](std::size_t, decode_problem d, const decode_state& state) noexcept {
+                             d.keys = p.keys;
+                             d.values = p.values;
+                             d.key_stride = p.key_stride;
+                             d.value_stride = p.value_stride;
+                             Partial(d, state);
+                         });
 }
 
 } // namespace common

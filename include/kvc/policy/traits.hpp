@@ -13,6 +13,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "kvc/core/config.hpp"
 
@@ -50,6 +51,14 @@ KVC_POLICY_FLAG(needs_attention_stats)
 KVC_POLICY_FLAG(needs_queries)
 KVC_POLICY_FLAG(needs_calibration)
 #undef KVC_POLICY_FLAG
+
+// Head stores (a quantization policy's head_storage) that report
+// stored_bytes(): the bytes of stored rows one attention reads. Wrapping
+// codecs forward it when their inner store has it; bench/quant.cpp reports it.
+template <class S, class = void>
+struct has_stored_bytes : std::false_type {};
+template <class S>
+struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
 } // namespace detail
 
 template <class P>

@@ -35,7 +35,6 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/kernels/quant/gear.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 #include "kvc/storage/dense_rows.hpp"
 #include "kvc/storage/packed_rows.hpp"
 
@@ -228,11 +227,11 @@ public:
     // one decode partial per query over the prefix it sees.
     void prefill(const kernels::kernel_table& k, kernels::prefill_problem p, float* workspace) const noexcept {
         p.dim = dim_; // the cache leaves it to the store
-        detail::causal_prefill_by_decode(p, tokens(), workspace,
-                                         [&](std::size_t visible, const kernels::decode_problem& d,
-                                             const kernels::decode_state& state) {
-                                             k.gear.attend_partial(problem(d, visible), state);
-                                         });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            p, tokens(), workspace,
+            [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
+                k.gear.attend_partial(problem(d, visible), state);
+            });
     }
 
 private:

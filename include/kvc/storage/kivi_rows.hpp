@@ -48,11 +48,11 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/quant/common.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/kernels/quant/kivi_problem.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
 namespace kvc {
@@ -207,15 +207,15 @@ public:
     }
 
     // Causal attention of the last p.chunk tokens' queries: one decode pass
-    // over the visible prefix per query (storage/causal_prefill.hpp).
+    // over the visible prefix per query (kernels::common::prefill_by_decode).
     void prefill(const kernels::kernel_table& k, kernels::prefill_problem p, float* workspace) const noexcept {
         p.dim = dim_;
         p.tokens = tokens();
-        detail::causal_prefill_by_decode(p, tokens(), workspace,
-                                         [&](std::size_t visible, const kernels::decode_problem& d,
-                                             const kernels::decode_state& state) {
-                                             k.kivi.attend_partial(problem(d, visible), state);
-                                         });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            p, tokens(), workspace,
+            [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
+                k.kivi.attend_partial(problem(d, visible), state);
+            });
     }
 
 private:

@@ -46,11 +46,11 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/quant/kvquant_problem.hpp"
 #include "kvc/kernels/reference/kvquant.hpp"
 #include "kvc/kernels/rope.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
 namespace kvc {
@@ -365,13 +365,15 @@ public:
         attend_first(k, tokens(), p, state);
     }
 
-    // Causal prefill through the decode partial (storage/causal_prefill.hpp).
+    // Causal prefill through the decode partial (kernels::common::prefill_by_decode).
     void prefill(const kernels::kernel_table& k, const kernels::prefill_problem& p, float* workspace) const noexcept {
         kernels::prefill_problem with_dim = p; // the cache leaves dim to the store
         with_dim.dim = dim_;
-        detail::causal_prefill_by_decode(with_dim, tokens(), workspace,
-                                         [&](std::size_t n, const kernels::decode_problem& d,
-                                             const kernels::decode_state& s) { attend_first(k, n, d, s); });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            with_dim, tokens(), workspace,
+            [&](std::size_t n, const kernels::decode_problem& d, const kernels::decode_state& s) {
+                attend_first(k, n, d, s);
+            });
     }
 
     // The packed body as the kernels see it.

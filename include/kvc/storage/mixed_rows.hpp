@@ -37,10 +37,10 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/kernels/quant/problem.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 #include "kvc/storage/packed_rows.hpp"
 
 namespace kvc {
@@ -223,9 +223,11 @@ public:
                  float* workspace) const noexcept {
         kernels::prefill_problem p = problem;
         p.dim = dim_; // callers describe queries and outputs; the head dim is the store's
-        detail::causal_prefill_by_decode(p, tokens(), workspace,
-                                         [&](std::size_t visible, const kernels::decode_problem& d,
-                                             const kernels::decode_state& state) { attend_prefix(k, visible, d, state); });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            p, tokens(), workspace,
+            [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
+                attend_prefix(k, visible, d, state);
+            });
     }
 
     // Tokens held high after an assignment over n tokens.

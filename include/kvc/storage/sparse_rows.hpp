@@ -9,7 +9,7 @@
 //
 // Attention runs the sparse kernels directly on these rows (no dense copy);
 // prefill is one decode partial per query over the visible prefix
-// (storage/causal_prefill.hpp).
+// (kernels::common::prefill_by_decode).
 //
 // Memory: keys and values are aligned_buffers from the cache's memory
 // resource; bytes() is their capacity in bytes, nothing else is held.
@@ -22,10 +22,10 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/sparse/common.hpp"
 #include "kvc/kernels/sparse/problem.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 
 namespace kvc {
 
@@ -121,9 +121,11 @@ public:
                  float* workspace) const noexcept {
         kernels::prefill_problem p = problem;
         p.dim = dim_; // callers describe queries and outputs; the head dim is the store's
-        detail::causal_prefill_by_decode(p, tokens(), workspace,
-                                         [&](std::size_t visible, const kernels::decode_problem& d,
-                                             const kernels::decode_state& state) { attend_prefix(k, visible, d, state); });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            p, tokens(), workspace,
+            [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
+                attend_prefix(k, visible, d, state);
+            });
     }
 
 private:

@@ -356,33 +356,27 @@ inline void dequantize_query(const quantized_query& qq, std::size_t dim, float* 
         out[i] = qq.scales[i / quant_payload_elements] * static_cast<float>(qq.codes[i]);
 }
 
-// Chunked causal prefill on top of a quantized decode partial: query i sees
-// the sink rows and packed rows up to tokens - chunk + i (common::prefill_by_rows
-// for segmented storage).
+// common::prefill_by_decode over the sink rows and packed rows: the query
+// that sees `visible` tokens takes the first of them from the sinks.
 template <class A, void (*Partial)(const quant_decode_problem&, const decode_state&) noexcept>
 inline void prefill_by_rows(const quant_prefill_problem& p, float* workspace) noexcept {
-    decode_state state{workspace, workspace + p.group, workspace + 2 * p.group};
-    float* logits = p.mass ? workspace + p.group * (p.dim + 2) : nullptr;
-    const std::size_t total = p.sink.tokens + p.tokens;
-    for (std::size_t i = 0; i < p.chunk; ++i) {
-        const std::size_t visible = total - p.chunk + i + 1;
-        quant_decode_problem d;
-        d.sink = p.sink;
-        d.sink.tokens = visible < p.sink.tokens ? visible : p.sink.tokens;
-        d.rows = p.rows;
-        d.tokens = visible - d.sink.tokens;
-        d.dim = p.dim;
-        d.group = p.group;
-        d.queries = p.queries + i * p.query_token_stride;
-        d.query_stride = p.query_head_stride;
-        d.scale = p.scale;
-        d.logits = logits;
-        d.logits_stride = visible;
-        common::reset_state<A>(state, p.group, p.dim);
-        Partial(d, state);
-        common::finalize_state<A>(state, p.group, p.dim, p.out + i * p.out_token_stride, p.out_head_stride);
-        if (logits) common::accumulate_mass<A>(logits, visible, p.group, visible, state.max, state.sum, p.mass);
-    }
+    common::prefill_by_decode<A>(
+        p, p.sink.tokens + p.tokens, workspace,
+        [&p](std::size_t visible, const decode_problem& d, const decode_state& state) noexcept {
+            quant_decode_problem q;
+            q.sink = p.sink;
+            q.sink.tokens = visible < p.sink.tokens ? visible : p.sink.tokens;
+            q.rows = p.rows;
+            q.tokens = visible - q.sink.tokens;
+            q.dim = d.dim;
+            q.group = d.group;
+            q.queries = d.queries;
+            q.query_stride = d.query_stride;
+            q.scale = d.scale;
+            q.logits = d.logits;
+            q.logits_stride = d.logits_stride;
+            Partial(q, state);
+        });
 }
 
 // The fp16 sink segment as a plain decode problem (its logits and biases come first).

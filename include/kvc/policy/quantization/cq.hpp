@@ -66,10 +66,10 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
+#include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/quant/cq_problem.hpp"
 #include "kvc/policy/traits.hpp"
-#include "kvc/storage/causal_prefill.hpp"
 
 namespace kvc::quant {
 
@@ -183,11 +183,11 @@ public:
         kernels::prefill_problem shaped = p; // the cache leaves the store's own extents unset
         shaped.dim = dim_;
         shaped.tokens = tokens();
-        detail::causal_prefill_by_decode(shaped, tokens(), scratch,
-                                         [&](std::size_t visible, const kernels::decode_problem& d,
-                                             const kernels::decode_state& state) {
-                                             attend_prefix(k, d, state, visible, lookup);
-                                         });
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            shaped, tokens(), scratch,
+            [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
+                attend_prefix(k, d, state, visible, lookup);
+            });
     }
 
 private:

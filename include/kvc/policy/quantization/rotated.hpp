@@ -78,11 +78,6 @@
 namespace kvc {
 
 namespace detail {
-template <class S, class = void>
-struct has_stored_bytes : std::false_type {};
-template <class S>
-struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
-
 template <class P, class = void>
 struct has_bits_per_value : std::false_type {};
 template <class P>

@@ -30,15 +30,15 @@
 //   inner store's attend with the caller's bias and logits offset by the sink
 //   count, into the same running softmax state. Over sinks alone it is
 //   full_cache's fp16 attention bit for bit.
-// - Prefill: one decode pass per query of the chunk (as
-//   storage/causal_prefill.hpp), the sinks the query sees through the fp16
-//   partial, then the inner store. Inner stores can only attend all their
-//   rows, so the rows after the query (later tokens of the chunk) are masked
-//   with a -inf bias (kept in the prefill workspace; the inner kernels add
-//   the bias to every logit). A chunk that straddles the sink boundary is
+// - Prefill: one decode pass per query of the chunk
+//   (kernels::common::prefill_by_decode), the sinks the query sees through
+//   the fp16 partial, then the inner store. Inner stores can only attend all
+//   their rows, so the rows after the query (later tokens of the chunk) are
+//   masked with a -inf bias (kept in the prefill workspace; the inner kernels
+//   add the bias to every logit). A chunk that straddles the sink boundary is
 //   exact: queries inside the sink segment see only a prefix of the sinks and
-//   skip the inner store. Costs chunk x tokens, like causal_prefill. With no
-//   inner rows yet, prefill is dense_rows' (full_cache's) fused prefill.
+//   skip the inner store. Costs chunk x tokens. With no inner rows yet,
+//   prefill is dense_rows' (full_cache's) fused prefill.
 // - Eviction: compacted() (kept sinks first, then the inner store's kept
 //   rows: through its own compacted() when it has one, else a copy compacted
 //   with keep() and shrunk). There is no in-place keep(): the inner store
@@ -79,7 +79,6 @@
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/problem.hpp"
-#include "kvc/policy/quantization/rotated.hpp" // detail::has_stored_bytes
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
@@ -223,37 +222,20 @@ public:
             sink_.prefill(k, p, workspace);
             return;
         }
-        using kernels::reference_arch;
         const std::size_t sinks = sink_.tokens(), inner = inner_.tokens(), total = sinks + inner;
-        const kernels::decode_state state{workspace, workspace + p.group, workspace + 2 * p.group};
-        float* logits = p.mass ? workspace + p.group * (p.dim + 2) : nullptr;
         float* mask = workspace + kernels::prefill_workspace_floats(p.group, p.dim, total, p.mass != nullptr);
         for (std::size_t t = 0; t < inner; ++t) mask[t] = -std::numeric_limits<float>::infinity();
         std::size_t opened = 0; // inner rows unmasked so far
-        for (std::size_t i = 0; i < p.chunk; ++i) {
-            const std::size_t visible = total - p.chunk + i + 1;
-            kernels::decode_problem d;
-            d.dim = p.dim;
-            d.group = p.group;
-            d.queries = p.queries + i * p.query_token_stride;
-            d.query_stride = p.query_head_stride;
-            d.scale = p.scale;
-            d.logits = logits;
-            d.logits_stride = total;
-            kernels::common::reset_state<reference_arch>(state, p.group, p.dim);
-            attend_sinks(k, d, state, visible < sinks ? visible : sinks);
-            if (visible > sinks) {
+        kernels::common::prefill_by_decode<kernels::reference_arch>(
+            p, total, workspace,
+            [&](std::size_t visible, kernels::decode_problem d, const kernels::decode_state& state) {
+                attend_sinks(k, d, state, visible < sinks ? visible : sinks);
+                if (visible <= sinks) return;
                 for (; opened < visible - sinks; ++opened) mask[opened] = 0.0f;
                 d.bias = opened < inner ? mask : nullptr;
-                d.logits = logits ? logits + sinks : nullptr;
+                d.logits = d.logits ? d.logits + sinks : nullptr;
                 inner_.attend(k, d, state);
-            }
-            kernels::common::finalize_state<reference_arch>(state, p.group, p.dim, p.out + i * p.out_token_stride,
-                                                            p.out_head_stride);
-            if (logits)
-                kernels::common::accumulate_mass<reference_arch>(logits, total, p.group, visible, state.max, state.sum,
-                                                                 p.mass);
-        }
+            });
     }
 
 private:
