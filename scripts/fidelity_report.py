@@ -102,13 +102,16 @@ def draw(results, plot_path, work_dir):
 
 
 def calibration_note(results):
-    """The paragraph on the calibrated codecs' calibration text ("" when none ran)."""
+    """The paragraph on the calibrated policies' calibration text ("" when none ran)."""
     texts = sorted({r.get("calibration_text", "") for r in results} - {""})
     if not texts:
         return ""
-    return ("Calibrated codecs (`cq:*`: CQ codebooks, Q8; `kvquant:*`: KVQuant ranges and "
-            "codebooks, Q3, learnt from keys before RoPE) learn from the model's own keys and values "
-            "over text that no window scores: %s. Their cache bytes include the per-head "
+    return ("Calibrated policies (codecs `cq:*`: CQ codebooks, Q8; `kvquant:*`: KVQuant ranges and "
+            "codebooks, Q3, learnt from keys before RoPE; eviction `qfilter`: each KV head's dominant "
+            "query direction, E10; `head_roles`: which KV heads attend farthest back, B6, where "
+            "`head_roles:S` keeps every token in the share S of the KV heads and the sinks and newest 16 "
+            "in the others, so its rows are not those of a keep ratio S) learn from the model's own keys, "
+            "values and queries over text that no window scores: %s. Codec bytes include the per-head "
             "codebooks (CQ: 128 KiB per KV head at 8-bit codes). `mixed:HIGH/LOW:F` (Q6) keeps, per "
             "KV head, the fraction F of the prompt tokens that received the most attention from the "
             "prompt's last prefill chunk in HIGH and the rest in LOW, assigned when decoding starts "

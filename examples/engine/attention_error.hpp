@@ -115,7 +115,9 @@ inline recorded_rows record_rows(transformer& model, const std::vector<int>& tok
     model.prefill(tokens.data(), prompt, 0, recorder, chunk);
     for (std::size_t i = prompt; i < tokens.size(); ++i)
         model.decode(tokens[i], static_cast<std::int64_t>(i), recorder);
-    return recorder.recorded();
+    recorded_rows rows = recorder.recorded();
+    rows.sequences = {tokens.size()};
+    return rows;
 }
 
 struct attention_error {
@@ -126,14 +128,16 @@ struct attention_error {
 
 // Replays `rows` (prompt tokens, then decode steps) through the cache `spec`
 // names and through full_cache f32, comparing every decode output.
+// Calibrated policies learn from `calibrated`.
 inline attention_error measure_attention_error(const kvc::cache_config& shape, const recorded_rows& rows,
-                                               std::size_t prompt, std::size_t chunk, const cache_spec& spec) {
+                                               std::size_t prompt, std::size_t chunk, const cache_spec& spec,
+                                               const calibration& calibrated = {}) {
     const std::size_t kv_row = shape.kv_heads * shape.head_dim, q_row = shape.query_heads * shape.head_dim;
     const std::size_t tokens = rows.keys.at(0).size() / kv_row;
     if (prompt == 0 || prompt >= tokens || chunk == 0)
         throw std::invalid_argument("measure_attention_error: expected 1 <= prompt < " + std::to_string(tokens) +
                                     " recorded tokens and chunk >= 1");
-    const auto tested = make_cache(shape, spec);
+    const auto tested = make_cache(shape, spec, calibrated);
     const auto reference = make_cache(shape, cache_spec{"full:f32", "none"});
     std::vector<float> out(chunk * q_row), expected(chunk * q_row);
     auto view_of = [&](const std::vector<float>& data, std::size_t first, std::size_t count) {

@@ -5,6 +5,10 @@
 //   kvc-attention-error --model models/kvref/model.bin --eviction-sweep   # every scorer at 0.5, 0.25, 0.125
 //
 // Prints one JSON object per configuration and line.
+//
+// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles)
+// learn from the last 4 x `context` tokens of the text, which no window
+// reaches (the windows are taken from its start).
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +16,7 @@
 #include <vector>
 
 #include "attention_error.hpp"
+#include "calibration.hpp"
 #include "cli.hpp"
 #include "fidelity.hpp"
 
@@ -25,7 +30,8 @@ const char* const usage = R"(usage: kvc-attention-error --model FILE [options]
   --cache SPEC         cache to measure (default none:f32; see kvc_engine --list)
   --evict SPEC         its eviction policy (default none)
   --evict-every N      decode-time compression interval (default 0)
-  --eviction-sweep     instead: every eviction policy with a keep ratio, at 0.5, 0.25 and 0.125, on --cache
+  --eviction-sweep     instead: every eviction policy whose value is a share of the cache (a keep
+                       ratio, head_roles' retrieval share), at 0.5, 0.25 and 0.125, on --cache
   --prompt N           prompt tokens per window (default 512)
   --steps M            decode steps measured per window (default 32)
   --chunk N            prefill chunk (default 64)
@@ -65,7 +71,9 @@ options parse(int argc, char** argv) {
     return o;
 }
 
-std::string json_row(const engine::cache_spec& spec, const engine::attention_error& e, const options& o) {
+// calibration_text: where a calibrated policy learnt from ("" for the others).
+std::string json_row(const engine::cache_spec& spec, const engine::attention_error& e, const options& o,
+                     const std::string& calibration_text) {
     using engine::detail::json_string;
     using engine::detail::number;
     return "{\"method\": " + json_string(spec.method()) + ", \"cache\": " + json_string(spec.cache) +
@@ -73,7 +81,8 @@ std::string json_row(const engine::cache_spec& spec, const engine::attention_err
            ", \"error_mean\": " + number(e.mean) + ", \"error_max\": " + number(e.max) +
            ", \"rows_kept\": " + number(e.rows_kept) + ", \"samples\": " + std::to_string(e.samples) +
            ", \"windows\": " + std::to_string(o.windows) + ", \"prompt\": " + std::to_string(o.prompt) +
-           ", \"steps\": " + std::to_string(o.steps) + "}\n";
+           ", \"steps\": " + std::to_string(o.steps) + ", \"calibration_text\": " + json_string(calibration_text) +
+           "}\n";
 }
 
 int run(options o) {
@@ -91,14 +100,16 @@ int run(options o) {
 
     std::vector<engine::cache_spec> specs;
     if (o.sweep) {
-        for (const std::string& name : engine::keep_ratio_evictions())
+        for (const std::string& name : engine::cache_share_evictions())
             for (const char* ratio : {"0.5", "0.25", "0.125"})
                 specs.push_back({o.spec.cache, name + ":" + ratio, o.spec.every});
     } else {
         specs.push_back(o.spec);
     }
     const kvc::cache_config config = engine::kv_cache_config(shape);
-    for (const engine::cache_spec& spec : specs) engine::make_cache(config, spec); // spelling errors first
+    const engine::calibration calibrated =
+        engine::text_tail_calibration(model, tokens, shape.context, o.windows * window, o.text);
+    for (const engine::cache_spec& spec : specs) engine::make_cache(config, spec, calibrated); // spelling errors first
 
     std::vector<engine::recorded_rows> recorded;
     for (std::size_t w = 0; w < o.windows; ++w) {
@@ -110,7 +121,8 @@ int run(options o) {
         engine::attention_error total;
         double sum = 0.0, kept = 0.0;
         for (const engine::recorded_rows& rows : recorded) {
-            const engine::attention_error e = engine::measure_attention_error(config, rows, o.prompt, o.chunk, spec);
+            const engine::attention_error e =
+                engine::measure_attention_error(config, rows, o.prompt, o.chunk, spec, calibrated);
             sum += e.mean * static_cast<double>(e.samples);
             total.samples += e.samples;
             total.max = std::max(total.max, e.max);
@@ -118,7 +130,8 @@ int run(options o) {
         }
         total.mean = sum / static_cast<double>(total.samples);
         total.rows_kept = kept / static_cast<double>(recorded.size());
-        std::fputs(json_row(spec, total, o).c_str(), stdout);
+        const std::string learnt = engine::learnt_from(calibrated, spec) ? calibrated.text : "";
+        std::fputs(json_row(spec, total, o, learnt).c_str(), stdout);
         std::fflush(stdout);
     }
     return 0;

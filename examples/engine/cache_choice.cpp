@@ -156,10 +156,10 @@ std::vector<sweep_point> sweep_points() {
     return points;
 }
 
-std::vector<std::string> keep_ratio_evictions() {
+std::vector<std::string> cache_share_evictions() {
     std::vector<std::string> names;
     registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        if (option.parameter == "keep_ratio") names.emplace_back(option.name);
+        if (option.parameter == "keep_ratio" || option.parameter == "retrieval_share") names.emplace_back(option.name);
     });
     return names;
 }

@@ -14,7 +14,8 @@
 //   --cache CODEC                             kvc::compressed_cache with that quantization codec
 //                                             (calibrated codecs, cq:* and kvquant:*, learn from
 //                                             the model's rows over calibration text: `calibration`)
-//   --evict NAME[:VALUE]                      ... and that eviction policy (default none)
+//   --evict NAME[:VALUE]                      ... and that eviction policy (default none; qfilter
+//                                             and head_roles learn from calibration text too)
 //   --evict-every N                           ... compressing during decode too, whenever a
 //                                             head is N tokens over its budget (B9)
 // The policies the names stand for are listed in cache_registry.hpp, which
@@ -155,6 +156,14 @@ private:
     std::vector<std::vector<float>> prompt_mass_;
 };
 
+// The kvc cache behind `cache` when `cache` is a kvc_cache<Cache>, else null:
+// what a policy kept, per head, for tests and tools that inspect it.
+template <class Cache>
+Cache* kvc_cache_inside(kv_cache& cache) {
+    auto* adapter = dynamic_cast<kvc_cache<Cache>*>(&cache);
+    return adapter != nullptr ? &adapter->get() : nullptr;
+}
+
 // A decorator that measures the time spent inside the cache's attention calls
 // (steady_clock around attend/attend_chunk) and appends. kvc-fidelity
 // reports the attention time of a compressed cache relative to full_cache.
@@ -216,15 +225,22 @@ struct cache_spec {
 // Rows a model produced, per layer: keys (after RoPE, as caches receive
 // them), the same keys before RoPE (when recorded, else empty) and values,
 // [tokens][kv_heads][head_dim]; queries [tokens][query_heads][head_dim].
+// The rows may concatenate several sequences, each run from position 0:
+// `sequences` holds their lengths in tokens, in order (they sum to the rows'
+// tokens). What looks across tokens (attention of a query over the keys
+// before it) must stay inside one sequence.
 struct recorded_rows {
     std::vector<std::vector<float>> keys, keys_before_rope, values, queries;
+    std::vector<std::size_t> sequences;
 };
 
-// What calibrated codecs learn from (cq:*, kvquant:*): the model's RoPE and
-// its rows over calibration text, which must be disjoint from any text the
-// cache is scored on. `rows` runs the model on first call and is called only
-// for a calibrated codec; artifacts learnt from the rows are kept in
-// `artifacts` (by spelling), so a sweep building many caches learns each once.
+// What calibrated policies learn from (codecs cq:*, kvquant:*; eviction
+// qfilter, head_roles): the model's RoPE and its rows over calibration text,
+// which must be disjoint from any text the cache is scored on. `rows` runs
+// the model on first call and is called only for a calibrated policy;
+// artifacts learnt from the rows are kept in `artifacts`, so a sweep building
+// many caches learns each once. Keys: a codec's spelling ("cq:c4b8"), or
+// eviction_artifact_key() of an eviction policy.
 struct calibration {
     kvc::rope_config rope;
     std::function<const recorded_rows&()> rows; // empty: no calibration text (calibrated codecs are errors)
@@ -233,9 +249,20 @@ struct calibration {
         std::make_shared<std::map<std::string, kvc::calibration::artifact>>();
 };
 
+// Where calibration::artifacts keeps what the eviction policy `evict`
+// ("qfilter:0.25") learns: one artifact per policy, whatever its value.
+inline std::string eviction_artifact_key(const std::string& evict) {
+    return "--evict " + evict.substr(0, evict.find(':'));
+}
+// True when building `spec` learnt (or reused) an artifact from `calibrated`.
+inline bool learnt_from(const calibration& calibrated, const cache_spec& spec) {
+    return calibrated.artifacts->count(spec.cache) != 0 ||
+           calibrated.artifacts->count(eviction_artifact_key(spec.evict)) != 0;
+}
+
 // Builds the cache `spec` names for a model of shape `shape`. Throws
 // std::invalid_argument naming the valid spellings when `spec` is not one,
-// or when a calibrated codec is named without `calibrated.rows`; kvc::error
+// or when a calibrated policy is named without `calibrated.rows`; kvc::error
 // when kvc rejects the configuration (e.g. a head dim the codec does not support).
 std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec,
                                      const calibration& calibrated = {});
@@ -253,8 +280,10 @@ struct sweep_point {
 };
 // Everything scripts/fidelity.sh measures, read from the registry.
 std::vector<sweep_point> sweep_points();
-// The names of the eviction policies that take a keep ratio ("snapkv", ...), in registry order.
-std::vector<std::string> keep_ratio_evictions();
+// The eviction policies whose value is the share of the cache they keep, in
+// registry order: a keep ratio ("snapkv", ...) or head_roles' share of
+// retrieval heads. kvc-attention-error --eviction-sweep runs each at 0.5, 0.25, 0.125.
+std::vector<std::string> cache_share_evictions();
 
 // A number as the command line and the reports write it ("0.25").
 std::string format_number(double value);

@@ -1,6 +1,7 @@
 // examples/engine/cache_registry.hpp -- the policies the engine's command line
 // can name: one line per policy, by its METHODS.md name. Adding a policy is
-// one line in codec_options() or eviction_options().
+// one line in codec_options() or eviction_options(); a policy learnt from
+// the model (calibration text) adds the function that learns it too.
 //
 // Only the engine's cache_*.cpp files include this: every line here becomes
 // compressed_cache instantiations, compiled once, in the library the engine
@@ -11,8 +12,12 @@
 // multiply the build time for pairs nobody sweeps, and are one flag away.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -22,7 +27,9 @@
 #include <vector>
 
 #include <kvc/calibration/cq.hpp>
+#include <kvc/calibration/head_roles.hpp>
 #include <kvc/calibration/kvquant.hpp>
+#include <kvc/calibration/query_filters.hpp>
 #include <kvc/kvc.hpp>
 
 #include "cache_choice.hpp"
@@ -37,42 +44,65 @@ struct policy_option {
     std::string_view parameter; // what follows "name:" on the command line ("keep_ratio"); empty: nothing
     std::vector<double> sweep;  // parameter values scripts/fidelity.sh measures
     std::string_view summary;   // one line for --list
-    Make make;                  // () -> policy, or (double value, std::size_t every) -> policy
+    // Codecs: () -> policy, or (const calibration_context&) -> policy.
+    // Eviction: () -> policy, (double value, std::size_t every) -> policy, or
+    // (double value, std::size_t every, const calibration_context&) -> policy.
+    Make make;
 };
 
-// What a codec's factory may use besides nothing: the cache shape and the
-// model's calibration. Factories are () -> policy, or (const codec_context&)
-// -> policy for codecs learnt from the model's rows.
-struct codec_context {
+// What a factory may use besides its value: the cache shape and the model's
+// calibration, for policies learnt from the model's rows.
+struct calibration_context {
     const kvc::cache_config& shape;
     const calibration& calibrated;
     const cache_spec& spec;
 
-    // The artifact this spelling learns from the calibration rows, learnt on
-    // first use and kept in calibrated.artifacts. learn: (const recorded_rows&) -> artifact.
+    // The artifact kept under `key` in calibrated.artifacts, learnt from the
+    // calibration rows on first use. `spelled` ("--cache cq:c4b8") and
+    // `learnt_from` ("keys and values") word the error when there are no
+    // rows. learn: (const recorded_rows&) -> artifact.
     template <class Learn>
-    const kvc::calibration::artifact& artifact(Learn learn) const {
-        auto found = calibrated.artifacts->find(spec.cache);
+    const kvc::calibration::artifact& artifact(const std::string& key, const std::string& spelled,
+                                               const std::string& learnt_from, Learn learn) const {
+        auto found = calibrated.artifacts->find(key);
         if (found != calibrated.artifacts->end()) return found->second;
         if (!calibrated.rows)
-            throw std::invalid_argument("--cache " + spec.cache + " is learnt from the model's keys and values; it "
-                                        "needs calibration text (kvc-fidelity and kvc_engine provide it)");
-        return calibrated.artifacts->emplace(spec.cache, learn(calibrated.rows())).first->second;
+            throw std::invalid_argument(spelled + " is learnt from the model's " + learnt_from + "; it needs "
+                                        "calibration text (kvc-fidelity, kvc-attention-error and kvc_engine provide it)");
+        return calibrated.artifacts->emplace(key, learn(calibrated.rows())).first->second;
     }
-    // One view per layer of recorded rows ([tokens][kv_heads][head_dim] each).
-    std::vector<kvc::kv_view<const float>> per_layer(const std::vector<std::vector<float>>& rows) const {
-        const std::size_t row = shape.kv_heads * shape.head_dim;
+    // A codec's artifact, kept under its spelling.
+    template <class Learn>
+    const kvc::calibration::artifact& codec_artifact(Learn learn) const {
+        return artifact(spec.cache, "--cache " + spec.cache, "keys and values", std::move(learn));
+    }
+    // An eviction policy's artifact, one per policy whatever its value.
+    template <class Learn>
+    const kvc::calibration::artifact& eviction_artifact(const std::string& learnt_from, Learn learn) const {
+        return artifact(eviction_artifact_key(spec.evict), "--evict " + spec.evict, learnt_from, std::move(learn));
+    }
+
+    // A view of recorded rows ([tokens][heads][head_dim]) of one layer, tokens [first, first + count).
+    kvc::kv_view<const float> view_of(const std::vector<float>& layer_rows, std::size_t heads, std::size_t first,
+                                      std::size_t count) const {
+        return kvc::kv_view<const float>(layer_rows.data() + first * heads * shape.head_dim, count, heads,
+                                         shape.head_dim);
+    }
+    // One view per layer of all recorded rows (keys and values: heads = kv_heads; queries: query_heads).
+    std::vector<kvc::kv_view<const float>> per_layer(const std::vector<std::vector<float>>& rows,
+                                                     std::size_t heads = 0) const {
+        if (heads == 0) heads = shape.kv_heads;
         std::vector<kvc::kv_view<const float>> views;
         for (std::size_t layer = 0; layer < shape.layers; ++layer)
-            views.emplace_back(rows.at(layer).data(), rows.at(layer).size() / row, shape.kv_heads, shape.head_dim);
+            views.push_back(view_of(rows.at(layer), heads, 0, rows.at(layer).size() / (heads * shape.head_dim)));
         return views;
     }
 };
 
 // Q8 CQ with `channels` channels coupled per `bits`-bit code, codebooks learnt
 // from the calibration keys after RoPE (what the engine appends) and values.
-inline kvc::quant::cq cq_codec(const codec_context& context, std::size_t channels, std::size_t bits) {
-    return kvc::quant::cq(context.artifact([&](const recorded_rows& rows) {
+inline kvc::quant::cq cq_codec(const calibration_context& context, std::size_t channels, std::size_t bits) {
+    return kvc::quant::cq(context.codec_artifact([&](const recorded_rows& rows) {
         kvc::calibration::cq_options options;
         options.channels_per_group = channels;
         options.bits = bits;
@@ -82,8 +112,8 @@ inline kvc::quant::cq cq_codec(const codec_context& context, std::size_t channel
 
 // Q3 KVQuant at `bits`: ranges (1% outliers) and codebooks learnt from the
 // calibration keys BEFORE RoPE and values; one fp16 sink; the model's RoPE.
-inline kvc::quant::kvquant kvquant_codec(const codec_context& context, unsigned bits) {
-    const kvc::calibration::artifact& learnt = context.artifact([&](const recorded_rows& rows) {
+inline kvc::quant::kvquant kvquant_codec(const calibration_context& context, unsigned bits) {
+    const kvc::calibration::artifact& learnt = context.codec_artifact([&](const recorded_rows& rows) {
         kvc::calibration::kvquant_options options;
         options.bits = bits;
         return kvc::calibration::calibrate_kvquant(context.shape, context.per_layer(rows.keys_before_rope),
@@ -94,8 +124,8 @@ inline kvc::quant::kvquant kvquant_codec(const codec_context& context, unsigned 
 
 // The policy `option` makes, from nothing or from the context.
 template <class Option>
-auto make_codec(const Option& option, const codec_context& context) {
-    if constexpr (std::is_invocable_v<const decltype(option.make)&, const codec_context&>)
+auto make_codec(const Option& option, const calibration_context& context) {
+    if constexpr (std::is_invocable_v<const decltype(option.make)&, const calibration_context&>)
         return option.make(context);
     else
         return option.make();
@@ -169,13 +199,13 @@ inline auto codec_options() {
         codec("sparse:0.7", "Mustafar sparsity (Q10): 30% of each row kept, bitmap + fp16",
               [] { return q::sparse(0.7); }),
         codec("cq:c4b8", "CQ (Q8): 4 channels per 8-bit code (2 bits/channel), codebooks learnt on calibration text",
-              [](const codec_context& c) { return cq_codec(c, 4, 8); }),
+              [](const calibration_context& c) { return cq_codec(c, 4, 8); }),
         codec("cq:c8b8", "CQ (Q8): 8 channels per 8-bit code (1 bit/channel), codebooks learnt on calibration text",
-              [](const codec_context& c) { return cq_codec(c, 8, 8); }),
+              [](const calibration_context& c) { return cq_codec(c, 8, 8); }),
         codec("kvquant:3", "KVQuant (Q3): 3-bit pre-RoPE per-channel keys, 1% sparse outliers, learnt codebooks",
-              [](const codec_context& c) { return kvquant_codec(c, 3); }),
+              [](const calibration_context& c) { return kvquant_codec(c, 3); }),
         codec("kvquant:4", "KVQuant (Q3): 4-bit pre-RoPE per-channel keys, 1% sparse outliers, learnt codebooks",
-              [](const codec_context& c) { return kvquant_codec(c, 4); }),
+              [](const calibration_context& c) { return kvquant_codec(c, 4); }),
         codec("mixed:int8/int2:0.2", "Mixed precision (Q6): the 20% of tokens with most prompt attention in int8, "
               "the rest int2 (groups of 32)", [] { return q::mixed<q::int8_sym, q::int2_asym, 32>(0.2); }),
         codec("mixed:int4/int2:0.2", "Mixed precision (Q6): the 20% of tokens with most prompt attention in int4, "
@@ -183,20 +213,110 @@ inline auto codec_options() {
 }
 
 // ===========================================================================
-// Eviction: --evict NAME:KEEP_RATIO.
+// Eviction: --evict NAME:KEEP_RATIO (head_roles: NAME:RETRIEVAL_SHARE).
 // ===========================================================================
 
 // Each keeps that fraction of the tokens every KV head has seen (the first 4,
 // the attention sinks, and the newest 16 always among them: kvc's budget
 // defaults), compressing once after the prompt (B9) and, with --evict-every N,
-// during decode whenever a head is N tokens over its budget.
+// during decode whenever a head is N tokens over its budget. Head roles (B6)
+// instead keep everything in a share of the heads and sinks + newest 16 in
+// the others. qfilter and head_roles learn from calibration text
+// (`calibration`, cache_choice.hpp): once per policy, whatever its value.
 inline kvc::evict::schedule schedule_for(std::size_t every) { return kvc::evict::schedule{true, every}; }
+
+inline const std::vector<double> keep_ratio_sweep = {0.75, 0.5, 0.25, 0.125};
 
 template <class Policy>
 auto keep_ratio_eviction(std::string_view name, std::string_view summary) {
-    return eviction(name, "keep_ratio", {0.75, 0.5, 0.25, 0.125}, summary, [](double keep_ratio, std::size_t every) {
+    return eviction(name, "keep_ratio", keep_ratio_sweep, summary, [](double keep_ratio, std::size_t every) {
         return Policy(kvc::evict::budget::ratio(keep_ratio), schedule_for(every));
     });
+}
+
+// E10 Q-Filters: each KV head's filter is the dominant direction of its
+// group's queries over the calibration text (after RoPE, as the engine
+// attends with them); tokens whose keys point along it stay.
+inline kvc::evict::qfilter qfilter_policy(const calibration_context& context, double keep_ratio, std::size_t every) {
+    const kvc::calibration::artifact& filters = context.eviction_artifact("queries", [&](const recorded_rows& rows) {
+        return kvc::calibration::query_filters(context.shape, context.per_layer(rows.queries, context.shape.query_heads));
+    });
+    return kvc::evict::qfilter(kvc::evict::budget::ratio(keep_ratio), schedule_for(every),
+                               kvc::evict::score::qfilter::from(filters));
+}
+
+// B6's measurement, the artifact of head_roles: tensor "far_mass"
+// [layers][kv_heads], the attention mass a head's queries put on tokens a
+// streaming head drops (neither among the budget's 4 sinks nor within its
+// 16 newest tokens), averaged over every query of the calibration text.
+// calibration::head_roles measures it on each calibration sequence alone
+// (attention must not reach into another sequence, whose first tokens would
+// pass for far ones), and the sequences are weighted by the queries each measured.
+inline kvc::calibration::artifact far_attention_profile(const calibration_context& context,
+                                                        const recorded_rows& rows) {
+    const kvc::cache_config& shape = context.shape;
+    const kvc::evict::budget protected_tokens; // every engine budget's sinks and window
+    kvc::calibration::head_role_options options;
+    options.sinks = protected_tokens.sinks;
+    options.window = protected_tokens.window;
+    const std::vector<std::uint64_t> profile_shape{shape.layers, shape.kv_heads};
+    std::vector<double> mass(shape.layers * shape.kv_heads, 0.0);
+    double queries_measured = 0.0;
+    std::size_t first = 0;
+    for (std::size_t tokens : rows.sequences) {
+        const std::size_t measured = tokens > options.sinks + options.window ? tokens - options.sinks - options.window : 0;
+        if (measured != 0) {
+            std::vector<kvc::kv_view<const float>> keys, queries;
+            for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+                keys.push_back(context.view_of(rows.keys.at(layer), shape.kv_heads, first, tokens));
+                queries.push_back(context.view_of(rows.queries.at(layer), shape.query_heads, first, tokens));
+            }
+            const kvc::calibration::artifact one = kvc::calibration::head_roles(shape, keys, queries, options);
+            const std::vector<float>& far = one.get("far_mass", profile_shape).values;
+            for (std::size_t i = 0; i < mass.size(); ++i) mass[i] += static_cast<double>(far[i]) * static_cast<double>(measured);
+            queries_measured += static_cast<double>(measured);
+        }
+        first += tokens;
+    }
+    const std::size_t recorded = rows.keys.at(0).size() / (shape.kv_heads * shape.head_dim);
+    if (first != recorded)
+        throw std::invalid_argument("--evict " + context.spec.evict + ": the calibration rows' sequences add up to " +
+                                    std::to_string(first) + " tokens, the rows hold " + std::to_string(recorded));
+    if (queries_measured == 0.0)
+        throw std::invalid_argument("--evict " + context.spec.evict + ": every calibration sequence is too short; "
+                                    "expected more than " + std::to_string(options.sinks + options.window) + " tokens");
+    kvc::calibration::tensor far{"far_mass", profile_shape, {}};
+    for (double m : mass) far.values.push_back(static_cast<float>(m / queries_measured));
+    kvc::calibration::artifact profile;
+    profile.kind = "head_roles";
+    profile.tensors.push_back(std::move(far));
+    return profile;
+}
+
+// B6 head roles with the share `retrieval_share` of the model's KV heads as
+// retrieval heads: the floor(share x layers x kv_heads) heads with the most
+// far attention on the calibration text, over the whole model (ties to the
+// earlier head), keep every token; the others keep the budget's sinks and
+// newest 16 tokens (DuoAttention's knob: the retrieval heads' share).
+inline kvc::evict::head_roles head_roles_policy(const calibration_context& context, double retrieval_share,
+                                                std::size_t every) {
+    if (!(retrieval_share > 0.0 && retrieval_share <= 1.0))
+        throw std::invalid_argument("--evict " + context.spec.evict + ": expected a retrieval share in (0, 1], got " +
+                                    std::to_string(retrieval_share));
+    kvc::calibration::artifact roles = context.eviction_artifact(
+        "keys and queries", [&](const recorded_rows& rows) { return far_attention_profile(context, rows); });
+    const std::vector<float>& far = roles.get("far_mass", {context.shape.layers, context.shape.kv_heads}).values;
+    const auto retrieval_heads =
+        static_cast<std::size_t>(std::floor(retrieval_share * static_cast<double>(far.size()) + 1e-9));
+    std::vector<std::size_t> order(far.size());
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return far[a] > far[b]; });
+    kvc::calibration::tensor retrieval{"retrieval", {context.shape.layers, context.shape.kv_heads},
+                                       std::vector<float>(far.size(), 0.0f)};
+    for (std::size_t i = 0; i < retrieval_heads; ++i) retrieval.values[order[i]] = 1.0f;
+    roles.tensors.push_back(std::move(retrieval));
+    return kvc::evict::head_roles(kvc::evict::budget::ratio(retrieval_share), schedule_for(every), {},
+                                  kvc::evict::by_head_role::from(roles));
 }
 
 inline auto eviction_options() {
@@ -213,7 +333,20 @@ inline auto eviction_options() {
         keep_ratio_eviction<e::keydiff>("keydiff", "KeyDiff (E8): keep keys unlike the mean key"),
         keep_ratio_eviction<e::expected_attention>("expected_attention",
                                                    "Expected attention (E9): attention expected from query statistics"),
-        keep_ratio_eviction<e::lagkv>("lagkv", "LagKV (E11): lag-relative information, attention-free"),
+        // LagKV twice: its default lag (128, the paper's) and lag 16. LagKV
+        // keeps the sinks, the last full chunk and the partial tail after it
+        // outright (score 1): with lag 128 on the tools' 512-token prompts
+        // that is 4 + 252 tokens, half the prompt, so at keep ratios up to
+        // 0.5 it keeps exactly streaming's tokens. Lag 16 leaves 4 + 28.
+        keep_ratio_eviction<e::lagkv>("lagkv", "LagKV (E11): lag-relative information, attention-free, lag 128 "
+                                      "(on 512-token prompts it keeps what streaming keeps up to ratio 0.5)"),
+        eviction("lagkv16", "keep_ratio", keep_ratio_sweep,
+                 "LagKV (E11) with lag 16: chunks short enough for the 512-token prompts of the fidelity tools",
+                 [](double keep_ratio, std::size_t every) {
+                     e::score::lagkv lag16;
+                     lag16.lag = 16;
+                     return e::lagkv(e::budget::ratio(keep_ratio), schedule_for(every), lag16);
+                 }),
         keep_ratio_eviction<e::leverage>("leverage", "Leverage scores of the keys (E12)"),
         keep_ratio_eviction<e::cur>("cur", "CUR (E13): key norm x value norm, windowed"),
         keep_ratio_eviction<e::value_weighted<>>("value_weighted",
@@ -231,7 +364,18 @@ inline auto eviction_options() {
                      return e::snapkv(keep, schedule_for(every));
                  }),
         keep_ratio_eviction<e::policy<e::score::snapkv, e::chunkkv>>(
-            "chunkkv", "ChunkKV (B4) over SnapKV scores: whole chunks of 10 tokens"));
+            "chunkkv", "ChunkKV (B4) over SnapKV scores: whole chunks of 10 tokens"),
+        eviction("qfilter", "keep_ratio", keep_ratio_sweep,
+                 "Q-Filters (E10): keys along the heads' dominant query direction, learnt on calibration text",
+                 [](double keep_ratio, std::size_t every, const calibration_context& c) {
+                     return qfilter_policy(c, keep_ratio, every);
+                 }),
+        eviction("head_roles", "retrieval_share", keep_ratio_sweep,
+                 "Head roles (B6): that share of the KV heads, those attending farthest back on calibration text, "
+                 "keep every token; the rest keep sinks + newest 16",
+                 [](double share, std::size_t every, const calibration_context& c) {
+                     return head_roles_policy(c, share, every);
+                 }));
 }
 
 // The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).
@@ -255,7 +399,8 @@ std::string spelling(const Option& option) {
 
 // The policy an eviction option builds from the argument after ':' ("" when absent).
 template <class Option>
-auto make_eviction(const Option& option, const std::string& argument, const cache_spec& spec) {
+auto make_eviction(const Option& option, const std::string& argument, const calibration_context& context) {
+    const cache_spec& spec = context.spec;
     if constexpr (std::is_invocable_v<const decltype(option.make)&>) {
         if (!argument.empty())
             throw std::invalid_argument("--evict " + spec.evict + ": '" + std::string(option.name) +
@@ -275,7 +420,10 @@ auto make_eviction(const Option& option, const std::string& argument, const cach
             throw std::invalid_argument("--evict " + spec.evict + ": expected " + std::string(option.name) + ":" +
                                         std::string(option.parameter) + " with a number, e.g. " +
                                         std::string(option.name) + ":0.25");
-        return option.make(value, spec.every);
+        if constexpr (std::is_invocable_v<const decltype(option.make)&, double, std::size_t, const calibration_context&>)
+            return option.make(value, spec.every, context);
+        else
+            return option.make(value, spec.every);
     }
 }
 
@@ -302,15 +450,16 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
     const std::string evict_argument = colon == std::string::npos ? "" : spec.evict.substr(colon + 1);
     std::unique_ptr<kv_cache> cache;
     const auto codecs = codec_options();
+    const calibration_context context{shape, calibrated, spec};
     auto build = [&](const auto& codec_option) {
         if (codec_option.name != spec.cache) return;
         found.codec_found = true;
         using codec_option_type = std::decay_t<decltype(codec_option)>;
-        auto quantization = make_codec(codec_option, codec_context{shape, calibrated, spec});
+        auto quantization = make_codec(codec_option, context);
         using quantization_type = decltype(quantization);
         if (evict_name == "none") {
             found.eviction_found = true;
-            (void)make_eviction(std::get<0>(eviction_options()), evict_argument, spec);
+            (void)make_eviction(std::get<0>(eviction_options()), evict_argument, context);
             using cache_type =
                 kvc::compressed_cache<kvc::evict::none, kvc::merge::none, quantization_type, kvc::project::none>;
             cache = std::make_unique<kvc_cache<cache_type>>(shape, kvc::evict::none{}, kvc::merge::none{},
@@ -321,7 +470,7 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
             if (eviction_option.name != evict_name) return;
             found.eviction_found = true;
             if constexpr (codec_option_type::with_eviction) {
-                auto eviction = make_eviction(eviction_option, evict_argument, spec);
+                auto eviction = make_eviction(eviction_option, evict_argument, context);
                 using cache_type = kvc::compressed_cache<decltype(eviction), kvc::merge::none, quantization_type,
                                                          kvc::project::none>;
                 cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), kvc::merge::none{},
@@ -339,7 +488,7 @@ inline constexpr std::size_t codec_count = std::tuple_size_v<decltype(codec_opti
 
 // The library's translation units (cache_part*.cpp) each build a slice of
 // the codecs; together they cover [0, codec_count). A codec with eviction is
-// about 20 compressed_cache types, one without is one: parts 0 to 3 take
+// about 23 compressed_cache types, one without is one: parts 0 to 3 take
 // one or two of the former each and share the light ones with part 4.
 inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, 16, codec_count};
 std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config&, const cache_spec&, const calibration&,

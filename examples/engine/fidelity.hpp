@@ -160,7 +160,7 @@ struct fidelity_report {
 };
 
 // Runs every window with both caches (a fresh cache per window) and compares.
-// Calibrated codecs learn from `calibrated` (once, for every window).
+// Calibrated policies learn from `calibrated` (once, for every window).
 inline fidelity_report measure_fidelity(transformer& model, const std::vector<std::vector<int>>& windows,
                                         const fidelity_setup& setup, const calibration& calibrated = {}) {
     if (windows.empty()) throw std::invalid_argument("no text windows to score");
@@ -206,7 +206,7 @@ inline fidelity_report measure_fidelity(transformer& model, const std::vector<st
     }
 
     for (const cache_spec* spec : {&setup.tested, &setup.reference})
-        if (calibrated.artifacts->count(spec->cache) != 0) report.setup.calibration = calibrated.text;
+        if (learnt_from(calibrated, *spec)) report.setup.calibration = calibrated.text;
     report.positions = compared.positions();
     report.reference.perplexity = compared.reference_perplexity();
     report.tested.perplexity = compared.tested_perplexity();

@@ -17,10 +17,11 @@
 // model with a tokenizer and no --text, text the model generates itself with
 // full_cache from a fixed seed (one window per seed: --seed, --seed + 1, ...).
 //
-// Calibrated codecs (cq:*, kvquant:*) learn from text no window scores: the
-// last 4 x `context` tokens of the text file, as 4 sequences (the windows are
-// taken from its start, and a text too short for both is an error), or for
-// generated text 4 stories of `context` tokens from seeds --seed + --windows, ...
+// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles)
+// learn from text no window scores: the last 4 x `context` tokens of the text
+// file, as 4 sequences (the windows are taken from its start, and a text too
+// short for both is an error), or for generated text 4 stories of `context`
+// tokens from seeds --seed + --windows, ...
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -135,24 +136,7 @@ int measure(options o) {
             throw engine::usage_error(o.text + " has " + std::to_string(tokens.size()) + " tokens, fewer than " +
                                       std::to_string(o.windows) + " windows of " + std::to_string(window_tokens) +
                                       " (prompt + tokens + 1); lower --windows, --prompt or --tokens");
-        const std::size_t sequence = shape.context, scored_tokens = o.windows * window_tokens;
-        const std::size_t calibration_tokens = engine::calibration_sequences * sequence;
-        const std::string span = "the last " + std::to_string(calibration_tokens) + " tokens of " + o.text + " (" +
-                                 std::to_string(engine::calibration_sequences) + " sequences)";
-        calibrated = engine::calibration_from(
-            model,
-            [&tokens, sequence, calibration_tokens, scored_tokens, span] {
-                if (tokens.size() < scored_tokens + calibration_tokens)
-                    throw engine::usage_error("calibrated caches learn from " + span + ", which the " +
-                                              std::to_string(scored_tokens) + " scored tokens overlap; lower "
-                                              "--windows, --prompt or --tokens");
-                std::vector<std::vector<int>> sequences;
-                for (auto from = tokens.end() - static_cast<std::ptrdiff_t>(calibration_tokens); from != tokens.end();
-                     from += static_cast<std::ptrdiff_t>(sequence))
-                    sequences.emplace_back(from, from + static_cast<std::ptrdiff_t>(sequence));
-                return sequences;
-            },
-            span);
+        calibrated = engine::text_tail_calibration(model, tokens, shape.context, o.windows * window_tokens, o.text);
     } else {
         calibrated = engine::generated_calibration(model, words.bos(), o.seed + o.windows);
     }

@@ -1,9 +1,12 @@
 // examples/engine/cache_choice.hpp: every configuration the registry offers
-// builds and runs; bad spellings are errors that list the valid ones.
+// builds and runs; bad spellings are errors that list the valid ones;
+// calibrated policies learn once; LagKV at its default lag keeps what
+// streaming keeps on the fidelity tools' prompts, and at lag 16 does not.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <set>
 #include <stdexcept>
@@ -25,20 +28,26 @@ kvc::cache_config small_shape() {
     return config;
 }
 
-// Calibration rows for small_shape(): 300 tokens of smooth, varied keys
-// (before and after a RoPE-like change, here simply different rows) and values.
+// Calibration rows for small_shape(): 300 tokens, as two sequences of 150,
+// of smooth, varied keys (before and after a RoPE-like change, here simply
+// different rows), values and queries.
 engine::calibration small_calibration() {
     const kvc::cache_config shape = small_shape();
     auto rows = std::make_shared<engine::recorded_rows>();
     const std::size_t tokens = 300, floats = tokens * shape.kv_heads * shape.head_dim;
-    for (auto* part : {&rows->keys, &rows->keys_before_rope, &rows->values}) part->assign(shape.layers, {});
-    for (std::size_t layer = 0; layer < shape.layers; ++layer)
+    for (auto* part : {&rows->keys, &rows->keys_before_rope, &rows->values, &rows->queries})
+        part->assign(shape.layers, {});
+    for (std::size_t layer = 0; layer < shape.layers; ++layer) {
         for (std::size_t i = 0; i < floats; ++i) {
             const double x = static_cast<double>(i) * 0.37 + static_cast<double>(layer);
             rows->keys[layer].push_back(static_cast<float>(std::sin(x) + 0.1 * std::cos(3.1 * x)));
             rows->keys_before_rope[layer].push_back(static_cast<float>(std::cos(1.3 * x)));
             rows->values[layer].push_back(static_cast<float>(std::sin(0.7 * x + 1.0)));
         }
+        for (std::size_t i = 0; i < tokens * shape.query_heads * shape.head_dim; ++i)
+            rows->queries[layer].push_back(static_cast<float>(std::cos(0.23 * static_cast<double>(i) + 0.5)));
+    }
+    rows->sequences = {150, 150};
     engine::calibration calibrated;
     calibrated.rows = [rows]() -> const engine::recorded_rows& { return *rows; };
     calibrated.text = "synthetic";
@@ -47,6 +56,12 @@ engine::calibration small_calibration() {
 
 // The codecs learnt from calibration rows.
 const char* const calibrated_spellings[] = {"cq:c4b8", "cq:c8b8", "kvquant:3", "kvquant:4"};
+// The codecs every eviction policy runs on.
+const char* const eviction_carriers[] = {"none:f32", "none:f16", "q8_0", "q4_0", "kivi:2"};
+
+// The compressed cache --cache none:f32 --evict NAME builds, for policy `Eviction`.
+template <class Eviction>
+using f32_cache = kvc::compressed_cache<Eviction, kvc::merge::none, kvc::quant::none<float>, kvc::project::none>;
 
 std::string error_of(const engine::cache_spec& spec) {
     try {
@@ -59,12 +74,19 @@ std::string error_of(const engine::cache_spec& spec) {
 
 // Appends `tokens` rows to every layer as a prompt (append + attend_chunk),
 // then one decode step (append + attend), which is when eviction runs.
-void exercise(engine::kv_cache& cache, std::size_t tokens) {
+// Rows repeat with a short period, or with `varied`, differ smoothly throughout.
+void exercise(engine::kv_cache& cache, std::size_t tokens, bool varied = false) {
     const kvc::cache_config shape = small_shape();
     std::vector<float> keys(tokens * shape.kv_heads * shape.head_dim), values(keys.size());
     for (std::size_t i = 0; i < keys.size(); ++i) {
-        keys[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
-        values[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
+        if (varied) {
+            const double x = static_cast<double>(i);
+            keys[i] = static_cast<float>(std::sin(0.011 * x) * std::cos(0.37 * x) + 0.2 * std::sin(1.7 * x));
+            values[i] = static_cast<float>(std::cos(0.013 * x + 0.3 * std::sin(0.05 * x)));
+        } else {
+            keys[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
+            values[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
+        }
     }
     std::vector<float> queries(tokens * shape.query_heads * shape.head_dim, 0.25f), out(queries.size());
     for (std::size_t layer = 0; layer < shape.layers; ++layer) {
@@ -98,7 +120,8 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
             EXPECT_EQ(cache->rows(), appended);
         } else {
             // Every swept budget keeps fewer than the 40 prompt tokens (and at
-            // least kvc's 4 sinks + 16 recent ones) after the prompt.
+            // least kvc's 4 sinks + 16 recent ones) after the prompt; head
+            // roles keep them all in a share of the 4 heads, below 1.
             EXPECT_LT(cache->rows(), appended);
             EXPECT_GE(cache->rows(), 2u * 2u * 21u);
         }
@@ -107,7 +130,8 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
     for (const char* expected : {"full:f32", "full:f16", "full:bf16", "none:f32", "none:f16", "none:bf16", "q8_0",
                                  "q4_0", "q4_1", "k4v2", "none:f16 + snapkv:0.25", "none:f16 + h2o:0.25 every 16",
                                  "q4_0 + snapkv:0.25", "q8_0 + knorm:0.25", "cq:c4b8", "cq:c8b8", "kvquant:3",
-                                 "kvquant:4", "mixed:int8/int2:0.2", "mixed:int4/int2:0.2"})
+                                 "kvquant:4", "mixed:int8/int2:0.2", "mixed:int4/int2:0.2", "none:f16 + qfilter:0.25",
+                                 "none:f16 + head_roles:0.25", "none:f16 + lagkv16:0.25", "none:f16 + lagkv:0.25"})
         EXPECT_EQ(labels.count(expected), 1u) << expected;
 }
 
@@ -128,6 +152,107 @@ TEST(EngineCacheChoice, CalibratedCodecsLearnOnceFromTheCalibration) {
     EXPECT_EQ(calibrated.artifacts->size(), 4u);
     EXPECT_EQ(calibrated.artifacts->at("kvquant:3").kind, "kvquant");
     EXPECT_EQ(calibrated.artifacts->at("cq:c8b8").kind, "cq");
+}
+
+// The calibrated eviction policies: without calibration rows, an error that
+// names the spelling and what it needs; with them, one artifact per policy
+// (whatever its value), learnt once and reused by every cache, on every
+// codec that runs with eviction.
+TEST(EngineCacheChoice, CalibratedEvictionLearnsOncePerPolicy) {
+    for (const char* spelling : {"qfilter:0.25", "head_roles:0.25"}) {
+        const std::string missing = error_of({"none:f16", spelling});
+        EXPECT_NE(missing.find(std::string("--evict ") + spelling), std::string::npos) << missing;
+        EXPECT_NE(missing.find("needs calibration text"), std::string::npos) << missing;
+    }
+    EXPECT_NE(error_of({"none:f16", "qfilter:0.25"}).find("queries"), std::string::npos);
+    EXPECT_NE(error_of({"none:f16", "head_roles:0.25"}).find("keys and queries"), std::string::npos);
+
+    engine::calibration calibrated = small_calibration();
+    int calls = 0;
+    const auto rows = calibrated.rows;
+    calibrated.rows = [&calls, rows]() -> const engine::recorded_rows& { return ++calls, rows(); };
+    for (const char* carrier : eviction_carriers)
+        for (const char* spelling : {"qfilter:0.5", "qfilter:0.25", "head_roles:0.5", "head_roles:0.25"}) {
+            SCOPED_TRACE(std::string(carrier) + " + " + spelling);
+            const auto cache = engine::make_cache(small_shape(), {carrier, spelling}, calibrated);
+            exercise(*cache, 60);
+            EXPECT_LT(cache->rows(), 2u * 2u * 61u);
+            EXPECT_TRUE(engine::learnt_from(calibrated, {carrier, spelling}));
+        }
+    EXPECT_EQ(calls, 2); // once per policy
+    ASSERT_EQ(calibrated.artifacts->size(), 2u);
+    EXPECT_EQ(calibrated.artifacts->at("--evict qfilter").kind, "qfilter");
+    EXPECT_EQ(calibrated.artifacts->at("--evict head_roles").kind, "head_roles");
+    EXPECT_FALSE(engine::learnt_from(calibrated, {"none:f16", "snapkv:0.25"}));
+}
+
+// head_roles' value is a share of the heads in (0, 1]; its calibration
+// needs rows whose sequences add up to them, each longer than 4 + 16 tokens.
+TEST(EngineCacheChoice, HeadRolesRejectsBadSharesAndCalibration) {
+    const engine::calibration calibrated = small_calibration();
+    for (const char* spelling : {"head_roles:0", "head_roles:1.5", "head_roles:-0.25"}) {
+        try {
+            engine::make_cache(small_shape(), {"none:f16", spelling}, calibrated);
+            ADD_FAILURE() << spelling << " built";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find("expected a retrieval share in (0, 1]"), std::string::npos) << e.what();
+        }
+    }
+    auto expect_rejected = [](std::vector<std::size_t> sequences, const std::string& expected) {
+        engine::calibration bad = small_calibration();
+        auto rows = std::make_shared<engine::recorded_rows>(bad.rows());
+        rows->sequences = std::move(sequences);
+        bad.rows = [rows]() -> const engine::recorded_rows& { return *rows; };
+        try {
+            engine::make_cache(small_shape(), {"none:f16", "head_roles:0.5"}, bad);
+            ADD_FAILURE() << expected << ": built";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+        }
+    };
+    expect_rejected({150, 100}, "sequences add up to 250 tokens, the rows hold 300");
+    expect_rejected({}, "sequences add up to 0 tokens");
+    expect_rejected(std::vector<std::size_t>(15, 20), "too short; expected more than 20 tokens");
+}
+
+// LagKV keeps the sinks, its last full chunk of `lag` tokens and the tail
+// after it outright. With the default lag 128 on a 512-token prompt that is
+// tokens 0-3 and 260-511, half the prompt: at keep ratios 0.5, 0.25 and
+// 0.125 it keeps exactly the tokens streaming keeps (the first 4 and the
+// newest), whatever the rows; at 0.75 it must choose and differs. With lag
+// 16 (4 + 28 tokens outright) it chooses at every ratio.
+TEST(EngineCacheChoice, LagKVAtItsDefaultLagKeepsWhatStreamingKeeps) {
+    const engine::calibration none;
+    const std::size_t prompt = 512;
+    auto kept = [&](const std::string& spelling) {
+        const auto cache = engine::make_cache(small_shape(), {"none:f32", spelling}, none);
+        exercise(*cache, prompt, true);
+        std::vector<std::vector<std::int32_t>> positions;
+        for (std::size_t layer = 0; layer < 2; ++layer)
+            for (std::size_t h = 0; h < 2; ++h) {
+                const std::int32_t* first = nullptr;
+                std::size_t count = 0;
+                if (auto* s = engine::kvc_cache_inside<f32_cache<kvc::evict::streaming>>(*cache))
+                    first = s->positions(layer, h), count = s->tokens(layer, h);
+                else if (auto* l = engine::kvc_cache_inside<f32_cache<kvc::evict::lagkv>>(*cache))
+                    first = l->positions(layer, h), count = l->tokens(layer, h);
+                EXPECT_NE(first, nullptr) << spelling;
+                if (first) positions.emplace_back(first, first + count);
+            }
+        return positions;
+    };
+    for (const char* ratio : {"0.5", "0.25", "0.125"}) {
+        SCOPED_TRACE(ratio);
+        const auto streaming = kept(std::string("streaming:") + ratio);
+        // Streaming: positions 0-3 and the newest, then the decoded token 512.
+        const std::size_t target = static_cast<std::size_t>(std::ceil(std::stod(ratio) * prompt));
+        std::vector<std::int32_t> expected = {0, 1, 2, 3};
+        for (std::size_t p = prompt - (target - 4); p <= prompt; ++p) expected.push_back(static_cast<std::int32_t>(p));
+        for (const auto& head : streaming) EXPECT_EQ(head, expected);
+        EXPECT_EQ(kept(std::string("lagkv:") + ratio), streaming);
+        EXPECT_NE(kept(std::string("lagkv16:") + ratio), streaming);
+    }
+    EXPECT_NE(kept("lagkv:0.75"), kept("streaming:0.75"));
 }
 
 // Only KVQuant rotates keys itself, so only it asks the model for keys before RoPE.

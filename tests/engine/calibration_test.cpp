@@ -1,12 +1,15 @@
-// examples/engine/calibration.hpp and the calibrated codecs on a real model
+// examples/engine/calibration.hpp and the calibrated policies on a real model
 // (kvref): keys appended before RoPE reach attention as the model's own
 // rotation gives them, KVQuant through the engine stays close to full_cache,
-// and every calibrated or mixed-precision spelling runs on kvref.
+// every calibrated or mixed-precision spelling runs on kvref, Q-Filters (E10)
+// learn each head's query direction and keep the keys along it, and head
+// roles (B6) keep everything exactly in the heads attending farthest back.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -73,6 +76,37 @@ struct kvref_setup {
         return engine::measure_fidelity(model, windows, setup, calibrated);
     }
 };
+
+// The first `prompt` + 1 tokens of eval.txt: rows recorded with full_cache,
+// then replayed through `cache` as the engine drives it (the prompt in
+// chunks of 64 with attend_chunk, then one decode step, when eviction runs).
+engine::recorded_rows replay_prompt(kvref_setup& run, engine::kv_cache& cache, std::size_t prompt) {
+    const std::vector<int> text(run.text.begin(), run.text.begin() + static_cast<std::ptrdiff_t>(prompt + 1));
+    engine::recorded_rows rows = engine::record_rows(run.model, text, prompt, 64);
+    const kvc::cache_config shape = engine::kv_cache_config(run.model.shape());
+    const std::size_t kv_row = shape.kv_heads * shape.head_dim, q_row = shape.query_heads * shape.head_dim;
+    std::vector<float> out(64 * q_row);
+    auto view_of = [&](const std::vector<float>& data, std::size_t first, std::size_t count) {
+        return engine::kv_cache::view(data.data() + first * kv_row, count, shape.kv_heads, shape.head_dim);
+    };
+    for (std::size_t done = 0; done < prompt; done += 64) {
+        const std::size_t n = std::min<std::size_t>(64, prompt - done);
+        for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+            cache.append(layer, view_of(rows.keys[layer], done, n), view_of(rows.values[layer], done, n),
+                         static_cast<std::int64_t>(done));
+            cache.attend_chunk(layer, rows.queries[layer].data() + done * q_row, n, out.data());
+        }
+    }
+    for (std::size_t layer = 0; layer < shape.layers; ++layer) {
+        cache.append(layer, view_of(rows.keys[layer], prompt, 1), view_of(rows.values[layer], prompt, 1),
+                     static_cast<std::int64_t>(prompt));
+        cache.attend(layer, rows.queries[layer].data() + prompt * q_row, out.data());
+    }
+    return rows;
+}
+
+template <class Eviction>
+using f32_cache = kvc::compressed_cache<Eviction, kvc::merge::none, kvc::quant::none<float>, kvc::project::none>;
 
 double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
     double largest = 0.0;
@@ -211,4 +245,205 @@ TEST(EngineCalibration, GeneratedCalibrationIsDeterministic) {
                                first.keys_before_rope[1].begin() + start));
     }
     EXPECT_NE(first.keys[0], engine::generated_calibration(model, '\n', engine::calibration_seed + 1, length).rows().keys[0]);
+}
+
+// Q-Filters (E10) through the engine. The filter of each KV head is the
+// dominant direction of its group's queries over the calibration text: no
+// unit vector has a larger mean squared projection of those queries (checked
+// against power iteration in double, a lower bound of the largest
+// eigenvalue), and the mean query projects onto it positively. On a prompt
+// of kvref's own rows every head keeps exactly its budget: the sinks, the
+// newest 16 tokens, the keys with the largest <filter, key> among the rest
+// (scored here in double), and the decoded token.
+TEST(EngineCalibration, QFiltersLearnTheQueryDirectionAndKeepTheKeysAlongIt) {
+    KVC_SKIP_WITHOUT(engine_test::kvref());
+    kvref_setup run;
+    const kvc::cache_config shape = engine::kv_cache_config(run.model.shape());
+    const std::size_t dim = shape.head_dim, group = shape.group();
+    const auto cache = engine::make_cache(shape, {"none:f32", "qfilter:0.5"}, run.calibrated);
+    const std::vector<float>& filters =
+        run.calibrated.artifacts->at("--evict qfilter").get("filters", {shape.layers, shape.kv_heads, dim}).values;
+
+    const engine::recorded_rows& calibration = run.calibrated.rows();
+    for (std::size_t layer = 0; layer < shape.layers; ++layer)
+        for (std::size_t h = 0; h < shape.kv_heads; ++h) {
+            SCOPED_TRACE("layer " + std::to_string(layer) + ", KV head " + std::to_string(h));
+            std::vector<double> moment(dim * dim, 0.0), mean(dim, 0.0);
+            const std::vector<float>& queries = calibration.queries[layer];
+            const std::size_t samples = queries.size() / (shape.query_heads * dim);
+            for (std::size_t t = 0; t < samples; ++t)
+                for (std::size_t g = 0; g < group; ++g) {
+                    const float* q = &queries[(t * shape.query_heads + h * group + g) * dim];
+                    for (std::size_t i = 0; i < dim; ++i) {
+                        mean[i] += q[i];
+                        for (std::size_t j = 0; j < dim; ++j) moment[i * dim + j] += double(q[i]) * double(q[j]);
+                    }
+                }
+            auto rayleigh = [&](const std::vector<double>& v) {
+                double num = 0.0, norm = 0.0;
+                for (std::size_t i = 0; i < dim; ++i) {
+                    norm += v[i] * v[i];
+                    for (std::size_t j = 0; j < dim; ++j) num += v[i] * moment[i * dim + j] * v[j];
+                }
+                return num / norm;
+            };
+            std::vector<double> v(dim, 1.0), next(dim);
+            for (int iteration = 0; iteration < 2000; ++iteration) {
+                double norm = 0.0;
+                for (std::size_t i = 0; i < dim; ++i) {
+                    next[i] = 0.0;
+                    for (std::size_t j = 0; j < dim; ++j) next[i] += moment[i * dim + j] * v[j];
+                    norm += next[i] * next[i];
+                }
+                for (std::size_t i = 0; i < dim; ++i) v[i] = next[i] / std::sqrt(norm);
+            }
+            const std::vector<double> filter(filters.begin() + static_cast<std::ptrdiff_t>((layer * shape.kv_heads + h) * dim),
+                                             filters.begin() + static_cast<std::ptrdiff_t>((layer * shape.kv_heads + h + 1) * dim));
+            EXPECT_GE(rayleigh(filter), rayleigh(v) * (1.0 - 1e-5));
+            EXPECT_GE(std::inner_product(filter.begin(), filter.end(), mean.begin(), 0.0), 0.0);
+        }
+
+    const std::size_t prompt = engine_test::scaled(256, 96);
+    const engine::recorded_rows rows = replay_prompt(run, *cache, prompt);
+    auto* kept = engine::kvc_cache_inside<f32_cache<kvc::evict::qfilter>>(*cache);
+    ASSERT_NE(kept, nullptr);
+    const std::size_t target = (prompt + 1) / 2; // ceil(0.5 x prompt), above the 20 protected
+    for (std::size_t layer = 0; layer < shape.layers; ++layer)
+        for (std::size_t h = 0; h < shape.kv_heads; ++h) {
+            SCOPED_TRACE("layer " + std::to_string(layer) + ", KV head " + std::to_string(h));
+            ASSERT_EQ(kept->tokens(layer, h), target + 1);
+            std::vector<char> held(prompt + 1, 0);
+            for (std::size_t i = 0; i < target + 1; ++i) held[static_cast<std::size_t>(kept->positions(layer, h)[i])] = 1;
+            const float* f = &filters[(layer * shape.kv_heads + h) * dim];
+            double lowest_kept = INFINITY, highest_dropped = -INFINITY;
+            for (std::size_t t = 0; t <= prompt; ++t) {
+                const bool protected_token = t < 4 || t + 16 >= prompt; // sinks, newest 16, the decoded token
+                if (protected_token) {
+                    EXPECT_TRUE(held[t]) << "position " << t;
+                    continue;
+                }
+                double score = 0.0;
+                for (std::size_t d = 0; d < dim; ++d)
+                    score += double(f[d]) * double(rows.keys[layer][(t * shape.kv_heads + h) * dim + d]);
+                if (held[t]) lowest_kept = std::min(lowest_kept, score);
+                else highest_dropped = std::max(highest_dropped, score);
+            }
+            EXPECT_GE(lowest_kept, highest_dropped - 1e-4);
+        }
+}
+
+// Head roles (B6) through the engine. The profile it learns is, per
+// (layer, KV head), the attention mass its group's queries put on tokens a
+// streaming head would drop (positions 4 .. i - 17 for the query at i),
+// averaged over every query past the first 20 of each calibration sequence
+// taken alone: computed here in double from the recorded rows. With share
+// 0.25, floor(0.25 x 8) = 2 heads, those of largest mass, keep every token
+// of the prompt; every other head keeps exactly the sinks, the newest 16
+// and the decoded token. Measuring over the concatenated sequences instead
+// (one sequence's first tokens then count as far for the next) gives a
+// different profile: the engine must keep them apart.
+TEST(EngineCalibration, HeadRolesKeepEverythingInTheHeadsAttendingFarthestBack) {
+    KVC_SKIP_WITHOUT(engine_test::kvref());
+    kvref_setup run;
+    const kvc::cache_config shape = engine::kv_cache_config(run.model.shape());
+    const std::size_t dim = shape.head_dim, group = shape.group(), heads = shape.layers * shape.kv_heads;
+    const engine::recorded_rows& calibration = run.calibrated.rows();
+    const std::size_t length = engine_test::scaled(512, 128);
+    ASSERT_EQ(calibration.sequences, std::vector<std::size_t>(engine::calibration_sequences, length));
+
+    std::vector<double> far(heads, 0.0);
+    std::size_t queries_measured = 0;
+    for (std::size_t s = 0; s < engine::calibration_sequences; ++s)
+        for (std::size_t layer = 0; layer < shape.layers; ++layer)
+            for (std::size_t q_head = 0; q_head < shape.query_heads; ++q_head) {
+                const std::size_t h = q_head / group;
+                for (std::size_t i = 20; i < length; ++i) {
+                    const float* q = &calibration.queries[layer][((s * length + i) * shape.query_heads + q_head) * dim];
+                    std::vector<double> logit(i + 1);
+                    for (std::size_t t = 0; t <= i; ++t) {
+                        const float* k = &calibration.keys[layer][((s * length + t) * shape.kv_heads + h) * dim];
+                        logit[t] = 0.0;
+                        for (std::size_t d = 0; d < dim; ++d) logit[t] += double(q[d]) * double(k[d]);
+                        logit[t] /= std::sqrt(double(dim));
+                    }
+                    const double largest = *std::max_element(logit.begin(), logit.end());
+                    double total = 0.0, dropped = 0.0;
+                    for (std::size_t t = 0; t <= i; ++t) {
+                        const double p = std::exp(logit[t] - largest);
+                        total += p;
+                        if (t >= 4 && t + 16 < i) dropped += p;
+                    }
+                    far[layer * shape.kv_heads + h] += dropped / total;
+                    if (layer == 0 && q_head == 0) ++queries_measured;
+                }
+            }
+    for (double& mass : far) mass /= static_cast<double>(queries_measured * group);
+
+    const auto cache = engine::make_cache(shape, {"none:f32", "head_roles:0.25"}, run.calibrated);
+    const std::vector<float>& learnt =
+        run.calibrated.artifacts->at("--evict head_roles").get("far_mass", {shape.layers, shape.kv_heads}).values;
+    for (std::size_t i = 0; i < heads; ++i) EXPECT_NEAR(learnt[i], far[i], 1e-5) << "head " << i;
+
+    std::vector<std::size_t> order(heads);
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return far[a] > far[b]; });
+    ASSERT_GT(far[order[1]] - far[order[2]], 1e-3) << "the two retrieval heads must be well defined";
+
+    const std::size_t prompt = engine_test::scaled(256, 96);
+    replay_prompt(run, *cache, prompt);
+    auto* kept = engine::kvc_cache_inside<f32_cache<kvc::evict::head_roles>>(*cache);
+    ASSERT_NE(kept, nullptr);
+    std::vector<std::int32_t> everything(prompt + 1), streaming = {0, 1, 2, 3};
+    std::iota(everything.begin(), everything.end(), 0);
+    for (std::size_t t = prompt - 16; t <= prompt; ++t) streaming.push_back(static_cast<std::int32_t>(t));
+    for (std::size_t layer = 0; layer < shape.layers; ++layer)
+        for (std::size_t h = 0; h < shape.kv_heads; ++h) {
+            const std::size_t head = layer * shape.kv_heads + h;
+            const bool retrieval = head == order[0] || head == order[1];
+            const std::vector<std::int32_t> held(kept->positions(layer, h),
+                                                 kept->positions(layer, h) + kept->tokens(layer, h));
+            EXPECT_EQ(held, retrieval ? everything : streaming) << "layer " << layer << ", KV head " << h;
+        }
+
+    // Negative control: the rows as one long sequence.
+    engine::calibration joined;
+    auto rows = std::make_shared<engine::recorded_rows>(calibration);
+    rows->sequences = {engine::calibration_sequences * length};
+    joined.rows = [rows]() -> const engine::recorded_rows& { return *rows; };
+    engine::make_cache(shape, {"none:f32", "head_roles:0.25"}, joined);
+    const std::vector<float>& across =
+        joined.artifacts->at("--evict head_roles").get("far_mass", {shape.layers, shape.kv_heads}).values;
+    double largest_change = 0.0;
+    for (std::size_t i = 0; i < heads; ++i) largest_change = std::max(largest_change, std::abs(across[i] - far[i]));
+    EXPECT_GT(largest_change, 0.01);
+}
+
+// The calibrated eviction policies and LagKV with lag 16 run on kvref on
+// every codec that takes eviction and hold exactly their rows: after the
+// prompt of P tokens, qfilter and lagkv16 keep max(ceil(P / 4), 20) per head,
+// head_roles P in 2 of the 8 heads and 20 in the others; each then gains the
+// S decoded tokens. The fidelity report names the calibration text for the
+// calibrated policies only.
+TEST(EngineCalibration, CalibratedEvictionRunsOnKvrefOnEveryCarrier) {
+    KVC_SKIP_WITHOUT(engine_test::kvref());
+    kvref_setup run;
+    const double prompt = static_cast<double>(run.setup.prompt), scored = static_cast<double>(run.setup.scored);
+    const double per_head_budget = std::max(std::ceil(prompt / 4.0), 20.0);
+    const std::map<std::string, double> rows_kept = {
+        {"qfilter:0.25", (per_head_budget + scored) / (prompt + scored)},
+        {"lagkv16:0.25", (per_head_budget + scored) / (prompt + scored)},
+        {"head_roles:0.25", (2.0 * (prompt + scored) + 6.0 * (20.0 + scored)) / (8.0 * (prompt + scored))}};
+    for (const char* carrier : {"none:f32", "none:f16", "q8_0", "q4_0", "kivi:2"})
+        for (const char* evict : {"qfilter:0.25", "head_roles:0.25", "lagkv16:0.25"}) {
+            SCOPED_TRACE(std::string(carrier) + " + " + evict);
+            run.setup.tested = {carrier, evict};
+            const engine::fidelity_report r = engine::measure_fidelity(run.model, run.windows, run.setup, run.calibrated);
+            EXPECT_TRUE(std::isfinite(r.kl_mean));
+            EXPECT_GT(r.kl_mean, 0.0);
+            EXPECT_LT(r.kl_mean, 1.0);
+            EXPECT_GT(r.top1_agreement, 0.5);
+            EXPECT_NEAR(r.tested.rows_kept, rows_kept.at(evict), 1e-12);
+            const bool calibrated = std::string(evict).rfind("lagkv", 0) != 0;
+            EXPECT_EQ(r.setup.calibration, calibrated ? "the end of eval.txt" : "");
+        }
 }
