@@ -348,15 +348,16 @@ def kvref_section(path):
            "and each decode output is compared with full_cache f32's: `||out - out_full|| / ||out_full||` per "
            "query head, layer and step, mean and max over "
            f"{r0['samples']} of them. Next-token KL of the same codecs is in docs/FIDELITY.md. kvref's head dim "
-           "is 64, so codecs with G = 128 do not apply; the calibrated codecs (cq, kvquant) are in the engine "
-           "and in docs/FIDELITY.md, but kvc-attention-error does not calibrate yet.", ""]
+           "is 64, so codecs with G = 128 do not apply. The calibrated codecs (cq, kvquant) learn from the last "
+           "4096 tokens of eval.txt, past every window scored; KVQuant, which stores keys before RoPE, is given "
+           "the keys before RoPE, as the model gives them to it.", ""]
     out += table(["codec (engine spelling)", "mean error", "max error"], rows)
     return out + [""]
 
 
 def measure_kvref(build):
     """Runs kvc-attention-error for every codec kvc-fidelity --list names alone (no eviction), except
-    full_cache and the calibrated codecs (the tool does not calibrate); returns the JSON-lines file."""
+    full_cache; returns the JSON-lines file."""
     tools = os.path.join(build, "examples", "engine")
     listing = subprocess.run([os.path.join(tools, "kvc-fidelity"), "--list"], check=True, capture_output=True,
                              text=True).stdout
@@ -364,7 +365,7 @@ def measure_kvref(build):
     with open(out, "w", encoding="utf-8") as f:
         for line in listing.splitlines():
             method, cache, evict = line.split("\t")[:3]
-            if evict != "none" or cache.startswith(("full:", "cq:", "kvquant:")):
+            if evict != "none" or cache.startswith("full:"):
                 continue
             row = subprocess.run([os.path.join(tools, "kvc-attention-error"), "--model", "models/kvref/model.bin",
                                   "--cache", cache, "--windows", "4"], check=True, capture_output=True, text=True)

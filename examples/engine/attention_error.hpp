@@ -139,6 +139,14 @@ inline attention_error measure_attention_error(const kvc::cache_config& shape, c
                                     " recorded tokens and chunk >= 1");
     const auto tested = make_cache(shape, spec, calibrated);
     const auto reference = make_cache(shape, cache_spec{"full:f32", "none"});
+    // A cache that stores keys before RoPE (kvquant) is given them, as the model gives them to it.
+    auto keys_for = [&](const kv_cache* cache) -> const std::vector<std::vector<float>>& {
+        if (!cache->wants_keys_before_rope()) return rows.keys;
+        if (rows.keys_before_rope.empty())
+            throw std::invalid_argument("measure_attention_error: " + std::string(spec.cache) +
+                                        " stores keys before RoPE; record the rows with keys_before_rope");
+        return rows.keys_before_rope;
+    };
     std::vector<float> out(chunk * q_row), expected(chunk * q_row);
     auto view_of = [&](const std::vector<float>& data, std::size_t first, std::size_t count) {
         return kv_cache::view(data.data() + first * kv_row, count, shape.kv_heads, shape.head_dim);
@@ -147,7 +155,7 @@ inline attention_error measure_attention_error(const kvc::cache_config& shape, c
         for (std::size_t done = 0; done < prompt; done += chunk) {
             const std::size_t n = std::min(chunk, prompt - done);
             for (std::size_t layer = 0; layer < shape.layers; ++layer) {
-                cache->append(layer, view_of(rows.keys[layer], done, n), view_of(rows.values[layer], done, n),
+                cache->append(layer, view_of(keys_for(cache)[layer], done, n), view_of(rows.values[layer], done, n),
                               static_cast<std::int64_t>(done));
                 cache->attend_chunk(layer, rows.queries[layer].data() + done * q_row, n, out.data());
             }
@@ -158,7 +166,7 @@ inline attention_error measure_attention_error(const kvc::cache_config& shape, c
         for (std::size_t layer = 0; layer < shape.layers; ++layer) {
             const float* q = rows.queries[layer].data() + t * q_row;
             for (auto [cache, result] : {std::pair{tested.get(), out.data()}, std::pair{reference.get(), expected.data()}}) {
-                cache->append(layer, view_of(rows.keys[layer], t, 1), view_of(rows.values[layer], t, 1),
+                cache->append(layer, view_of(keys_for(cache)[layer], t, 1), view_of(rows.values[layer], t, 1),
                               static_cast<std::int64_t>(t));
                 cache->attend(layer, q, result);
             }

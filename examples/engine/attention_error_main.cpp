@@ -109,13 +109,19 @@ int run(options o) {
     const kvc::cache_config config = engine::kv_cache_config(shape);
     const engine::calibration calibrated =
         engine::text_tail_calibration(model, tokens, shape.context, o.windows * window, o.text);
-    for (const engine::cache_spec& spec : specs) engine::make_cache(config, spec, calibrated); // spelling errors first
+    // Spelling errors first; and whether any cache stores keys before RoPE
+    // (kvquant), so the recording keeps those too. Only then: recording them
+    // routes every key through kvc's RoPE, which rounds differently from the
+    // model's, and the other rows should stay exactly what the model produced.
+    bool before_rope = false;
+    for (const engine::cache_spec& spec : specs)
+        before_rope = engine::make_cache(config, spec, calibrated)->wants_keys_before_rope() || before_rope;
 
     std::vector<engine::recorded_rows> recorded;
     for (std::size_t w = 0; w < o.windows; ++w) {
         const std::vector<int> text(tokens.begin() + static_cast<std::ptrdiff_t>(w * window),
                                     tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * window));
-        recorded.push_back(engine::record_rows(model, text, o.prompt, o.chunk));
+        recorded.push_back(engine::record_rows(model, text, o.prompt, o.chunk, before_rope));
     }
     for (const engine::cache_spec& spec : specs) {
         engine::attention_error total;

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "engine/attention_error.hpp"
+#include "engine/calibration.hpp"
 #include "engine/tokenizer.hpp"
 #include "engine_test_util.hpp"
 
@@ -99,4 +100,27 @@ TEST(EngineAttentionError, AtKeepRatioQuarterTheNamedScorersBeatRandom) {
         EXPECT_LT(error, random) << scorer << " at keep ratio 0.25: " << error << " vs random " << random;
         std::printf("  %-20s %.4f (random %.4f)\n", scorer, error, random);
     }
+}
+
+// KVQuant stores keys before RoPE: the replay must hand it the keys the model
+// gives such a cache, not the rotated ones (which it would rotate again: its
+// error was 0.93 on kvref when the tool did that, against 0.12 for q4_0).
+TEST(EngineAttentionError, CachesThatStoreKeysBeforeRoPEGetThem) {
+    KVC_SKIP_WITHOUT(engine_test::kvref());
+    engine::transformer model = engine::transformer::load(engine_test::kvref().model.string());
+    const kvc::cache_config shape = engine::kv_cache_config(model.shape());
+    const std::string text = engine_test::read_bytes(engine_test::kvref().eval_text);
+    const std::vector<int> tokens = engine::tokenizer::bytes().encode(text);
+    constexpr std::size_t prompt = 256, steps = 16, chunk = 64;
+    const engine::calibration calibrated =
+        engine::text_tail_calibration(model, tokens, model.shape().context, prompt + steps, "eval.txt");
+    const std::vector<int> window(tokens.begin(), tokens.begin() + prompt + steps);
+    const engine::recorded_rows plain = engine::record_rows(model, window, prompt, chunk);
+    EXPECT_THROW(engine::measure_attention_error(shape, plain, prompt, chunk, {"kvquant:4", "none"}, calibrated),
+                 std::invalid_argument); // recorded without the keys it needs: said, not silently wrong
+    const engine::recorded_rows rows = engine::record_rows(model, window, prompt, chunk, true);
+    const double kvquant = engine::measure_attention_error(shape, rows, prompt, chunk, {"kvquant:4", "none"}, calibrated).mean;
+    const double q4_0 = engine::measure_attention_error(shape, rows, prompt, chunk, {"q4_0", "none"}, calibrated).mean;
+    std::printf("  kvquant:4 %.4f, q4_0 %.4f\n", kvquant, q4_0);
+    EXPECT_LT(kvquant, 2.0 * q4_0); // both 4-bit; a double rotation is several times worse
 }
