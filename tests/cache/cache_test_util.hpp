@@ -9,9 +9,11 @@
 #include <memory_resource>
 #include <new>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kvc/cache/config.hpp"
+#include "kvc/core/error.hpp"
 #include "kvc/core/float16.hpp"
 
 namespace kvc_test {
@@ -92,6 +94,17 @@ inline double worst_head_error(const kvc::cache_config& c, const float* got, con
         worst = std::max(worst, std::sqrt(diff / norm));
     }
     return worst;
+}
+
+// The message of the kvc::error f() throws, or "(no kvc::error)".
+template <class F>
+std::string error_of(F&& f) {
+    try {
+        f();
+    } catch (const kvc::error& e) {
+        return e.what();
+    }
+    return "(no kvc::error)";
 }
 
 // Counts the bytes outstanding; optionally refuses allocations past a limit.

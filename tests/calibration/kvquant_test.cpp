@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "../cache/cache_test_util.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/kvquant.hpp"
 #include "kvc/policy/quantization/kvquant.hpp"
@@ -32,15 +33,7 @@ kvc::cache_config shape(std::size_t layers, std::size_t heads, std::size_t dim) 
     return c;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no error)";
-}
+using kvc_test::error_of;
 
 struct sample {
     std::vector<float> keys, values;
@@ -154,7 +147,7 @@ TEST(CalibrateKVQuant, DeterministicForASeedAndFileRoundTrip) {
     std::vector<unsigned char> bytes = first;
     bytes[bytes.size() / 2] ^= 0x40;
     EXPECT_NE(error_of([&] { cal::deserialize(bytes.data(), bytes.size()); }).find("checksum"), std::string::npos);
-    EXPECT_NE(error_of([&] { cal::deserialize(first.data(), first.size() - 9); }), "(no error)");
+    EXPECT_NE(error_of([&] { cal::deserialize(first.data(), first.size() - 9); }), "(no kvc::error)");
     std::remove(path.c_str());
 }
 

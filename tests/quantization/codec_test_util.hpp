@@ -52,17 +52,6 @@ inline kvc::cache_config shape(std::size_t kv_heads, std::size_t group, std::siz
     return c;
 }
 
-// The message of the kvc::error f() throws, or "(no kvc::error)".
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
-
 // ---------------------------------------------------------------------------
 // What a head stores, and attention in double over it.
 
