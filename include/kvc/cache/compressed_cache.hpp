@@ -308,9 +308,12 @@ public:
         detail::validate_layer(config_, layer, "compressed_cache::attend");
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend: expected non-null queries and out");
-        float* statistics = statistics_buffer(layer, mass);
-        detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); }, queries,
-                             out, statistics);
+        auto head_at = [&](std::size_t h) -> const head_storage& { return head(layer, h); };
+        float* logits = nullptr;
+        float* statistics = statistics_buffer(layer, mass,
+                                              detail::decode_logits_floats(config_, detail::longest_head(config_, head_at)),
+                                              logits);
+        detail::attend_heads(config_, head_at, queries, out, statistics, logits);
         observe(layer, statistics, queries, 1);
     }
 
@@ -326,7 +329,8 @@ public:
                         shortest, " (the tokens every head holds), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend_chunk: expected non-null queries and out");
-        float* statistics = statistics_buffer(layer, mass);
+        float* logits = nullptr;
+        float* statistics = statistics_buffer(layer, mass, 0, logits);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); },
                                    queries, chunk, out, statistics);
         observe(layer, statistics, queries, chunk);
@@ -599,20 +603,21 @@ private:
     }
 
     // Where attention statistics go: the caller's buffer, or the cache's
-    // scratch when only a policy wants them. The scratch grows geometrically
-    // with the layer's tokens, so decoding does not allocate on every step.
-    float* statistics_buffer(std::size_t layer, float* caller_mass) {
-        if constexpr (collects_attention_stats) {
-            if (caller_mass) return caller_mass;
-            const std::size_t needed = tokens(layer);
-            scratch_.clear();
-            scratch_.reserve_for_append(needed);
-            scratch_.resize_within_capacity(needed);
-            return scratch_.data();
-        } else {
-            (void)layer;
-            return caller_mass;
-        }
+    // scratch when only a policy wants them; `logits` is set to `logits_floats`
+    // more of the scratch for the kernels' logits when statistics are collected
+    // (null otherwise). The scratch grows geometrically with the layer's
+    // tokens, so decoding with statistics does not allocate on every step.
+    float* statistics_buffer(std::size_t layer, float* caller_mass, std::size_t logits_floats, float*& logits) {
+        logits = nullptr;
+        const bool collect = collects_attention_stats || caller_mass != nullptr;
+        if (!collect) return nullptr;
+        const std::size_t mass_floats = caller_mass ? 0 : tokens(layer);
+        const std::size_t needed = mass_floats + logits_floats;
+        scratch_.clear();
+        scratch_.reserve_for_append(needed);
+        scratch_.resize_within_capacity(needed);
+        if (logits_floats != 0) logits = scratch_.data() + mass_floats;
+        return caller_mass ? caller_mass : scratch_.data();
     }
 
     // Feeds one attention call's statistics and queries to the policies' state.

@@ -39,18 +39,36 @@ std::size_t prefill_workspace_of(const S& store, std::size_t group, std::size_t 
     }
 }
 
-// Decode: queries and out are [query_heads][head_dim]; mass (optional) gets,
-// head after head, tokens(h) floats of attention probability summed over the group.
+// The longest head of a layer, in tokens.
 template <class HeadAt>
-void attend_heads(const cache_config& config, HeadAt&& head_at, const float* queries, float* out, float* mass) {
-    const kernels::kernel_table& k = kernels::active();
-    const std::size_t group = config.group(), dim = config.head_dim;
+std::size_t longest_head(const cache_config& config, HeadAt&& head_at) noexcept {
     std::size_t longest = 0;
     for (std::size_t h = 0; h < config.kv_heads; ++h)
         longest = head_at(h).tokens() > longest ? head_at(h).tokens() : longest;
-    attention_scratch scratch(group * (dim + 2) + (mass ? group * longest : 0));
+    return longest;
+}
+
+// Floats of logits workspace a decode attend with statistics needs: the
+// logits of one GQA group over the longest head.
+inline std::size_t decode_logits_floats(const cache_config& config, std::size_t longest) noexcept {
+    return config.group() * longest;
+}
+
+// Decode: queries and out are [query_heads][head_dim]; mass (optional) gets,
+// head after head, tokens(h) floats of attention probability summed over the group.
+// Statistics need the logits kept: in `logits_workspace` when the caller lends
+// decode_logits_floats() of them (a cache that decodes with statistics every
+// step: no allocation per step), else in memory taken for the call.
+template <class HeadAt>
+void attend_heads(const cache_config& config, HeadAt&& head_at, const float* queries, float* out, float* mass,
+                  float* logits_workspace = nullptr) {
+    const kernels::kernel_table& k = kernels::active();
+    const std::size_t group = config.group(), dim = config.head_dim;
+    const bool own_logits = mass != nullptr && logits_workspace == nullptr;
+    attention_scratch scratch(group * (dim + 2) +
+                              (own_logits ? decode_logits_floats(config, longest_head(config, head_at)) : 0));
     const kernels::decode_state state = scratch.state(group);
-    float* logits = mass ? scratch.data() + group * (dim + 2) : nullptr;
+    float* logits = !mass ? nullptr : own_logits ? scratch.data() + group * (dim + 2) : logits_workspace;
     for (std::size_t h = 0; h < config.kv_heads; ++h) {
         const auto& store = head_at(h);
         const std::size_t tokens = store.tokens();
