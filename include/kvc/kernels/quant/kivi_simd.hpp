@@ -146,7 +146,7 @@ void attend_heads(const kivi_decode_problem& p, const decode_state& s, std::size
                     float* out = p.logits + (g0 + h) * p.logits_stride + first + t;
                     for (std::size_t j = 0; j < count; ++j) out[j] = weights[h][j];
                 }
-                quant::softmax_update<A>(s, g0 + h, p.dim, weights[h], count);
+                softmax_update<A>(s, g0 + h, p.dim, weights[h], count);
             }
             quant::accumulate_values<A, Portable, F, H>(values, s, g0, t, count, weights);
         }

@@ -282,35 +282,9 @@ void attend_heads(const kvquant_decode_problem& p, const decode_state& s, std::s
                 float* out = p.logits + g * p.logits_stride + t0;
                 for (std::size_t i = 0; i < count; ++i) out[i] = w[i];
             }
-            float block_max = -std::numeric_limits<float>::infinity();
-            for (std::size_t i = 0; i < count; ++i) block_max = w[i] > block_max ? w[i] : block_max;
-            const float new_max = block_max > s.max[g] ? block_max : s.max[g];
-            if (new_max > s.max[g]) {
-                const float rescale = common::exp<A>(s.max[g] - new_max);
-                s.sum[g] *= rescale;
-                float* acc = s.acc + g * dim;
-                const floats<A> factor(rescale);
-                std::size_t d = 0;
-                for (; d < full; d += lanes) (floats<A>::load_unaligned(acc + d) * factor).store_unaligned(acc + d);
-                for (; d < dim; ++d) acc[d] *= rescale;
-                s.max[g] = new_max;
-            }
-            const floats<A> max_batch(new_max);
-            floats<A> sums(0.0f);
-            std::size_t i = 0;
-            for (; i + lanes <= count; i += lanes) {
-                const floats<A> e = xsimd::exp(floats<A>::load_aligned(w + i) - max_batch);
-                e.store_aligned(w + i);
-                sums += e;
-            }
-            float sum = xsimd::hadd(sums);
-            for (; i < count; ++i) {
-                w[i] = common::exp<A>(w[i] - new_max);
-                sum += w[i];
-            }
-            s.sum[g] += sum;
+            softmax_update<A>(s, g, dim, w, count);
             float share = 0.0f;
-            for (i = 0; i < count; ++i) {
+            for (std::size_t i = 0; i < count; ++i) {
                 const float* params = r.value_params + 2 * (t0 + i);
                 scaled[h][i] = w[i] * params[1];
                 share += w[i] * params[0];

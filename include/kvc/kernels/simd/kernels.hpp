@@ -181,6 +181,74 @@ struct storer<xsimd::avx512bw, dtype::f16> {
 };
 #endif
 
+// Largest and smallest lane (exact: max and min do not round; signed zeros
+// and NaN are taken care of by the caller).
+template <class A, bool Portable = false>
+struct lane_extremes {
+    static float max(floats<A> x) noexcept {
+        alignas(64) float lanes[floats<A>::size];
+        x.store_aligned(lanes);
+        float m = lanes[0];
+        for (std::size_t l = 1; l < floats<A>::size; ++l) m = lanes[l] > m ? lanes[l] : m;
+        return m;
+    }
+    static float min(floats<A> x) noexcept {
+        alignas(64) float lanes[floats<A>::size];
+        x.store_aligned(lanes);
+        float m = lanes[0];
+        for (std::size_t l = 1; l < floats<A>::size; ++l) m = lanes[l] < m ? lanes[l] : m;
+        return m;
+    }
+};
+
+#if defined(__SSE2__)
+template <>
+struct lane_extremes<xsimd::sse2, false> {
+    static float max(floats<xsimd::sse2> x) noexcept {
+        const __m128 m = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+    static float min(floats<xsimd::sse2> x) noexcept {
+        const __m128 m = _mm_min_ps(x, _mm_movehl_ps(x, x));
+        return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+};
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+template <>
+struct lane_extremes<avx2_arch, false> {
+    static float max(floats<avx2_arch> x) noexcept {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+    static float min(floats<avx2_arch> x) noexcept {
+        __m128 m = _mm_min_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+template <>
+struct lane_extremes<xsimd::avx512bw, false> {
+    static float max(floats<xsimd::avx512bw> x) noexcept {
+        const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+    static float min(floats<xsimd::avx512bw> x) noexcept {
+        const __m256 h = _mm256_min_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+        __m128 m = _mm_min_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+};
+#endif
+
 template <class A, dtype D>
 float dot(const float* q, const void* row, std::size_t n) noexcept {
     using storage = typename common::element<A, D>::storage;
@@ -359,6 +427,51 @@ inline void accumulate_values(const decode_problem& p, const decode_state& s, st
     }
 }
 
+// Online-softmax update of head g with a block's logits in w (count of them):
+// rescales the state to the new max, turns w into exp(logit - max), adds their sum.
+template <class A>
+void softmax_update(const decode_state& s, std::size_t g, std::size_t dim, float* w, std::size_t count) noexcept {
+    constexpr std::size_t lanes = floats<A>::size;
+    float block_max = -std::numeric_limits<float>::infinity();
+    std::size_t i = 0;
+    if (count >= lanes) {
+        floats<A> m = floats<A>::load_aligned(w);
+        for (i = lanes; i + lanes <= count; i += lanes) m = xsimd::max(m, floats<A>::load_aligned(w + i));
+        block_max = lane_extremes<A>::max(m);
+    }
+    for (; i < count; ++i) block_max = w[i] > block_max ? w[i] : block_max;
+    const float new_max = block_max > s.max[g] ? block_max : s.max[g];
+    if (new_max > s.max[g]) {
+        const float rescale = common::exp<A>(s.max[g] - new_max);
+        s.sum[g] *= rescale;
+        float* acc = s.acc + g * dim;
+        const floats<A> factor(rescale);
+        std::size_t d = 0;
+        for (; d + lanes <= dim; d += lanes) (floats<A>::load_unaligned(acc + d) * factor).store_unaligned(acc + d);
+        for (; d < dim; ++d) acc[d] *= rescale;
+        s.max[g] = new_max;
+    }
+    const floats<A> max_batch(new_max);
+    floats<A> sums(0.0f);
+    std::size_t t = 0;
+    for (; t + lanes <= count; t += lanes) {
+        const floats<A> e = xsimd::exp(floats<A>::load_aligned(w + t) - max_batch);
+        e.store_aligned(w + t);
+        sums += e;
+    }
+    float sum = xsimd::hadd(sums);
+    if (t < count) {
+        alignas(64) float tail[lanes];
+        for (std::size_t i = 0; i < lanes; ++i) tail[i] = t + i < count ? w[t + i] : -std::numeric_limits<float>::infinity();
+        xsimd::exp(floats<A>::load_aligned(tail) - max_batch).store_aligned(tail);
+        for (std::size_t i = 0; t + i < count; ++i) {
+            w[t + i] = tail[i];
+            sum += tail[i];
+        }
+    }
+    s.sum[g] += sum;
+}
+
 template <class A, dtype D, std::size_t H>
 void attend_heads(const decode_problem& p, const decode_state& s, std::size_t g0) noexcept {
     using storage = typename common::element<A, D>::storage;
@@ -386,44 +499,11 @@ void attend_heads(const decode_problem& p, const decode_state& s, std::size_t g0
         // Online softmax update; weights become exp(logit - new max).
         for (std::size_t h = 0; h < H; ++h) {
             const std::size_t g = g0 + h;
-            float* w = weights[h];
             if (p.logits) {
                 float* out = p.logits + g * p.logits_stride + t0;
-                for (std::size_t t = 0; t < count; ++t) out[t] = w[t];
+                for (std::size_t t = 0; t < count; ++t) out[t] = weights[h][t];
             }
-            float block_max = -std::numeric_limits<float>::infinity();
-            for (std::size_t t = 0; t < count; ++t) block_max = w[t] > block_max ? w[t] : block_max;
-            const float new_max = block_max > s.max[g] ? block_max : s.max[g];
-            if (new_max > s.max[g]) {
-                const float rescale = common::exp<A>(s.max[g] - new_max);
-                s.sum[g] *= rescale;
-                float* acc = s.acc + g * dim;
-                const floats<A> factor(rescale);
-                std::size_t d = 0;
-                for (; d < full; d += lanes) (floats<A>::load_unaligned(acc + d) * factor).store_unaligned(acc + d);
-                for (; d < dim; ++d) acc[d] *= rescale;
-                s.max[g] = new_max;
-            }
-            const floats<A> max_batch(new_max);
-            floats<A> sums(0.0f);
-            std::size_t t = 0;
-            for (; t + lanes <= count; t += lanes) {
-                const floats<A> e = xsimd::exp(floats<A>::load_aligned(w + t) - max_batch);
-                e.store_aligned(w + t);
-                sums += e;
-            }
-            float sum = xsimd::hadd(sums);
-            if (t < count) {
-                alignas(64) float tail[lanes];
-                for (std::size_t i = 0; i < lanes; ++i)
-                    tail[i] = t + i < count ? w[t + i] : -std::numeric_limits<float>::infinity();
-                xsimd::exp(floats<A>::load_aligned(tail) - max_batch).store_aligned(tail);
-                for (std::size_t i = 0; t + i < count; ++i) {
-                    w[t + i] = tail[i];
-                    sum += tail[i];
-                }
-            }
-            s.sum[g] += sum;
+            softmax_update<A>(s, g, dim, weights[h], count);
         }
 
         // Weighted sum of value rows: register tiles of `tile` batches x H

@@ -213,7 +213,7 @@ void attend_heads(const sparse_decode_problem& p, const decode_state& s, std::si
                 float* out = p.logits + (g0 + h) * p.logits_stride + t0;
                 for (std::size_t t = 0; t < count; ++t) out[t] = weights[h][t];
             }
-            quant::softmax_update<A>(s, g0 + h, p.dim, weights[h], count);
+            softmax_update<A>(s, g0 + h, p.dim, weights[h], count);
         }
         accumulate_values<A, Portable, H>(p, s, g0, t0, count, weights);
     }
