@@ -54,12 +54,17 @@ kvc::cache_config decode_shape() {
     return c;
 }
 
+constexpr std::size_t prompt = 4096;
+
+// Reserves room for the prompt and the decode steps, and appends the prompt to every layer.
 template <class Cache>
-void prefill(Cache& cache, const kvc::cache_config& c, std::size_t tokens) {
-    const auto rows = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 3);
+Cache& prefilled(Cache& cache, const kvc::cache_config& c) {
+    cache.reserve(prompt + 64);
+    const auto rows = kvc_test::random_floats(prompt * c.kv_heads * c.head_dim, 3);
     for (std::size_t l = 0; l < c.layers; ++l)
-        cache.append(l, token_major(rows.data(), tokens, c.kv_heads, c.head_dim),
-                     token_major(rows.data(), tokens, c.kv_heads, c.head_dim), 0);
+        cache.append(l, token_major(rows.data(), prompt, c.kv_heads, c.head_dim),
+                     token_major(rows.data(), prompt, c.kv_heads, c.head_dim), 0);
+    return cache;
 }
 
 // Counts operator new calls over `steps` decode steps (append one token, then
@@ -87,9 +92,7 @@ std::size_t news_per_decode(Cache& cache, const kvc::cache_config& c, std::int64
 TEST(DecodeAllocation, FullCacheDecodeAllocatesNothing) {
     const kvc::cache_config c = decode_shape();
     kvc::full_cache cache(c);
-    cache.reserve(4096 + 64);
-    prefill(cache, c, 4096);
-    EXPECT_EQ(news_per_decode(cache, c, 4096, 32, false), 0u);
+    EXPECT_EQ(news_per_decode(prefilled(cache, c), c, prompt, 32, false), 0u);
 }
 
 // H2O collects attention statistics on every decode step: its mass and the
@@ -97,11 +100,9 @@ TEST(DecodeAllocation, FullCacheDecodeAllocatesNothing) {
 TEST(DecodeAllocation, StatisticsCollectingDecodeAllocatesNothing) {
     const kvc::cache_config c = decode_shape();
     evicting_cache<evict::h2o> cache(c, evict::h2o(evict::budget::absolute(8192)));
-    cache.reserve(4096 + 64);
-    prefill(cache, c, 4096);
-    EXPECT_EQ(news_per_decode(cache, c, 4096, 32, false), 0u);
+    EXPECT_EQ(news_per_decode(prefilled(cache, c), c, prompt, 32, false), 0u);
     // The same with the caller's own mass buffer.
-    EXPECT_EQ(news_per_decode(cache, c, 4096 + 40, 16, true), 0u);
+    EXPECT_EQ(news_per_decode(cache, c, prompt + 40, 16, true), 0u);
     // The counter sees allocations (a control for the two above).
     const std::size_t before = global_news.load();
     std::vector<float>* probe = new std::vector<float>(1);
@@ -113,9 +114,7 @@ TEST(DecodeAllocation, StatisticsCollectingDecodeAllocatesNothing) {
 TEST(DecodeAllocation, ScoreOnlyPolicyDecodeAllocatesNothing) {
     const kvc::cache_config c = decode_shape();
     evicting_cache<evict::streaming> cache(c, evict::streaming(evict::budget::absolute(8192)));
-    cache.reserve(4096 + 64);
-    prefill(cache, c, 4096);
-    EXPECT_EQ(news_per_decode(cache, c, 4096, 32, false), 0u);
+    EXPECT_EQ(news_per_decode(prefilled(cache, c), c, prompt, 32, false), 0u);
 }
 
 } // namespace

@@ -308,13 +308,10 @@ public:
         detail::validate_layer(config_, layer, "compressed_cache::attend");
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend: expected non-null queries and out");
-        auto head_at = [&](std::size_t h) -> const head_storage& { return head(layer, h); };
-        float* logits = nullptr;
-        float* statistics = statistics_buffer(layer, mass,
-                                              detail::decode_logits_floats(config_, detail::longest_head(config_, head_at)),
-                                              logits);
-        detail::attend_heads(config_, head_at, queries, out, statistics, logits);
-        observe(layer, statistics, queries, 1);
+        const statistics_space statistics = statistics_buffer(layer, mass, true);
+        detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); }, queries,
+                             out, statistics.mass, statistics.logits);
+        observe(layer, statistics.mass, queries, 1);
     }
 
     // As full_cache::attend_chunk. Marks the layer as prefilled: with
@@ -329,11 +326,10 @@ public:
                         shortest, " (the tokens every head holds), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend_chunk: expected non-null queries and out");
-        float* logits = nullptr;
-        float* statistics = statistics_buffer(layer, mass, 0, logits);
+        const statistics_space statistics = statistics_buffer(layer, mass, false);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); },
-                                   queries, chunk, out, statistics);
-        observe(layer, statistics, queries, chunk);
+                                   queries, chunk, out, statistics.mass);
+        observe(layer, statistics.mass, queries, chunk);
         layers_[layer].prefill_pending = true;
     }
 
@@ -602,22 +598,28 @@ private:
         }
     }
 
-    // Where attention statistics go: the caller's buffer, or the cache's
-    // scratch when only a policy wants them; `logits` is set to `logits_floats`
-    // more of the scratch for the kernels' logits when statistics are collected
-    // (null otherwise). The scratch grows geometrically with the layer's
-    // tokens, so decoding with statistics does not allocate on every step.
-    float* statistics_buffer(std::size_t layer, float* caller_mass, std::size_t logits_floats, float*& logits) {
-        logits = nullptr;
-        const bool collect = collects_attention_stats || caller_mass != nullptr;
-        if (!collect) return nullptr;
+    // Where one attention call's statistics go (both null when nobody wants
+    // them): the mass in the caller's buffer, or in the cache's scratch when
+    // only a policy wants it; for a decode call, the kernels' logits in the
+    // scratch too. The scratch grows geometrically with the layer's tokens, so
+    // decoding with statistics does not allocate on every step.
+    struct statistics_space {
+        float* mass = nullptr;
+        float* logits = nullptr;
+    };
+    statistics_space statistics_buffer(std::size_t layer, float* caller_mass, bool decode) {
+        if (!collects_attention_stats && caller_mass == nullptr) return {};
         const std::size_t mass_floats = caller_mass ? 0 : tokens(layer);
-        const std::size_t needed = mass_floats + logits_floats;
+        const std::size_t logits_floats =
+            decode ? detail::decode_logits_floats(
+                         config_, detail::longest_head(config_, [&](std::size_t h) -> const head_storage& {
+                             return head(layer, h);
+                         }))
+                   : 0;
         scratch_.clear();
-        scratch_.reserve_for_append(needed);
-        scratch_.resize_within_capacity(needed);
-        if (logits_floats != 0) logits = scratch_.data() + mass_floats;
-        return caller_mass ? caller_mass : scratch_.data();
+        scratch_.reserve_for_append(mass_floats + logits_floats);
+        scratch_.resize_within_capacity(mass_floats + logits_floats);
+        return {caller_mass ? caller_mass : scratch_.data(), decode ? scratch_.data() + mass_floats : nullptr};
     }
 
     // Feeds one attention call's statistics and queries to the policies' state.
