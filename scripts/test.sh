@@ -10,6 +10,8 @@
 #   release   C++17, Release: library, tests, benchmarks and examples; whole ctest suite
 #   cxx20     C++20, Release: library and tests; whole ctest suite
 #   sanitize  C++17, -O1 -g with AddressSanitizer + UndefinedBehaviorSanitizer: library and tests
+#   tsan      clang, -O1 -g with ThreadSanitizer: only the tests that run threads (the threading
+#             contract for every cache type, full_cache's concurrency tests, the recycling resource)
 #
 # Stops at the first failure. The last line printed is "N passed, M failed":
 # ctest's test counts over all phases, plus one failure for a failed
@@ -23,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 jobs=${KVC_JOBS:-2}
 test_timeout=${KVC_CTEST_TIMEOUT:-1800}
-all_phases=(release cxx20 sanitize)
+all_phases=(release cxx20 sanitize tsan)
 if (($# > 0)); then
   phases=("$@")
   for phase in "${phases[@]}"; do
@@ -97,6 +99,8 @@ configure() {
 }
 
 # run_phase <name> <env for ctest> -- <cmake args...>
+# With phase_targets set, builds only those targets and runs only their tests.
+phase_targets=()
 run_phase() {
   local name=$1 dir="$root/build/$1"
   shift
@@ -116,13 +120,18 @@ run_phase() {
   log "$name: build (-j$jobs)"
   # Keep going past a failed target so one run shows every compile error;
   # the phase still fails.
-  cmake --build "$dir" --parallel "$jobs" -- -k 0
+  local -a targets=() ctest_filter=()
+  if ((${#phase_targets[@]} > 0)); then
+    targets=(--target "${phase_targets[@]}")
+    ctest_filter=(-R "^($(IFS='|'; echo "${phase_targets[*]}"))\\.")
+  fi
+  cmake --build "$dir" --parallel "$jobs" "${targets[@]}" -- -k 0
   build_s=$(($(now) - step_start))
 
   current_step=ctest step_start=$(now)
   log "$name: ctest (-j$jobs)"
   local ctest_log="$dir/ctest.log" ctest_status=0
-  env "${ctest_env[@]}" ctest --test-dir "$dir" --output-on-failure --no-tests=error -j "$jobs" \
+  env "${ctest_env[@]}" ctest --test-dir "$dir" --output-on-failure --no-tests=error -j "$jobs" "${ctest_filter[@]}" \
     --timeout "$test_timeout" 2>&1 | tee "$ctest_log" || ctest_status=$?
   ctest_s=$(($(now) - step_start))
 
@@ -162,6 +171,20 @@ for phase in "${phases[@]}"; do
         ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 -- \
         -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-g -O1" -DCMAKE_CXX_STANDARD=17 \
         -DKVC_SANITIZE=address,undefined -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF
+      ;;
+    tsan)
+      # ThreadSanitizer needs clang's runtime (libclang-rt-14-dev) and every
+      # object instrumented: the phase uses clang 14 whatever CXX says, and
+      # builds only the tests that run threads (phase_targets).
+      "$root/scripts/install-deps.sh" tsan
+      phase_targets=(engine_threading_test cache_full_cache_test core_recycling_resource_test)
+      cmake_common_saved=("${cmake_common[@]}")
+      cmake_common=(-G Ninja -DKVC_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER=clang++-14)
+      run_phase tsan TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 -- \
+        -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-g -O1" -DCMAKE_CXX_STANDARD=17 \
+        -DKVC_SANITIZE=thread -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF
+      cmake_common=("${cmake_common_saved[@]}")
+      phase_targets=()
       ;;
   esac
 done

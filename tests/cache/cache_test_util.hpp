@@ -107,16 +107,18 @@ std::string error_of(F&& f) {
     return "(no kvc::error)";
 }
 
-// Counts the bytes outstanding; optionally refuses allocations past a limit.
+// Counts the bytes outstanding; optionally refuses allocations past a limit
+// of bytes, or every allocation once `fail_after` have succeeded.
 class counting_resource : public std::pmr::memory_resource {
 public:
     std::size_t in_use = 0;
     std::size_t allocations = 0;
     std::size_t limit = SIZE_MAX;
+    std::size_t fail_after = SIZE_MAX;
 
 private:
     void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-        if (in_use + bytes > limit) throw std::bad_alloc();
+        if (in_use + bytes > limit || allocations >= fail_after) throw std::bad_alloc();
         void* p = std::pmr::new_delete_resource()->allocate(bytes, alignment);
         in_use += bytes;
         ++allocations;

@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "engine/cache_choice.hpp"
+#include "engine/synthetic_calibration.hpp"
 
 namespace {
 
@@ -28,31 +29,8 @@ kvc::cache_config small_shape() {
     return config;
 }
 
-// Calibration rows for small_shape(): 300 tokens, as two sequences of 150,
-// of smooth, varied keys (before and after a RoPE-like change, here simply
-// different rows), values and queries.
-engine::calibration small_calibration() {
-    const kvc::cache_config shape = small_shape();
-    auto rows = std::make_shared<engine::recorded_rows>();
-    const std::size_t tokens = 300, floats = tokens * shape.kv_heads * shape.head_dim;
-    for (auto* part : {&rows->keys, &rows->keys_before_rope, &rows->values, &rows->queries})
-        part->assign(shape.layers, {});
-    for (std::size_t layer = 0; layer < shape.layers; ++layer) {
-        for (std::size_t i = 0; i < floats; ++i) {
-            const double x = static_cast<double>(i) * 0.37 + static_cast<double>(layer);
-            rows->keys[layer].push_back(static_cast<float>(std::sin(x) + 0.1 * std::cos(3.1 * x)));
-            rows->keys_before_rope[layer].push_back(static_cast<float>(std::cos(1.3 * x)));
-            rows->values[layer].push_back(static_cast<float>(std::sin(0.7 * x + 1.0)));
-        }
-        for (std::size_t i = 0; i < tokens * shape.query_heads * shape.head_dim; ++i)
-            rows->queries[layer].push_back(static_cast<float>(std::cos(0.23 * static_cast<double>(i) + 0.5)));
-    }
-    rows->sequences = {150, 150};
-    engine::calibration calibrated;
-    calibrated.rows = [rows]() -> const engine::recorded_rows& { return *rows; };
-    calibrated.text = "synthetic";
-    return calibrated;
-}
+// Calibration rows for small_shape(): 300 tokens, as two sequences of 150.
+engine::calibration small_calibration() { return engine_test::synthetic_calibration(small_shape()); }
 
 // The codecs learnt from calibration rows.
 const char* const calibrated_spellings[] = {"cq:c4b8", "cq:c8b8", "kvquant:3", "kvquant:4"};

@@ -21,11 +21,11 @@
 
 namespace engine_test {
 
-// ASan/UBSan builds at -O1 run the model 10-50x slower: use fewer tokens there.
-#if defined(__SANITIZE_ADDRESS__) || !defined(__OPTIMIZE__)
+// ASan/UBSan/TSan builds at -O1 run the model 10-50x slower: use fewer tokens there.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || !defined(__OPTIMIZE__)
 inline constexpr bool slow_build = true;
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(undefined_behavior_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(undefined_behavior_sanitizer) || __has_feature(thread_sanitizer)
 inline constexpr bool slow_build = true;
 #else
 inline constexpr bool slow_build = false;

@@ -18,12 +18,23 @@
 // With every slot `none` the cache runs the same storage and kernels as
 // kvc::full_cache and produces bit-identical outputs (tested).
 //
-// Thread safety as full_cache: different layers may be used concurrently.
-// Errors: every call checks its arguments before changing anything. An append
-// may first run the compression its schedule asks for; an allocation failure
-// after that leaves the new tokens out and every stored token intact.
+// Thread safety as full_cache (see there), and: attend is not const here (it
+// records the statistics the policies asked for), but each layer keeps its own
+// policy state and working memory, so calls on different layers may still
+// run concurrently, compress(layer) and an append that compresses included.
+// compress() over all layers is a call that spans every layer.
+// Errors: every call checks its arguments (layer and head indices included)
+// before changing anything. An append may first run the compression its
+// schedule asks for (after the prompt, or during decode, always before the new
+// token is stored); an allocation failure after that leaves the new tokens out
+// and every stored token intact, and the same append may be retried. compress()
+// over all layers is per layer: each layer is compressed completely or not at
+// all, in order, so a failure at layer l leaves layers before l compressed and
+// the others as they were. A moved-from cache holds no layer: every call that
+// names one throws kvc::error until a cache is assigned to it.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -163,7 +174,7 @@ public:
                               Quantization quantization = {}, Projection projection = {})
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
-          heads_(config_.resource), layers_(config_.resource), scratch_(config_.resource) {
+          heads_(config_.resource), layers_(config_.resource) {
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -174,6 +185,7 @@ public:
             }
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
+        byte_budget_tokens_ = tokens_for_bytes();
         if constexpr (evicts) {
             detail::require(!eviction_.rerotate.enabled || detail::has_store_key<head_storage>::value,
                             "compressed_cache: key re-rotation needs a codec that can rewrite stored keys "
@@ -181,7 +193,7 @@ public:
             detail::require(eviction_.keep.bytes == 0 || detail::has_bytes_per_token<head_storage>::value,
                             "compressed_cache: a byte budget needs a codec that reports bytes_per_token()");
             detail::require(eviction_.keep.bytes == 0 ||
-                                tokens_for_bytes() >= eviction_.keep.sinks + eviction_.keep.window,
+                                byte_budget_tokens_ >= eviction_.keep.sinks + eviction_.keep.window,
                             "compressed_cache: byte budget ", eviction_.keep.bytes,
                             " buys fewer tokens per head than sinks + window (", eviction_.keep.sinks +
                             eviction_.keep.window, ")");
@@ -192,7 +204,7 @@ public:
         : config_(other.config_), eviction_(other.eviction_), merging_(other.merging_),
           quantization_(other.quantization_), projection_(other.projection_),
           heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource),
-          scratch_(other.config_.resource) {}
+          byte_budget_tokens_(other.byte_budget_tokens_) {}
     compressed_cache& operator=(const compressed_cache& other) {
         if (this != &other) {
             compressed_cache copy(other);
@@ -214,7 +226,7 @@ public:
     // compress the layer (after prefill, or when a head is `interval` over budget).
     template <class KeyView, class ValueView>
     void append(std::size_t layer, const KeyView& keys, const ValueView& values, std::int64_t first_position) {
-        detail::validate_layer(config_, layer, "compressed_cache::append");
+        check_layer(layer, "compressed_cache::append");
         detail::validate_kv_views(config_, keys, values, "compressed_cache::append");
         const std::size_t count = keys.tokens();
         layer_state& state = layers_[layer];
@@ -225,9 +237,21 @@ public:
                         "compressed_cache::append: expected positions in 0..2^31-1, got first_position ",
                         first_position, " with ", count, " tokens");
         if (count == 0) return;
+        bool compressed_for_decode = false;
         if constexpr (evicts) {
             // The prompt is complete once decoding starts: compress it first.
-            if (eviction_.when.after_prefill && state.prefill_pending && count == 1) compress(layer);
+            if (eviction_.when.after_prefill && state.prefill_pending && count == 1) compress_layer(layer, 0);
+            // Decode-time compression runs on decode appends (one token): a
+            // prefill chunk must stay whole until attend_chunk has attended it.
+            // It runs before the token is stored, making room for it (the
+            // budget as it will be with the token, less the token), so that
+            // a failure leaves the new token out and the cache as it was,
+            // and a retry of the same append is accepted.
+            if (eviction_.when.interval != 0 && count == 1 && !state.prefill_pending &&
+                over_budget_after(layer, count)) {
+                compress_layer(layer, count);
+                compressed_for_decode = true;
+            }
         }
 
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -238,7 +262,7 @@ public:
             if constexpr (collects_external) slot.external.reserve_for_append(count);
             if constexpr (collects_append_scores) slot.appended.reserve_for_append(count);
         }
-        if constexpr (scores_append_rows) scratch_.reserve(eviction_.scorer.append_scratch(config_.head_dim));
+        if constexpr (scores_append_rows) state.scratch.reserve(eviction_.scorer.append_scratch(config_.head_dim));
         const std::int64_t sequence_start = state.last_position < 0 ? first_position : state.first_position;
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
@@ -276,7 +300,7 @@ public:
                     in.first_position = sequence_start;
                     in.rows = &rows;
                     in.kernels = &k;
-                    in.scratch = scratch_.data();
+                    in.scratch = state.scratch.data();
                     eviction_.scorer.on_append_rows(in, slot.appended.data());
                 } else {
                     for (std::size_t t = 0; t < count; ++t)
@@ -287,17 +311,12 @@ public:
         if (state.last_position < 0) state.first_position = first_position;
         state.last_position = first_position + static_cast<std::int64_t>(count) - 1;
         state.seen += count;
-
         if constexpr (evicts) {
-            // Decode-time compression runs on decode appends (one token): a
-            // prefill chunk must stay whole until attend_chunk has attended it.
-            if (eviction_.when.interval != 0 && count == 1 && !state.prefill_pending) {
-                bool over = false;
-                for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                    const std::size_t held = tokens(layer, h);
-                    over = over || held > target_of(layer, held) + eviction_.when.interval;
-                }
-                if (over) compress(layer);
+            if (compressed_for_decode && eviction_.rerotate.enabled) {
+                // The kept keys moved to contiguous positions; the new one joins them.
+                for (std::size_t h = 0; h < config_.kv_heads; ++h)
+                    rerotate(k, mutable_head(layer, h), state.first_position);
+                state.last_position = state.first_position + static_cast<std::int64_t>(rows_at(layer, 0).tokens()) - 1;
             }
         }
     }
@@ -305,12 +324,12 @@ public:
     // As full_cache::attend; mass (optional) holds, head after head, tokens(layer, h) floats.
     // Records the statistics and queries the policies asked for.
     void attend(std::size_t layer, const float* queries, float* out, float* mass = nullptr) {
-        detail::validate_layer(config_, layer, "compressed_cache::attend");
+        check_layer(layer, "compressed_cache::attend");
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend: expected non-null queries and out");
         const statistics_space statistics = statistics_buffer(layer, mass, true);
-        detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); }, queries,
-                             out, statistics.mass, statistics.logits);
+        detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
+                             queries, out, statistics.mass, statistics.logits);
         observe(layer, statistics.mass, queries, 1);
     }
 
@@ -318,16 +337,16 @@ public:
     // schedule::after_prefill, the next single-token append compresses it.
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out,
                       float* mass = nullptr) {
-        detail::validate_layer(config_, layer, "compressed_cache::attend_chunk");
-        std::size_t shortest = head(layer, 0).tokens();
+        check_layer(layer, "compressed_cache::attend_chunk");
+        std::size_t shortest = rows_at(layer, 0).tokens();
         for (std::size_t h = 1; h < config_.kv_heads; ++h)
-            shortest = head(layer, h).tokens() < shortest ? head(layer, h).tokens() : shortest;
+            shortest = rows_at(layer, h).tokens() < shortest ? rows_at(layer, h).tokens() : shortest;
         detail::require(chunk >= 1 && chunk <= shortest, "compressed_cache::attend_chunk: expected chunk in 1..",
                         shortest, " (the tokens every head holds), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "compressed_cache::attend_chunk: expected non-null queries and out");
         const statistics_space statistics = statistics_buffer(layer, mass, false);
-        detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return head(layer, h); },
+        detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
                                    queries, chunk, out, statistics.mass);
         observe(layer, statistics.mass, queries, chunk);
         layers_[layer].prefill_pending = true;
@@ -338,7 +357,234 @@ public:
     // and selection (the steps that allocate) finish for every head before any
     // head changes, so a failure leaves the layer as it was.
     void compress(std::size_t layer) {
-        detail::validate_layer(config_, layer, "compressed_cache::compress");
+        check_layer(layer, "compressed_cache::compress");
+        compress_layer(layer, 0);
+    }
+
+    // The position the engine gives the next token of `layer`: one past the
+    // last appended, or, after key re-rotation, one past the contiguous kept positions.
+    std::int64_t next_position(std::size_t layer) const {
+        check_layer(layer, "compressed_cache::next_position");
+        return layers_[layer].last_position + 1;
+    }
+    // compress(layer) for every layer in order (see Errors above: per layer, not all-or-nothing).
+    void compress() {
+        for (std::size_t l = 0; l < config_.layers; ++l) compress(l);
+    }
+
+    // Tokens held by one KV head (heads may differ once eviction runs).
+    // Every read checks its layer and head like the other calls (kvc::error when out of range).
+    std::size_t tokens(std::size_t layer, std::size_t kv_head) const { return head(layer, kv_head).tokens(); }
+    // Tokens held by the layer: the sum over its KV heads.
+    std::size_t tokens(std::size_t layer) const {
+        check_layer(layer, "compressed_cache::tokens");
+        return held_tokens(layer);
+    }
+    // Tokens appended to the layer so far, evicted or not.
+    std::size_t tokens_seen(std::size_t layer) const {
+        check_layer(layer, "compressed_cache::tokens_seen");
+        return layers_[layer].seen;
+    }
+    // Original positions of the tokens one KV head holds.
+    const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::positions");
+        return head_slot_at(layer, kv_head).positions.data();
+    }
+    // E18: scores the engine computes itself (a reconstruction pass, a draft
+    // model's attention), one float per token the head holds, in the order of
+    // positions(layer, h); the `external` scorer ranks by them. New tokens start at 0.
+    float* external_scores(std::size_t layer, std::size_t kv_head) {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::external_scores");
+        return mutable_head(layer, kv_head).external.data();
+    }
+
+    // The running attention statistic of one head (empty unless a policy asked for it).
+    const float* attention_statistic(std::size_t layer, std::size_t kv_head) const {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::attention_statistic");
+        return head_slot_at(layer, kv_head).stats.data();
+    }
+
+    const head_storage& head(std::size_t layer, std::size_t kv_head) const {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::head");
+        return rows_at(layer, kv_head);
+    }
+
+    // Q6 and other importance-driven codecs: re-encodes the rows of one head
+    // with the precision its per-token `scores` call for (tokens(layer, kv_head)
+    // floats in the order of positions(); higher = more important). Any
+    // scorer's output fits, or an engine's own numbers. Throws kvc::error (and
+    // changes nothing) for bad arguments; an allocation failure leaves the head
+    // as it was.
+    template <class S = head_storage, std::enable_if_t<detail::has_assign_precision<S>::value, int> = 0>
+    void assign_precision(std::size_t layer, std::size_t kv_head, const float* scores) {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::assign_precision");
+        detail::require(scores != nullptr || head_slot_at(layer, kv_head).rows.tokens() == 0,
+                        "compressed_cache::assign_precision: expected non-null scores");
+        mutable_head(layer, kv_head).rows.assign_precision(kernels::active(), scores);
+    }
+
+    // Every byte taken from the memory resource: encoded rows, positions,
+    // policy state, recent queries, the statistics scratch and bookkeeping.
+    std::size_t bytes() const noexcept {
+        std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
+        for (const head_slot& slot : heads_)
+            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes() +
+                     slot.appended.bytes();
+        for (const layer_state& state : layers_) total += state.queries.bytes() + state.scratch.bytes();
+        return total;
+    }
+
+    void reserve(std::size_t tokens) {
+        detail::validate_held(config_, layers_.size(), "compressed_cache::reserve");
+        for (head_slot& slot : heads_) {
+            slot.rows.reserve(tokens);
+            slot.positions.reserve(tokens);
+            if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
+            if constexpr (collects_external) slot.external.reserve(tokens);
+            if constexpr (collects_append_scores) slot.appended.reserve(tokens);
+        }
+    }
+    void shrink_to_fit() {
+        for (head_slot& slot : heads_) {
+            slot.rows.shrink_to_fit();
+            slot.positions.shrink_to_fit();
+            slot.stats.shrink_to_fit();
+            slot.external.shrink_to_fit();
+            slot.appended.shrink_to_fit();
+        }
+        for (layer_state& state : layers_) state.scratch.release();
+    }
+    void clear() noexcept {
+        for (head_slot& slot : heads_) {
+            slot.rows.release();
+            slot.positions.release();
+            slot.stats.release();
+            slot.external.release();
+            slot.appended.release();
+        }
+        for (layer_state& state : layers_) {
+            state.queries.release();
+            state.scratch.release();
+            state.last_position = -1;
+            state.first_position = 0;
+            state.seen = 0;
+            state.query_count = 0;
+            state.query_next = 0;
+            state.prefill_pending = false;
+        }
+    }
+
+private:
+    // Everything one (layer, KV head) owns.
+    struct head_slot {
+        head_storage rows;
+        aligned_buffer<std::int32_t> positions;
+        aligned_buffer<float> stats;    // running attention statistic of the scorer
+        aligned_buffer<float> external; // engine-supplied scores (E18)
+        aligned_buffer<float> appended; // the scorer's per-token scores from append (scores_on_append)
+        head_slot(head_storage rows_, memory_resource* resource)
+            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource), appended(resource) {}
+    };
+    // Everything one layer owns besides its heads.
+    struct layer_state {
+        std::int64_t last_position = -1;
+        std::int64_t first_position = 0;
+        std::size_t seen = 0;
+        bool prefill_pending = false;
+        aligned_buffer<float> queries; // ring of the most recent queries, [window][query_heads][dim]
+        std::size_t query_count = 0;   // queries in the ring (<= window)
+        std::size_t query_next = 0;    // ring slot the next query goes to
+        // Working memory of one call on this layer: the attention statistics
+        // (when the caller passes no buffer) and the kernels' logits, or an
+        // append-time scorer's rows. Per layer, not per cache, because calls on
+        // different layers may run concurrently; reused from call to call so
+        // decoding does not allocate. Not copied: a copy starts with none.
+        aligned_buffer<float> scratch;
+        explicit layer_state(memory_resource* resource) : queries(resource), scratch(resource) {}
+        layer_state(const layer_state& other)
+            : last_position(other.last_position), first_position(other.first_position), seen(other.seen),
+              prefill_pending(other.prefill_pending), queries(other.queries), query_count(other.query_count),
+              query_next(other.query_next), scratch(other.scratch.resource()) {}
+        layer_state(layer_state&&) noexcept = default;
+        layer_state& operator=(const layer_state&) = delete;
+        layer_state& operator=(layer_state&&) noexcept = default;
+    };
+
+    static constexpr std::size_t query_window() noexcept {
+        if constexpr (needs_queries_v<Eviction>) return Eviction::scorer_type::query_window;
+        else return 0;
+    }
+
+    static cache_config checked(cache_config config) {
+        detail::validate(config, "compressed_cache");
+        if (config.resource == nullptr) config.resource = default_resource();
+        return config;
+    }
+    template <class P>
+    P validated(P policy) const {
+        if constexpr (detail::has_config_validate<P>::value) policy.validate(config_);
+        else if constexpr (detail::has_validate<P>::value) policy.validate();
+        return policy;
+    }
+
+    // The budget's tokens for one head of `layer` holding `held` tokens, the layer having seen `seen`.
+    std::size_t target_of(std::size_t layer, std::size_t held, std::size_t seen) const noexcept {
+        if constexpr (evicts) {
+            return eviction_.keep.target(held, seen, layer, config_.layers, byte_budget_tokens_);
+        } else {
+            (void)layer, (void)seen;
+            return held;
+        }
+    }
+
+    // B8: tokens per head a byte budget buys, with everything a token costs
+    // here: the codec's rows, its position, and the policy state kept for it.
+    // Computed once, at construction, into byte_budget_tokens_: reading a
+    // head's storage here would race with a compaction of that head's layer.
+    std::size_t tokens_for_bytes() const noexcept {
+        if constexpr (evicts && detail::has_bytes_per_token<head_storage>::value) {
+            if (eviction_.keep.bytes == 0) return 0;
+            const std::size_t per_token = heads_.empty() ? 1
+                                          : heads_[0].rows.bytes_per_token() + sizeof(std::int32_t) +
+                                                (collects_attention_stats ? sizeof(float) : 0) +
+                                                (collects_external ? sizeof(float) : 0) +
+                                                (collects_append_scores ? sizeof(float) : 0);
+            return eviction_.keep.bytes / (config_.layers * config_.kv_heads * per_token);
+        } else {
+            return 0;
+        }
+    }
+
+    // Where one attention call's statistics go (both null when nobody wants
+    // them): the mass in the caller's buffer, or in the cache's scratch when
+    // only a policy wants it; for a decode call, the kernels' logits in the
+    // scratch too. The scratch grows geometrically with the layer's tokens, so
+    // decoding with statistics does not allocate on every step.
+    struct statistics_space {
+        float* mass = nullptr;
+        float* logits = nullptr;
+    };
+    statistics_space statistics_buffer(std::size_t layer, float* caller_mass, bool decode) {
+        if (!collects_attention_stats && caller_mass == nullptr) return {};
+        const std::size_t mass_floats = caller_mass ? 0 : held_tokens(layer);
+        const std::size_t logits_floats =
+            decode ? detail::decode_logits_floats(
+                         config_, detail::longest_head(config_, [&](std::size_t h) -> const head_storage& {
+                             return rows_at(layer, h);
+                         }))
+                   : 0;
+        aligned_buffer<float>& scratch = layers_[layer].scratch;
+        scratch.clear();
+        scratch.reserve_for_append(mass_floats + logits_floats);
+        scratch.resize_within_capacity(mass_floats + logits_floats);
+        return {caller_mass ? caller_mass : scratch.data(), decode ? scratch.data() + mass_floats : nullptr};
+    }
+
+    // compress(layer), making room for `incoming` tokens about to be appended
+    // (0 for compress()): each head keeps what the budget allows once they are
+    // in, less them, with the recent window shortened by as many (they will
+    // be its newest tokens).
+    void compress_layer(std::size_t layer, std::size_t incoming) {
         if constexpr (evicts) {
             layer_state& state = layers_[layer];
             const kernels::kernel_table& k = kernels::active();
@@ -350,13 +596,20 @@ public:
             evict::layer_candidates candidates;
             candidates.heads.resize(heads);
             candidates.layer = layer;
+            evict::budget shortened; // the budget with the window less the incoming tokens
             candidates.keep = &eviction_.keep;
+            if (incoming != 0) {
+                shortened = eviction_.keep;
+                shortened.window -= std::min(shortened.window, incoming);
+                candidates.keep = &shortened;
+            }
             candidates.first_position = state.first_position;
             bool any = false;
             for (std::size_t h = 0; h < heads; ++h) {
                 const head_slot& slot = head_slot_at(layer, h);
                 const std::size_t held = slot.rows.tokens();
-                const std::size_t target = target_of(layer, held);
+                const std::size_t with_incoming = target_of(layer, held + incoming, state.seen + incoming);
+                const std::size_t target = with_incoming - std::min(with_incoming, incoming);
                 evict::head_candidates& candidate = candidates.heads[h];
                 candidate.positions = slot.positions.data();
                 candidate.held = held;
@@ -424,202 +677,23 @@ public:
                 if (eviction_.rerotate.enabled) rerotate(k, slot, state.first_position);
             }
             if (eviction_.rerotate.enabled && heads != 0)
-                state.last_position = state.first_position + static_cast<std::int64_t>(tokens(layer, 0)) - 1;
+                state.last_position = state.first_position + static_cast<std::int64_t>(rows_at(layer, 0).tokens()) - 1;
             state.prefill_pending = false;
-        }
-    }
-
-    // The position the engine gives the next token of `layer`: one past the
-    // last appended, or, after key re-rotation, one past the contiguous kept positions.
-    std::int64_t next_position(std::size_t layer) const noexcept { return layers_[layer].last_position + 1; }
-    void compress() {
-        for (std::size_t l = 0; l < config_.layers; ++l) compress(l);
-    }
-
-    // Tokens held by one KV head (heads may differ once eviction runs).
-    std::size_t tokens(std::size_t layer, std::size_t kv_head) const noexcept { return head(layer, kv_head).tokens(); }
-    // Tokens held by the layer: the sum over its KV heads.
-    std::size_t tokens(std::size_t layer) const noexcept {
-        std::size_t total = 0;
-        for (std::size_t h = 0; h < config_.kv_heads; ++h) total += tokens(layer, h);
-        return total;
-    }
-    // Tokens appended to the layer so far, evicted or not.
-    std::size_t tokens_seen(std::size_t layer) const noexcept { return layers_[layer].seen; }
-    // Original positions of the tokens one KV head holds.
-    const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const noexcept {
-        return head_slot_at(layer, kv_head).positions.data();
-    }
-    // E18: scores the engine computes itself (a reconstruction pass, a draft
-    // model's attention), one float per token the head holds, in the order of
-    // positions(layer, h); the `external` scorer ranks by them. New tokens start at 0.
-    float* external_scores(std::size_t layer, std::size_t kv_head) noexcept {
-        return mutable_head(layer, kv_head).external.data();
-    }
-
-    // The running attention statistic of one head (empty unless a policy asked for it).
-    const float* attention_statistic(std::size_t layer, std::size_t kv_head) const noexcept {
-        return head_slot_at(layer, kv_head).stats.data();
-    }
-
-    const head_storage& head(std::size_t layer, std::size_t kv_head) const noexcept {
-        return head_slot_at(layer, kv_head).rows;
-    }
-
-    // Q6 and other importance-driven codecs: re-encodes the rows of one head
-    // with the precision its per-token `scores` call for (tokens(layer, kv_head)
-    // floats in the order of positions(); higher = more important). Any
-    // scorer's output fits, or an engine's own numbers. Throws kvc::error (and
-    // changes nothing) for bad arguments; an allocation failure leaves the head
-    // as it was.
-    template <class S = head_storage, std::enable_if_t<detail::has_assign_precision<S>::value, int> = 0>
-    void assign_precision(std::size_t layer, std::size_t kv_head, const float* scores) {
-        detail::validate_layer(config_, layer, "compressed_cache::assign_precision");
-        detail::require(kv_head < config_.kv_heads, "compressed_cache::assign_precision: expected kv_head < ",
-                        config_.kv_heads, ", got ", kv_head);
-        detail::require(scores != nullptr || tokens(layer, kv_head) == 0,
-                        "compressed_cache::assign_precision: expected non-null scores");
-        mutable_head(layer, kv_head).rows.assign_precision(kernels::active(), scores);
-    }
-
-    // Every byte taken from the memory resource: encoded rows, positions,
-    // policy state, recent queries, the statistics scratch and bookkeeping.
-    std::size_t bytes() const noexcept {
-        std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
-        for (const head_slot& slot : heads_)
-            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes() +
-                     slot.appended.bytes();
-        for (const layer_state& state : layers_) total += state.queries.bytes();
-        return total + scratch_.bytes();
-    }
-
-    void reserve(std::size_t tokens) {
-        for (head_slot& slot : heads_) {
-            slot.rows.reserve(tokens);
-            slot.positions.reserve(tokens);
-            if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
-            if constexpr (collects_external) slot.external.reserve(tokens);
-            if constexpr (collects_append_scores) slot.appended.reserve(tokens);
-        }
-    }
-    void shrink_to_fit() {
-        for (head_slot& slot : heads_) {
-            slot.rows.shrink_to_fit();
-            slot.positions.shrink_to_fit();
-            slot.stats.shrink_to_fit();
-            slot.external.shrink_to_fit();
-            slot.appended.shrink_to_fit();
-        }
-        scratch_.release();
-    }
-    void clear() noexcept {
-        for (head_slot& slot : heads_) {
-            slot.rows.release();
-            slot.positions.release();
-            slot.stats.release();
-            slot.external.release();
-            slot.appended.release();
-        }
-        scratch_.release();
-        for (layer_state& state : layers_) {
-            state.queries.release();
-            state.last_position = -1;
-            state.first_position = 0;
-            state.seen = 0;
-            state.query_count = 0;
-            state.query_next = 0;
-            state.prefill_pending = false;
-        }
-    }
-
-private:
-    // Everything one (layer, KV head) owns.
-    struct head_slot {
-        head_storage rows;
-        aligned_buffer<std::int32_t> positions;
-        aligned_buffer<float> stats;    // running attention statistic of the scorer
-        aligned_buffer<float> external; // engine-supplied scores (E18)
-        aligned_buffer<float> appended; // the scorer's per-token scores from append (scores_on_append)
-        head_slot(head_storage rows_, memory_resource* resource)
-            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource), appended(resource) {}
-    };
-    // Everything one layer owns besides its heads.
-    struct layer_state {
-        std::int64_t last_position = -1;
-        std::int64_t first_position = 0;
-        std::size_t seen = 0;
-        bool prefill_pending = false;
-        aligned_buffer<float> queries; // ring of the most recent queries, [window][query_heads][dim]
-        std::size_t query_count = 0;   // queries in the ring (<= window)
-        std::size_t query_next = 0;    // ring slot the next query goes to
-        explicit layer_state(memory_resource* resource) : queries(resource) {}
-    };
-
-    static constexpr std::size_t query_window() noexcept {
-        if constexpr (needs_queries_v<Eviction>) return Eviction::scorer_type::query_window;
-        else return 0;
-    }
-
-    static cache_config checked(cache_config config) {
-        detail::validate(config, "compressed_cache");
-        if (config.resource == nullptr) config.resource = default_resource();
-        return config;
-    }
-    template <class P>
-    P validated(P policy) const {
-        if constexpr (detail::has_config_validate<P>::value) policy.validate(config_);
-        else if constexpr (detail::has_validate<P>::value) policy.validate();
-        return policy;
-    }
-
-    // The budget's tokens for one head of `layer` holding `held` tokens.
-    std::size_t target_of(std::size_t layer, std::size_t held) const noexcept {
-        if constexpr (evicts) {
-            return eviction_.keep.target(held, layers_[layer].seen, layer, config_.layers, tokens_for_bytes());
         } else {
-            (void)layer;
-            return held;
+            (void)layer, (void)incoming;
         }
     }
 
-    // B8: tokens per head a byte budget buys, with everything a token costs
-    // here: the codec's rows, its position, and the policy state kept for it.
-    std::size_t tokens_for_bytes() const noexcept {
-        if constexpr (evicts && detail::has_bytes_per_token<head_storage>::value) {
-            if (eviction_.keep.bytes == 0) return 0;
-            const std::size_t per_token = heads_.empty() ? 1
-                                          : heads_[0].rows.bytes_per_token() + sizeof(std::int32_t) +
-                                                (collects_attention_stats ? sizeof(float) : 0) +
-                                                (collects_external ? sizeof(float) : 0) +
-                                                (collects_append_scores ? sizeof(float) : 0);
-            return eviction_.keep.bytes / (config_.layers * config_.kv_heads * per_token);
-        } else {
-            return 0;
+    // Whether appending `incoming` tokens to `layer` puts a head more than the
+    // schedule's interval over its budget (computed without overflow: an
+    // interval of SIZE_MAX never compresses).
+    bool over_budget_after(std::size_t layer, std::size_t incoming) const noexcept {
+        const std::size_t seen = layers_[layer].seen + incoming;
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+            const std::size_t held = rows_at(layer, h).tokens() + incoming;
+            if (held - target_of(layer, held, seen) > eviction_.when.interval) return true;
         }
-    }
-
-    // Where one attention call's statistics go (both null when nobody wants
-    // them): the mass in the caller's buffer, or in the cache's scratch when
-    // only a policy wants it; for a decode call, the kernels' logits in the
-    // scratch too. The scratch grows geometrically with the layer's tokens, so
-    // decoding with statistics does not allocate on every step.
-    struct statistics_space {
-        float* mass = nullptr;
-        float* logits = nullptr;
-    };
-    statistics_space statistics_buffer(std::size_t layer, float* caller_mass, bool decode) {
-        if (!collects_attention_stats && caller_mass == nullptr) return {};
-        const std::size_t mass_floats = caller_mass ? 0 : tokens(layer);
-        const std::size_t logits_floats =
-            decode ? detail::decode_logits_floats(
-                         config_, detail::longest_head(config_, [&](std::size_t h) -> const head_storage& {
-                             return head(layer, h);
-                         }))
-                   : 0;
-        scratch_.clear();
-        scratch_.reserve_for_append(mass_floats + logits_floats);
-        scratch_.resize_within_capacity(mass_floats + logits_floats);
-        return {caller_mass ? caller_mass : scratch_.data(), decode ? scratch_.data() + mass_floats : nullptr};
+        return false;
     }
 
     // Feeds one attention call's statistics and queries to the policies' state.
@@ -737,6 +811,17 @@ private:
         }
     }
 
+    void check_layer(std::size_t layer, const char* who) const {
+        detail::validate_layer(config_, layers_.size(), layer, who);
+    }
+    std::size_t held_tokens(std::size_t layer) const noexcept {
+        std::size_t total = 0;
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) total += rows_at(layer, h).tokens();
+        return total;
+    }
+    const head_storage& rows_at(std::size_t layer, std::size_t kv_head) const noexcept {
+        return head_slot_at(layer, kv_head).rows;
+    }
     const head_slot& head_slot_at(std::size_t layer, std::size_t kv_head) const noexcept {
         return heads_[layer * config_.kv_heads + kv_head];
     }
@@ -749,10 +834,9 @@ private:
     Merging merging_;
     Quantization quantization_;
     Projection projection_;
-    std::pmr::vector<head_slot> heads_;    // [layer][kv_head]
-    std::pmr::vector<layer_state> layers_; // [layer]
-    aligned_buffer<float> scratch_; // attention statistics of one call (when the caller passes no buffer),
-                                    // or an append-time scorer's working rows
+    detail::emptied_by_move<head_slot> heads_;    // [layer][kv_head]
+    detail::emptied_by_move<layer_state> layers_; // [layer]; empty once moved from
+    std::size_t byte_budget_tokens_ = 0;   // tokens_for_bytes(), fixed by the codec and the budget
 };
 
 } // namespace kvc

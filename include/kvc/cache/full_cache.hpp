@@ -8,10 +8,17 @@
 //   cache.append(layer, k, v, position);   // k, v: kv_view over the engine's new rows
 //   cache.attend(layer, q, out);           // q, out: [query_heads][head_dim] floats
 //
-// Thread safety: calls on different layers may run concurrently (each layer's
-// storage is separate and attend() keeps its state in the call); calls on the
-// same layer need the caller's synchronisation, like a std::vector. Separate
-// caches (one per sequence of a batch) share nothing.
+// Thread safety (tested in tests/engine/threading_test.cpp, also under TSan):
+// - May run concurrently: calls on different layers (append, attend,
+//   attend_chunk, and the per-layer reads: tokens(layer), positions, head);
+//   any const calls together (attend is const here: it keeps its state in the
+//   call); calls on different caches (one per sequence of a batch).
+// - May not: two calls on the same layer when either changes it, and any call
+//   together with one that spans every layer (reserve, shrink_to_fit, clear,
+//   copy, move, assignment, bytes()): synchronise those as for a std::vector.
+// - A memory resource shared by caches or layers used on several threads must
+//   be thread-safe (std::pmr::new_delete_resource, kvc's default, and
+//   kvc::recycling_resource are; std::pmr::unsynchronized_pool_resource is not).
 //
 // Errors: every public call checks its arguments first and throws kvc::error
 // before touching the cache; an append that fails to allocate leaves the token
@@ -51,9 +58,44 @@ void validate_kv_views(const cache_config& c, const KeyView& keys, const ValueVi
             " but values are ", name_of(ValueView::element_dtype), "; expected one element type");
 }
 
-inline void validate_layer(const cache_config& c, std::size_t layer, const char* who) {
+// `layers_held`: how many layers the cache still holds (config.layers, or 0
+// once it has been moved from).
+inline void validate_held(const cache_config& c, std::size_t layers_held, const char* who) {
+    require(layers_held == c.layers, who, ": this cache has been moved from; expected a cache that holds its ",
+            c.layers, " layers (assign one to it first)");
+}
+inline void validate_layer(const cache_config& c, std::size_t layers_held, std::size_t layer, const char* who) {
+    validate_held(c, layers_held, who);
     require(layer < c.layers, who, ": layer ", layer, " out of range, expected < ", c.layers);
 }
+inline void validate_head(const cache_config& c, std::size_t layers_held, std::size_t layer, std::size_t kv_head,
+                          const char* who) {
+    validate_layer(c, layers_held, layer, who);
+    require(kv_head < c.kv_heads, who, ": KV head ", kv_head, " out of range, expected < ", c.kv_heads);
+}
+
+// A std::pmr::vector that a move always leaves empty. A moved-from
+// std::pmr::vector whose resource differs from the target's keeps its
+// (moved-from) elements; the caches keep their per-layer storage in this so
+// that a moved-from cache holds no layer at all, and every call that names a
+// layer rejects it (validate_layer) instead of reading moved-from storage.
+template <class T>
+class emptied_by_move : public std::pmr::vector<T> {
+    using base = std::pmr::vector<T>;
+
+public:
+    explicit emptied_by_move(memory_resource* resource) : base(resource) {}
+    emptied_by_move(const emptied_by_move& other, memory_resource* resource) : base(other, resource) {}
+    emptied_by_move(emptied_by_move&& other) noexcept : base(std::move(other)) { other.clear(); }
+    emptied_by_move& operator=(emptied_by_move&& other) {
+        base::operator=(std::move(other));
+        other.clear();
+        return *this;
+    }
+    emptied_by_move(const emptied_by_move&) = delete;
+    emptied_by_move& operator=(const emptied_by_move&) = delete;
+    ~emptied_by_move() = default;
+};
 
 } // namespace detail
 
@@ -89,7 +131,7 @@ public:
     // first_position + 1, ...; positions must increase along the sequence.
     template <class KeyView, class ValueView>
     void append(std::size_t layer, const KeyView& keys, const ValueView& values, std::int64_t first_position) {
-        detail::validate_layer(config_, layer, "full_cache::append");
+        check_layer(layer, "full_cache::append");
         detail::validate_kv_views(config_, keys, values, "full_cache::append");
         const std::size_t count = keys.tokens();
         auto& positions = positions_[layer];
@@ -120,10 +162,10 @@ public:
     //   mass (optional): [kv_heads][tokens(layer)] floats, receives for every
     //   token the attention probability summed over the KV head's query group.
     void attend(std::size_t layer, const float* queries, float* out, float* mass = nullptr) const {
-        detail::validate_layer(config_, layer, "full_cache::attend");
+        check_layer(layer, "full_cache::attend");
         detail::require(queries != nullptr && out != nullptr, "full_cache::attend: expected non-null queries and out");
-        detail::attend_heads(config_, [&](std::size_t h) -> const dense_rows& { return head(layer, h); }, queries,
-                             out, mass);
+        detail::attend_heads(config_, [&](std::size_t h) -> const dense_rows& { return head_at(layer, h); },
+                             queries, out, mass);
     }
 
     // Causal attention of the last `chunk` appended tokens (chunked prefill):
@@ -132,22 +174,30 @@ public:
     //   mass (optional): [kv_heads][tokens(layer)], summed over the chunk's queries and each group.
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out,
                       float* mass = nullptr) const {
-        detail::validate_layer(config_, layer, "full_cache::attend_chunk");
-        const std::size_t tokens = this->tokens(layer);
+        check_layer(layer, "full_cache::attend_chunk");
+        const std::size_t tokens = positions_[layer].size();
         detail::require(chunk >= 1 && chunk <= tokens, "full_cache::attend_chunk: expected chunk in 1..", tokens,
                         " (the tokens appended so far), got ", chunk);
         detail::require(queries != nullptr && out != nullptr,
                         "full_cache::attend_chunk: expected non-null queries and out");
-        detail::attend_chunk_heads(config_, [&](std::size_t h) -> const dense_rows& { return head(layer, h); },
+        detail::attend_chunk_heads(config_, [&](std::size_t h) -> const dense_rows& { return head_at(layer, h); },
                                    queries, chunk, out, mass);
     }
 
-    std::size_t tokens(std::size_t layer) const noexcept { return positions_[layer].size(); }
-    const std::int32_t* positions(std::size_t layer) const noexcept { return positions_[layer].data(); }
+    // The reads check their indices like every other call (kvc::error when out of range).
+    std::size_t tokens(std::size_t layer) const {
+        check_layer(layer, "full_cache::tokens");
+        return positions_[layer].size();
+    }
+    const std::int32_t* positions(std::size_t layer) const {
+        check_layer(layer, "full_cache::positions");
+        return positions_[layer].data();
+    }
 
     // Stored rows, for tests, tools and policies that read the cache.
-    const dense_rows& head(std::size_t layer, std::size_t kv_head) const noexcept {
-        return heads_[layer * config_.kv_heads + kv_head];
+    const dense_rows& head(std::size_t layer, std::size_t kv_head) const {
+        detail::validate_head(config_, positions_.size(), layer, kv_head, "full_cache::head");
+        return head_at(layer, kv_head);
     }
 
     // Every byte the cache holds, exactly what it took from its memory
@@ -162,6 +212,7 @@ public:
 
     // Pre-allocates room for `tokens` tokens per layer (engines that know their context length).
     void reserve(std::size_t tokens) {
+        detail::validate_held(config_, positions_.size(), "full_cache::reserve");
         for (std::size_t l = 0; l < config_.layers; ++l) {
             positions_[l].reserve(tokens);
             for (std::size_t h = 0; h < config_.kv_heads; ++h) heads_[l * config_.kv_heads + h].reserve(tokens);
@@ -187,13 +238,19 @@ private:
         return config;
     }
 
+    void check_layer(std::size_t layer, const char* who) const {
+        detail::validate_layer(config_, positions_.size(), layer, who);
+    }
+    const dense_rows& head_at(std::size_t layer, std::size_t kv_head) const noexcept {
+        return heads_[layer * config_.kv_heads + kv_head];
+    }
     dense_rows& mutable_head(std::size_t layer, std::size_t kv_head) noexcept {
         return heads_[layer * config_.kv_heads + kv_head];
     }
 
     cache_config config_;
-    std::pmr::vector<dense_rows> heads_;                      // [layer][kv_head]
-    std::pmr::vector<aligned_buffer<std::int32_t>> positions_; // [layer]
+    detail::emptied_by_move<dense_rows> heads_;                      // [layer][kv_head]
+    detail::emptied_by_move<aligned_buffer<std::int32_t>> positions_; // [layer]
 };
 
 } // namespace kvc
