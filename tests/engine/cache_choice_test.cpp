@@ -113,6 +113,32 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
         EXPECT_EQ(labels.count(expected), 1u) << expected;
 }
 
+// attend on a layer that holds no token yet is defined (README, engine
+// contract): every output is 0, the limit of attention over an empty set, as
+// the kernels' finalize gives it; attend_chunk there is an error (no token to
+// attend). Every codec of the registry, with and without eviction.
+TEST(EngineCacheChoice, EveryCacheAttendsToZerosOnAnEmptyLayer) {
+    const kvc::cache_config shape = small_shape();
+    const engine::calibration calibrated = small_calibration();
+    std::vector<engine::cache_spec> specs;
+    for (const engine::sweep_point& point : engine::sweep_points())
+        if (point.spec.evict == "none") specs.push_back(point.spec);
+    specs.push_back({"none:f16", "h2o:0.25"});
+    specs.push_back({"kivi:2", "snapkv:0.25"});
+    for (const engine::cache_spec& spec : specs) {
+        SCOPED_TRACE(spec.label());
+        const auto cache = engine::make_cache(shape, spec, calibrated);
+        std::vector<float> queries(shape.query_heads * shape.head_dim, 0.5f), out(queries.size(), 42.0f);
+        // Layer 1 stays empty while layer 0 holds tokens.
+        std::vector<float> rows(3 * shape.kv_heads * shape.head_dim, 0.25f);
+        cache->append(0, engine::kv_cache::view(rows.data(), 3, shape.kv_heads, shape.head_dim),
+                      engine::kv_cache::view(rows.data(), 3, shape.kv_heads, shape.head_dim), 0);
+        cache->attend(1, queries.data(), out.data());
+        for (float x : out) ASSERT_EQ(x, 0.0f);
+        EXPECT_THROW(cache->attend_chunk(1, queries.data(), 1, out.data()), kvc::error);
+    }
+}
+
 // Calibrated codecs need calibration rows: without them, a clear error; with
 // them, each artifact is learnt once and reused by every cache built from it.
 TEST(EngineCacheChoice, CalibratedCodecsLearnOnceFromTheCalibration) {

@@ -259,6 +259,43 @@ TYPED_TEST(KvViewTyped, PagedAddressesThroughTheBlockTable) {
     });
 }
 
+// A view that starts mid-block (a decode step's row, a chunk after a partial
+// block): token t is sequence token first + t, through the same table.
+TYPED_TEST(KvViewTyped, PagedViewsStartMidBlock) {
+    using T = TypeParam;
+    const std::size_t heads = 2, dim = 3, block_tokens = 4, pool_blocks = 5, first = 6, tokens = 5;
+    const std::vector<std::int32_t> table = {-1 /* block 0 not used by tokens 6..10 */, 3, 0, -9};
+    const std::size_t block_elements = block_tokens * heads * dim;
+    auto pool = keyed_buffer<T>(pool_blocks * block_elements);
+    kv_view view(pool.data(), table.data(), table.size(), pool_blocks, block_tokens, first, tokens, heads, dim);
+    static_assert(std::is_same_v<decltype(view), kv_view<T, layout_paged>>);
+    EXPECT_EQ(view.tokens(), tokens);
+    EXPECT_EQ(view.mapping().first_token(), first);
+    EXPECT_EQ(view.mapping().used_blocks(), 3u); // sequence tokens 6..10 end in logical block 2
+    expect_addressing(view, pool.data(), pool.size(), [&](std::size_t t, std::size_t h, std::size_t d) {
+        const std::size_t s = first + t; // hand-worked: t = 0 is block 1 (physical 3), offset 2
+        const auto physical = static_cast<std::size_t>(table[s / block_tokens]);
+        return physical * block_elements + (s % block_tokens) * heads * dim + h * dim + d;
+    });
+    EXPECT_EQ(view.row(0, 1), pool.data() + 3 * block_elements + 2 * heads * dim + dim);
+    // The same rows as a view from token 0 over the whole sequence.
+    const std::vector<std::int32_t> full_table = {1, 3, 0};
+    kv_view<T, layout_paged> whole(pool.data(), full_table.data(), full_table.size(), pool_blocks, block_tokens,
+                                   first + tokens, heads, dim);
+    for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t h = 0; h < heads; ++h) EXPECT_EQ(view.row(t, h), whole.row(first + t, h));
+    // The table must reach the last token's block; only the blocks used are checked.
+    EXPECT_THROW((kv_view<T, layout_paged>(pool.data(), table.data(), 2, pool_blocks, block_tokens, first, tokens,
+                                           heads, dim)),
+                 kvc::error);
+    EXPECT_THROW((kv_view<T, layout_paged>(pool.data(), table.data(), table.size(), pool_blocks, block_tokens, 13, 1,
+                                           heads, dim)),
+                 kvc::error); // sequence token 13 is in block 3, whose entry -9 is out of range
+    EXPECT_THROW((kv_view<T, layout_paged>(pool.data(), table.data(), table.size(), pool_blocks, block_tokens,
+                                           SIZE_MAX, 2, heads, dim)),
+                 kvc::error); // first + tokens overflows
+}
+
 // ---- layouts agree with each other ----------------------------------------
 
 TYPED_TEST(KvViewTyped, HeadMajorOfTransposedCopyEqualsTokenMajor) {

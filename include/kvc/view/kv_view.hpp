@@ -386,8 +386,11 @@ struct layout_strided {
 // A block table over fixed-size token blocks, as paging engines hold their
 // caches. The data handle is the pool; physical block b starts at element
 // b * block_tokens * heads * dim and is laid out [block_tokens][heads][dim].
-// Token t lives in logical block t / block_tokens, at offset t % block_tokens
-// within physical block block_table[t / block_tokens].
+// Token t of the view is the sequence's token first_token + t (0 unless the
+// view starts mid-sequence, as a decode step's new row does when it lands in
+// the middle of a block); sequence token s lives in logical block
+// s / block_tokens, at offset s % block_tokens within physical block
+// block_table[s / block_tokens].
 //
 // The block table is borrowed, like the pool: it must outlive the view and not
 // change while the view is used (construction checked the entries then).
@@ -411,9 +414,9 @@ struct layout_paged {
         // short for the tokens, a used entry is outside [0, pool_blocks), or
         // the pool size overflows.
         mapping(const extents_type& e, const std::int32_t* block_table, index_type table_entries,
-                index_type pool_blocks, index_type block_tokens)
+                index_type pool_blocks, index_type block_tokens, index_type first_token = 0)
             : extents_(e), block_table_(block_table), table_entries_(table_entries), pool_blocks_(pool_blocks),
-              block_tokens_(block_tokens) {
+              block_tokens_(block_tokens), first_token_(first_token) {
             detail::check_kv_extents(e);
             check();
         }
@@ -423,16 +426,20 @@ struct layout_paged {
         constexpr index_type table_entries() const noexcept { return table_entries_; }
         constexpr index_type pool_blocks() const noexcept { return pool_blocks_; }
         constexpr index_type block_tokens() const noexcept { return block_tokens_; }
+        // The sequence token the view's token 0 is.
+        constexpr index_type first_token() const noexcept { return first_token_; }
         // Elements in one physical block: block_tokens * heads * dim.
         constexpr index_type block_elements() const noexcept { return block_elements_; }
-        // Logical blocks the tokens use: ceil(tokens / block_tokens).
+        // Logical blocks up to the last one the tokens use (the table needs
+        // that many entries): ceil((first_token + tokens) / block_tokens).
         constexpr index_type used_blocks() const noexcept {
-            return extents_.tokens() == 0 ? 0 : (extents_.tokens() - 1) / block_tokens_ + 1;
+            return extents_.tokens() == 0 ? 0 : (first_token_ + extents_.tokens() - 1) / block_tokens_ + 1;
         }
 
         index_type row_offset(index_type t, index_type h) const noexcept {
-            const auto physical = static_cast<index_type>(block_table_[t / block_tokens_]);
-            return physical * block_elements_ + (t % block_tokens_) * token_elements_ + h * extents_.dim();
+            const index_type s = first_token_ + t;
+            const auto physical = static_cast<index_type>(block_table_[s / block_tokens_]);
+            return physical * block_elements_ + (s % block_tokens_) * token_elements_ + h * extents_.dim();
         }
         index_type operator()(index_type t, index_type h, index_type d) const noexcept {
             return row_offset(t, h) + d;
@@ -450,7 +457,7 @@ struct layout_paged {
         friend constexpr bool operator==(const mapping& a, const mapping& b) noexcept {
             return a.extents_ == b.extents_ && a.block_table_ == b.block_table_ &&
                    a.table_entries_ == b.table_entries_ && a.pool_blocks_ == b.pool_blocks_ &&
-                   a.block_tokens_ == b.block_tokens_;
+                   a.block_tokens_ == b.block_tokens_ && a.first_token_ == b.first_token_;
         }
         friend constexpr bool operator!=(const mapping& a, const mapping& b) noexcept { return !(a == b); }
 
@@ -466,14 +473,19 @@ struct layout_paged {
                             "kv_view: size overflow: pool_blocks ", pool_blocks_, " x block_tokens ", block_tokens_,
                             " x heads ", extents_.heads(), " x dim ", extents_.dim(),
                             " does not fit in std::ptrdiff_t elements");
+            index_type end = 0;
+            detail::require(detail::checked_add(first_token_, tokens, end) && end <= detail::max_span_elements,
+                            "kv_view: first_token ", first_token_, " + tokens ", tokens,
+                            " overflows; expected a token range inside the block table");
             if (tokens == 0) return;
             const index_type needed = used_blocks();
             detail::require(block_table_ != nullptr, "kv_view: block_table is null but tokens = ", tokens,
                             "; expected a block table with at least ", needed, " entries");
             detail::require(table_entries_ >= needed, "kv_view: table_entries ", table_entries_,
-                            " is too small for tokens ", tokens, " with block_tokens ", block_tokens_,
-                            "; expected table_entries >= ceil(tokens / block_tokens) = ", needed);
-            for (index_type i = 0; i < needed; ++i) {
+                            " is too small for tokens ", first_token_, "..", end - 1, " with block_tokens ",
+                            block_tokens_, "; expected table_entries >= ceil((first_token + tokens) / block_tokens) = ",
+                            needed);
+            for (index_type i = first_token_ / block_tokens_; i < needed; ++i) {
                 const std::int32_t block = block_table_[i];
                 detail::require(block >= 0 && static_cast<index_type>(block) < pool_blocks_, "kv_view: block_table[",
                                 i, "] = ", block, " is out of range; expected 0 <= block_table[", i,
@@ -486,6 +498,7 @@ struct layout_paged {
         index_type table_entries_ = 0;
         index_type pool_blocks_ = 0;
         index_type block_tokens_ = 1;
+        index_type first_token_ = 0;
         index_type token_elements_ = 0;
         index_type block_elements_ = 0;
     };
@@ -556,6 +569,15 @@ public:
             index_type block_tokens, index_type tokens, index_type heads, index_type dim)
         : kv_view(pool, mapping_type(kv_extents(tokens, heads, dim), block_table, table_entries, pool_blocks,
                                      block_tokens)) {}
+    // Paged, starting at sequence token first_token (mid-block is fine): the
+    // view's tokens are the sequence's first_token .. first_token + tokens - 1.
+    // A decode step's new row is kv_view(pool, table, entries, pool_blocks,
+    // block_tokens, position, 1, heads, dim).
+    template <class L = Layout, std::enable_if_t<std::is_same_v<L, layout_paged>, int> = 0>
+    kv_view(data_handle_type pool, const std::int32_t* block_table, index_type table_entries, index_type pool_blocks,
+            index_type block_tokens, index_type first_token, index_type tokens, index_type heads, index_type dim)
+        : kv_view(pool, mapping_type(kv_extents(tokens, heads, dim), block_table, table_entries, pool_blocks,
+                                     block_tokens, first_token)) {}
 
     // kv_view<U, L2> -> kv_view<T, Layout> when U* -> T* only adds const and
     // L2's mapping converts to Layout's (same layout, or contiguous -> strided).
@@ -639,6 +661,9 @@ kv_view(T*, std::size_t, std::size_t, std::size_t, std::size_t, std::size_t) -> 
 template <class T>
 kv_view(T*, const std::int32_t*, std::size_t, std::size_t, std::size_t, std::size_t, std::size_t, std::size_t)
     -> kv_view<T, layout_paged>;
+template <class T>
+kv_view(T*, const std::int32_t*, std::size_t, std::size_t, std::size_t, std::size_t, std::size_t, std::size_t,
+        std::size_t) -> kv_view<T, layout_paged>;
 template <class T, class Mapping>
 kv_view(T*, const Mapping&) -> kv_view<T, typename Mapping::layout_type>;
 
