@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <new>
 #include <string>
 #include <vector>
@@ -17,7 +18,8 @@
 #include "kvc/policy/quantization/kvquant.hpp"
 
 // The largest single request to operator new while `tracking` is set: the
-// size of the biggest table a selector builds.
+// size of the biggest table a selector builds. (This executable replaces the
+// global operator new; nothing else here depends on it.)
 namespace {
 bool tracking = false;
 std::size_t largest = 0;
@@ -28,8 +30,10 @@ void* operator new(std::size_t bytes) {
     if (void* p = std::malloc(bytes ? bytes : 1)) return p;
     throw std::bad_alloc();
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+// Out of line: inlined into std::allocator, GCC 12 pairs free() with the
+// built-in meaning of operator new and warns (-Wmismatched-new-delete).
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
