@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cache/cache_test_util.hpp"
 #include "kvc/cache/config.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/memory.hpp"
@@ -29,17 +30,9 @@
 
 namespace {
 
-constexpr std::size_t huge = (std::size_t{1} << 62) + 1; // x 4 bytes wraps to 4
+using kvc_test::error_of;
 
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
+constexpr std::size_t huge = (std::size_t{1} << 62) + 1; // x 4 bytes wraps to 4
 
 // Hands out blocks with a guard zone after each, checked for writes, and can
 // refuse the Nth allocation from now on (std::bad_alloc), as an engine's
@@ -94,6 +87,24 @@ std::vector<float> rows(std::size_t count, std::size_t dim, float base) {
     for (std::size_t i = 0; i < out.size(); ++i) out[i] = base + 0.01f * static_cast<float>(i % 97);
     return out;
 }
+
+// A 2-bit KVQuant head's calibration: every channel in [-1, 1], one book for keys and values.
+struct kvquant_tables {
+    std::size_t dim;
+    std::vector<float> lower, upper, book{-0.75f, -0.25f, 0.25f, 0.75f};
+    explicit kvquant_tables(std::size_t d) : dim(d), lower(d, -1.0f), upper(d, 1.0f) {}
+    kvc::kvquant_head_params params() const {
+        kvc::kvquant_head_params p;
+        p.bits = 2;
+        p.dim = dim;
+        p.key_lower = lower.data();
+        p.key_upper = upper.data();
+        p.key_codebook = book.data();
+        p.value_codebook = book.data();
+        p.max_outliers = 2;
+        return p;
+    }
+};
 
 // Reserves room for `count` tokens and stores them (keys = values), as compressed_cache does.
 template <class Head>
@@ -262,17 +273,10 @@ TEST(FailedAllocation, EveryMultiBufferStorageStaysInsideItsBlocks) {
     });
     fail_each_allocation_of_a_growth("sparse_rows", dim,
                                      [&](kvc::memory_resource* r) { return kvc::sparse_rows(dim, 8, 16, r); });
-    const std::vector<float> lower(dim, -1.0f), upper(dim, 1.0f), book{-0.75f, -0.25f, 0.25f, 0.75f};
+    const kvquant_tables tables(dim);
     fail_each_allocation_of_a_growth("kvquant_head", dim, [&](kvc::memory_resource* r) {
-        kvc::kvquant_head_params p;
-        p.bits = 2;
-        p.dim = dim;
-        p.key_lower = lower.data();
-        p.key_upper = upper.data();
-        p.key_codebook = book.data();
-        p.value_codebook = book.data();
+        kvc::kvquant_head_params p = tables.params();
         p.sink_tokens = 2;
-        p.max_outliers = 2;
         return kvc::kvquant_head(p, r);
     });
 }
@@ -300,15 +304,8 @@ TEST(NullOffsets, AGearHeadWithoutChunksPassesNoPointerOffsetFromNull) {
 // Issue 19, defect 16 at the storage level: a KVQuant head built from its
 // parameters checks the sink count and RoPE's theta as the codec does.
 TEST(KVQuantHead, SinkCountAndRopeAreValidated) {
-    const std::vector<float> lower(8, -1.0f), upper(8, 1.0f), book{-0.75f, -0.25f, 0.25f, 0.75f};
-    kvc::kvquant_head_params p;
-    p.bits = 2;
-    p.dim = 8;
-    p.key_lower = lower.data();
-    p.key_upper = upper.data();
-    p.key_codebook = book.data();
-    p.value_codebook = book.data();
-    p.max_outliers = 2;
+    const kvquant_tables tables(8);
+    kvc::kvquant_head_params p = tables.params();
     p.sink_tokens = std::size_t{1} << 40;
     EXPECT_NE(error_of([&] { kvc::kvquant_head head(p, kvc::default_resource()); }).find("sink tokens"),
               std::string::npos);

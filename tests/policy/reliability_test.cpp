@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../cache/cache_test_util.hpp"
 #include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/policy/eviction/all.hpp"
@@ -38,16 +39,7 @@ void* operator new(std::size_t bytes) {
 namespace {
 
 namespace evict = kvc::evict;
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const kvc::error& e) {
-        return e.what();
-    }
-    return "(no kvc::error)";
-}
+using kvc_test::error_of;
 
 kvc::cache_config shape(std::size_t layers, std::size_t kv_heads, std::size_t dim) {
     kvc::cache_config c;
