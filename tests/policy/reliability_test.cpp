@@ -26,9 +26,13 @@ bool tracking = false;
 std::size_t largest = 0;
 } // namespace
 
-void* operator new(std::size_t bytes) {
+void* operator new(std::size_t bytes, const std::nothrow_t&) noexcept {
     if (tracking && bytes > largest) largest = bytes;
-    if (void* p = std::malloc(bytes ? bytes : 1)) return p;
+    return std::malloc(bytes ? bytes : 1);
+}
+// std::stable_sort's buffer comes from the nothrow form: both must pair with the free() below.
+void* operator new(std::size_t bytes) {
+    if (void* p = operator new(bytes, std::nothrow)) return p;
     throw std::bad_alloc();
 }
 // Out of line: inlined into std::allocator, GCC 12 pairs free() with the
