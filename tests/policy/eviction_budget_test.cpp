@@ -322,3 +322,38 @@ TEST(ChunkKV, KeepsWholeChunksChosenByTheirScoreOverAllHeads) {
 }
 
 } // namespace
+
+namespace {
+
+// Issue 19, defect 2, through the cache: rotary_dims 4096 on a head of 64.
+TEST(KeyRerotation, RotaryDimsBeyondTheHeadDimAreRejectedByTheCache) {
+    kvc::cache_config c;
+    c.layers = 1;
+    c.kv_heads = 1;
+    c.query_heads = 1;
+    c.head_dim = 64;
+    evict::knorm wide(evict::budget::ratio(0.5));
+    wide.rerotate.enabled = true;
+    wide.rerotate.rope.rotary_dims = 4096;
+    EXPECT_THROW(evicting_cache<evict::knorm>(c, wide), kvc::error);
+}
+
+// Issue 19, defect 5, through the cache: interval = SIZE_MAX (an engine's
+// "never") must not compress on decode steps. compressed_cache::append has to
+// ask schedule::due(held, target) (tests/policy/reliability_test.cpp checks
+// it directly); until it does, target + interval wraps and this fails.
+TEST(Schedule, AnIntervalOfSizeMaxNeverCompressesOnDecode_Wired) {
+    const auto c = shape(1, 1, 8);
+    evict::schedule never;
+    never.after_prefill = false;
+    never.interval = SIZE_MAX;
+    evicting_cache<evict::knorm> cache(c, evict::knorm(evict::budget::absolute(8, 2, 2), never));
+    const auto keys = random_floats(8, 7);
+    for (std::int64_t p = 0; p < 40; ++p)
+        cache.append(0, token_major(keys.data(), 1, 1, 8), token_major(keys.data(), 1, 1, 8), p);
+    EXPECT_EQ(cache.tokens(0, 0), 40u);
+    cache.compress(0); // on demand it still runs
+    EXPECT_EQ(cache.tokens(0, 0), 8u);
+}
+
+} // namespace

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -29,12 +30,29 @@ struct cache_config {
 // Largest head dim kvc accepts; the kernels keep per-head state on the stack up to this.
 inline constexpr std::size_t max_head_dim = 1024;
 
+// Most (layer, KV head) pairs, and most query heads, a cache accepts. Caches
+// keep a table of per-head state (a few hundred bytes a head) and size rows
+// by query_heads x head_dim: under this bound every such product fits
+// std::size_t many times over, so an absurd shape is a kvc::error at
+// construction, never a wrapped size or std::length_error. Real models have
+// a few thousand (layer, KV head) pairs.
+inline constexpr std::size_t max_heads = std::size_t{1} << 24;
+
+// Most leading tokens a codec keeps in fp16 (Q9 sinks, KVQuant's sinks). The
+// methods keep a handful (METHODS.md Q9: 1-5); a count in the thousands
+// stores the whole prompt uncompressed and is taken for a mistake.
+inline constexpr std::size_t max_sink_tokens = 1024;
+
 namespace detail {
 inline void validate(const cache_config& c, const char* who) {
     require(c.layers > 0, who, ": expected layers >= 1, got ", c.layers);
     require(c.kv_heads > 0, who, ": expected kv_heads >= 1, got ", c.kv_heads);
     require(c.query_heads > 0 && c.query_heads % c.kv_heads == 0, who,
             ": expected query_heads a positive multiple of kv_heads (", c.kv_heads, "), got ", c.query_heads);
+    const std::size_t heads = checked_mul(c.layers, c.kv_heads, who, "layers", "kv_heads");
+    require(heads <= max_heads, who, ": expected layers x kv_heads at most ", max_heads, ", got ", c.layers, " x ",
+            c.kv_heads, " = ", heads);
+    require(c.query_heads <= max_heads, who, ": expected query_heads at most ", max_heads, ", got ", c.query_heads);
     require(c.head_dim > 0 && c.head_dim <= max_head_dim, who, ": expected head_dim in 1..", max_head_dim, ", got ",
             c.head_dim);
     require(std::isfinite(c.scale) && c.scale >= 0.0f, who, ": expected scale >= 0 (0 = 1/sqrt(head_dim)), got ",

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/error.hpp"
 
 namespace kvc {
@@ -96,10 +97,13 @@ public:
     std::size_t bytes() const noexcept { return capacity_ * sizeof(T); }
 
     // Ensures capacity for n elements; keeps the contents. May throw
-    // std::bad_alloc (from the resource), in which case nothing changed.
+    // std::bad_alloc (from the resource), or kvc::error when n elements'
+    // bytes do not fit std::size_t; in either case nothing changed.
     void reserve(std::size_t n) {
         if (n <= capacity_) return;
-        T* fresh = static_cast<T*>(resource_->allocate(n * sizeof(T), buffer_alignment));
+        const std::size_t bytes =
+            detail::checked_mul(n, sizeof(T), "kvc::aligned_buffer::reserve", "elements", "bytes per element");
+        T* fresh = static_cast<T*>(resource_->allocate(bytes, buffer_alignment));
         if (size_ != 0) std::memcpy(fresh, data_, size_ * sizeof(T));
         if (data_ != nullptr) resource_->deallocate(data_, capacity_ * sizeof(T), buffer_alignment);
         data_ = fresh;
@@ -109,9 +113,10 @@ public:
     // Capacity for size() + extra with geometric growth, so appending one token
     // at a time costs amortised O(1).
     void reserve_for_append(std::size_t extra) {
-        const std::size_t needed = size_ + extra;
+        const std::size_t needed =
+            detail::checked_add(size_, extra, "kvc::aligned_buffer::reserve_for_append", "size", "extra elements");
         if (needed <= capacity_) return;
-        std::size_t grown = capacity_ + capacity_ / 2;
+        const std::size_t grown = detail::saturating_add(capacity_, capacity_ / 2);
         reserve(grown > needed ? grown : needed);
     }
 

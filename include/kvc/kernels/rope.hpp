@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kvc/core/error.hpp"
+
 namespace kvc {
 
 struct rope_config {
@@ -18,6 +20,19 @@ struct rope_config {
     std::size_t rotary_dims = 0; // channels rotated (the first ones); 0 means all of head_dim
     bool interleaved = true;     // pairs (2i, 2i+1) as llama2.c; false: (i, i + rotary_dims/2) as HF Llama
 };
+
+namespace detail {
+// Throws kvc::error unless `rope` can rotate rows of `dim` channels: theta
+// positive and finite, rotary_dims even and at most dim. rope_rotate (and the
+// callers' stack rows of dim floats) rely on it. `who` starts the message.
+inline void validate_rope(const rope_config& rope, std::size_t dim, const char* who) {
+    require(rope.theta > 0.0 && std::isfinite(rope.theta), who, ": expected a RoPE theta > 0 and finite, got ",
+            rope.theta);
+    const std::size_t rotary = rope.rotary_dims ? rope.rotary_dims : dim;
+    require(rotary % 2 == 0 && rotary <= dim, who, ": expected RoPE rotary_dims even and at most head_dim ", dim,
+            " (0: all), got ", rope.rotary_dims);
+}
+} // namespace detail
 
 namespace kernels {
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/memory.hpp"
 #include "kvc/kernels/dispatch.hpp"
@@ -88,14 +89,27 @@ public:
     // Bytes held (allocated), keys and values.
     std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes(); }
 
-    // Room for `extra` more rows; the only step of an append that can throw.
+    // Rows both buffers can hold without allocating. The two grow one after
+    // the other, so after a failed allocation the keys may hold more than the
+    // values: the smaller is the room (bytes() / (2 * row_bytes()) would
+    // overstate it).
+    std::size_t capacity() const noexcept {
+        const std::size_t keys = keys_.capacity(), values = values_.capacity();
+        return (keys < values ? keys : values) / row_bytes();
+    }
+
+    // Room for `extra` more rows; the only step of an append that can throw
+    // (std::bad_alloc, or kvc::error when the bytes do not fit std::size_t).
     void reserve_for_append(std::size_t extra) {
-        keys_.reserve_for_append(extra * row_bytes());
-        values_.reserve_for_append(extra * row_bytes());
+        const std::size_t bytes =
+            detail::checked_mul(extra, row_bytes(), "kvc::dense_rows::reserve_for_append", "rows", "bytes per row");
+        keys_.reserve_for_append(bytes);
+        values_.reserve_for_append(bytes);
     }
     void reserve(std::size_t rows) {
-        keys_.reserve(rows * row_bytes());
-        values_.reserve(rows * row_bytes());
+        const std::size_t bytes = detail::checked_mul(rows, row_bytes(), "kvc::dense_rows::reserve", "rows", "bytes per row");
+        keys_.reserve(bytes);
+        values_.reserve(bytes);
     }
 
     // Appends one key and one value row given in `from` format. Capacity must

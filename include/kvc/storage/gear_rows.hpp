@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -124,25 +125,34 @@ public:
 
     // Room for `extra` more tokens (and the chunks they complete); the only step of an append that may throw.
     void reserve_for_append(std::size_t extra) {
+        constexpr const char* who = "kvc::gear_rows::reserve_for_append";
+        const std::size_t chunks =
+            detail::checked_add(recent_.tokens(), extra, who, "recent tokens", "extra tokens") / layout_.chunk_tokens;
+        const std::size_t compressed = chunks * layout_.chunk_tokens; // <= recent + extra
+        const std::size_t record_units = detail::checked_mul(compressed, layout_.record_units(), who, "tokens", "record units");
+        const std::size_t factor_units = detail::checked_mul(chunks, 2 * layout_.rank * dim_, who, "chunks", "factor units");
         recent_.reserve(layout_.chunk_tokens);
-        const std::size_t chunks = (recent_.tokens() + extra) / layout_.chunk_tokens;
         if (chunks == 0) return;
-        const std::size_t compressed = chunks * layout_.chunk_tokens;
         packed_.reserve_for_append(compressed);
-        records_.reserve_for_append(compressed * layout_.record_units());
+        records_.reserve_for_append(record_units);
         counts_.reserve_for_append(chunks);
-        factors_.reserve_for_append(chunks * 2 * layout_.rank * dim_);
+        factors_.reserve_for_append(factor_units);
     }
     // Capacity for `rows` tokens in total (exactly): the chunks they fill and a full fp16 segment.
     void reserve(std::size_t rows) {
         recent_.reserve(layout_.chunk_tokens);
         if (rows <= tokens()) return;
-        const std::size_t chunks = (recent_.tokens() + rows - tokens()) / layout_.chunk_tokens;
-        const std::size_t compressed = compressed_tokens() + chunks * layout_.chunk_tokens;
+        constexpr const char* who = "kvc::gear_rows::reserve";
+        // rows > tokens() >= recent tokens, so rows - compressed_tokens() does not wrap.
+        const std::size_t chunks = (rows - compressed_tokens()) / layout_.chunk_tokens;
+        const std::size_t compressed = compressed_tokens() + chunks * layout_.chunk_tokens; // <= rows
+        const std::size_t record_units = detail::checked_mul(compressed, layout_.record_units(), who, "tokens", "record units");
+        const std::size_t factor_units =
+            detail::checked_mul(counts_.size() + chunks, 2 * layout_.rank * dim_, who, "chunks", "factor units");
         packed_.reserve(compressed);
-        records_.reserve(compressed * layout_.record_units());
+        records_.reserve(record_units);
         counts_.reserve(counts_.size() + chunks);
-        factors_.reserve((counts_.size() + chunks) * 2 * layout_.rank * dim_);
+        factors_.reserve(factor_units);
     }
 
     // Appends one key and one value row given in `from` format to the fp16
@@ -266,8 +276,9 @@ private:
         g.rank = layout_.rank;
         g.chunk_tokens = counts_.data();
         g.chunks = counts_.size();
+        // A head with no chunk yet holds no factors: null then, not an offset from null.
         g.key_factors = factors_.data();
-        g.value_factors = factors_.data() + layout_.rank * dim_;
+        g.value_factors = counts_.size() != 0 ? factors_.data() + layout_.rank * dim_ : nullptr;
         g.factor_stride = 2 * layout_.rank * dim_;
         g.recent.keys = recent_.key_row(0);
         g.recent.values = recent_.value_row(0);

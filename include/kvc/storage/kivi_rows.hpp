@@ -45,6 +45,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvc/cache/config.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -90,6 +92,9 @@ inline void validate_kivi_layout(const kivi_layout& layout, std::size_t dim, con
     require(dim > 0 && dim <= kernels::kivi_max_dim && dim % layout.group_size == 0, who,
             ": expected head_dim a multiple of the group size ", layout.group_size,
             " (values are grouped along channels) and at most ", kernels::kivi_max_dim, ", got head_dim ", dim);
+    checked_add(layout.residual, layout.group_size, who, "residual", "group size"); // the residual's capacity
+    require(layout.sink_tokens <= max_sink_tokens, who, ": expected at most ", max_sink_tokens, " sink tokens, got ",
+            layout.sink_tokens);
 }
 } // namespace detail
 
@@ -235,22 +240,29 @@ private:
 
     // Capacity for `extra` more tokens past the sink.
     void grow_body(std::size_t extra, bool exact) {
+        constexpr const char* who = "kvc::kivi_rows::reserve";
         const std::size_t held = residual_.tokens();
+        detail::checked_add(held, extra, who, "residual tokens", "extra tokens"); // blocks_formed adds them
         const std::size_t blocks = layout_.blocks_formed(held, extra);
         const std::size_t cap = layout_.residual_capacity();
         const std::size_t peak = held + extra < cap ? held + extra : cap;
-        const std::size_t capacity = residual_.bytes() / kivi_layout::fp16_token_bytes(dim_);
+        // Both residual buffers' room (after a failed growth the keys may have more than the values).
+        const std::size_t capacity = residual_.capacity();
         if (peak > capacity) {
             std::size_t target = exact ? peak : capacity + capacity / 2;
             target = target < peak ? peak : (target > cap ? cap : target);
             residual_.reserve(target);
         }
+        const std::size_t key_bytes = detail::checked_mul(blocks, block_bytes_, who, "key blocks", "bytes per block");
+        const std::size_t value_bytes = detail::checked_mul(
+            detail::checked_mul(blocks, layout_.group_size, who, "key blocks", "tokens per block"), value_row_bytes_,
+            who, "value rows", "bytes per row");
         if (exact) {
-            keys_.reserve(keys_.size() + blocks * block_bytes_);
-            values_.reserve(values_.size() + blocks * layout_.group_size * value_row_bytes_);
+            keys_.reserve(detail::checked_add(keys_.size(), key_bytes, who, "bytes held", "bytes needed"));
+            values_.reserve(detail::checked_add(values_.size(), value_bytes, who, "bytes held", "bytes needed"));
         } else {
-            keys_.reserve_for_append(blocks * block_bytes_);
-            values_.reserve_for_append(blocks * layout_.group_size * value_row_bytes_);
+            keys_.reserve_for_append(key_bytes);
+            values_.reserve_for_append(value_bytes);
         }
     }
 

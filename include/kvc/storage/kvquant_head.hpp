@@ -43,6 +43,7 @@
 #include <limits>
 
 #include "kvc/cache/config.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -128,9 +129,12 @@ public:
         detail::require(p.bits >= 2 && p.bits <= 4, "kvc::kvquant_head: expected 2, 3 or 4 bits, got ", p.bits);
         detail::require(p.dim > 0 && p.dim % 8 == 0 && p.dim <= max_head_dim,
                         "kvc::kvquant_head: expected head_dim a multiple of 8 in 8..", max_head_dim, ", got ", p.dim);
+        detail::validate_rope(p.rope, p.dim, "kvc::kvquant_head");
         const std::size_t rotary = p.rope.rotary_dims ? p.rope.rotary_dims : p.dim;
-        detail::require(rotary % 2 == 0 && rotary <= p.dim, "kvc::kvquant_head: expected rope rotary_dims even and <= ",
-                        p.dim, ", got ", rotary);
+        detail::require(p.sink_tokens <= max_sink_tokens, "kvc::kvquant_head: expected at most ", max_sink_tokens,
+                        " sink tokens, got ", p.sink_tokens);
+        detail::require(p.outlier_fraction >= 0.0 && p.outlier_fraction < 0.5,
+                        "kvc::kvquant_head: expected outlier_fraction in [0, 0.5), got ", p.outlier_fraction);
         detail::require(p.max_outliers >= 1 && p.max_outliers <= p.dim,
                         "kvc::kvquant_head: expected max_outliers in 1..", p.dim, ", got ", p.max_outliers);
         pairs_ = rotary / 2;
@@ -190,15 +194,16 @@ public:
     void reserve_for_append(std::size_t extra) {
         const std::size_t to_sink = sink_share(extra);
         const std::size_t packed = extra - to_sink;
+        const body_sizes sizes = body_sizes_for(packed, max_outliers_, "kvc::kvquant_head::reserve_for_append");
         positions_.reserve_for_append(extra);
         if (to_sink) sink_.reserve_for_append(to_sink);
         if (packed == 0) return;
-        key_codes_.reserve_for_append(packed * row_bytes_ + kernels::kvquant_code_slack);
-        value_codes_.reserve_for_append(packed * row_bytes_ + kernels::kvquant_code_slack);
-        value_params_.reserve_for_append(2 * packed);
+        key_codes_.reserve_for_append(sizes.code_bytes);
+        value_codes_.reserve_for_append(sizes.code_bytes);
+        value_params_.reserve_for_append(sizes.value_params);
         outlier_end_.reserve_for_append(packed);
-        outlier_channel_.reserve_for_append(packed * max_outliers_);
-        outlier_value_.reserve_for_append(packed * max_outliers_);
+        outlier_channel_.reserve_for_append(sizes.outliers);
+        outlier_value_.reserve_for_append(sizes.outliers);
     }
 
     // Capacity for `rows` tokens in total: exact for the rows, the expected
@@ -206,16 +211,18 @@ public:
     void reserve(std::size_t rows) {
         const std::size_t sink_rows = packed_tokens() == 0 && rows > 0 ? std::min(rows, sink_limit_) : sink_.tokens();
         const std::size_t sink_capacity = std::max(sink_rows, sink_.tokens());
+        const std::size_t packed = rows > sink_capacity ? rows - sink_capacity : 0;
+        // The expected outlier count is below packed * dim / 2 (outlier_fraction < 0.5), so it fits when that does.
+        const body_sizes sizes = body_sizes_for(packed, dim_, "kvc::kvquant_head::reserve");
+        detail::checked_mul(rows, sizeof(std::int32_t), "kvc::kvquant_head::reserve", "tokens", "position bytes");
         if (sink_capacity) sink_.reserve(sink_capacity);
         positions_.reserve(rows);
-        const std::size_t packed = rows > sink_capacity ? rows - sink_capacity : 0;
         if (packed == 0) return;
-        key_codes_.reserve(packed * row_bytes_ + kernels::kvquant_code_slack);
-        value_codes_.reserve(packed * row_bytes_ + kernels::kvquant_code_slack);
-        value_params_.reserve(2 * packed);
+        key_codes_.reserve(sizes.code_bytes);
+        value_codes_.reserve(sizes.code_bytes);
+        value_params_.reserve(sizes.value_params);
         outlier_end_.reserve(packed);
-        const auto expected =
-            static_cast<std::size_t>(std::ceil(static_cast<double>(packed * dim_) * outlier_fraction_));
+        const auto expected = static_cast<std::size_t>(std::ceil(static_cast<double>(sizes.outliers) * outlier_fraction_));
         outlier_channel_.reserve(expected);
         outlier_value_.reserve(expected);
     }
@@ -400,6 +407,19 @@ public:
     }
 
 private:
+    // Element counts of the body buffers for `packed` tokens with up to `outliers_per_token` outliers each.
+    struct body_sizes {
+        std::size_t code_bytes, value_params, outliers;
+    };
+    body_sizes body_sizes_for(std::size_t packed, std::size_t outliers_per_token, const char* who) const {
+        body_sizes s;
+        s.code_bytes = detail::checked_add(detail::checked_mul(packed, row_bytes_, who, "tokens", "code bytes per row"),
+                                           kernels::kvquant_code_slack, who, "code bytes", "slack bytes");
+        s.value_params = detail::checked_mul(packed, 2, who, "tokens", "value parameters per token");
+        s.outliers = detail::checked_mul(packed, outliers_per_token, who, "tokens", "outliers per token");
+        return s;
+    }
+
     std::size_t sink_share(std::size_t extra) const noexcept {
         if (packed_tokens() != 0 || sink_.tokens() >= sink_limit_) return 0;
         return std::min(extra, sink_limit_ - sink_.tokens());

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "kvc/cache/config.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -80,15 +81,18 @@ public:
 
     // New tokens arrive in the high format.
     void reserve_for_append(std::size_t extra) {
+        const std::size_t bytes =
+            detail::checked_mul(extra, high_key_bytes_, "kvc::mixed_rows::reserve_for_append", "rows", "bytes per row");
         slot_.reserve_for_append(extra);
-        high_keys_.reserve_for_append(extra * high_key_bytes_);
-        high_values_.reserve_for_append(extra * high_key_bytes_);
+        high_keys_.reserve_for_append(bytes);
+        high_values_.reserve_for_append(bytes);
     }
     void reserve(std::size_t rows) {
-        slot_.reserve(rows);
         const std::size_t high = rows > low_tokens() ? rows - low_tokens() : 0;
-        high_keys_.reserve(high * high_key_bytes_);
-        high_values_.reserve(high * high_key_bytes_);
+        const std::size_t bytes = detail::checked_mul(high, high_key_bytes_, "kvc::mixed_rows::reserve", "rows", "bytes per row");
+        slot_.reserve(rows);
+        high_keys_.reserve(bytes);
+        high_values_.reserve(bytes);
     }
 
     // Encodes one token in the high format (capacity reserved; never throws).

@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvc/cache/config.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -69,6 +71,8 @@ inline void validate_packed_layout(const packed_layout& layout, std::size_t dim,
     // The attention kernels quantize the query into fixed buffers (kernels/quant/common.hpp).
     require(dim <= kernels::quant_common::query_max_dim, who, ": expected head_dim at most ",
             kernels::quant_common::query_max_dim, ", got ", dim);
+    require(layout.sink_tokens <= max_sink_tokens, who, ": expected at most ", max_sink_tokens, " sink tokens, got ",
+            layout.sink_tokens);
 }
 } // namespace detail
 
@@ -99,10 +103,14 @@ public:
 
     // Room for `extra` more tokens; the only step of an append that may throw.
     void reserve_for_append(std::size_t extra) {
+        constexpr const char* who = "kvc::packed_rows::reserve_for_append";
         const std::size_t to_sink = sink_share(extra);
+        const std::size_t key_bytes = detail::checked_mul(extra - to_sink, key_row_bytes_, who, "rows", "key row bytes");
+        const std::size_t value_bytes =
+            detail::checked_mul(extra - to_sink, value_row_bytes_, who, "rows", "value row bytes");
         if (to_sink) sink_.reserve_for_append(to_sink);
-        keys_.reserve_for_append((extra - to_sink) * key_row_bytes_);
-        values_.reserve_for_append((extra - to_sink) * value_row_bytes_);
+        keys_.reserve_for_append(key_bytes);
+        values_.reserve_for_append(value_bytes);
     }
     // Capacity for `rows` tokens in total (exactly: no growth factor).
     void reserve(std::size_t rows) {
@@ -110,10 +118,13 @@ public:
                                           ? (rows < layout_.sink_tokens ? rows : layout_.sink_tokens)
                                           : sink_.tokens();
         const std::size_t sink_capacity = sink_rows > sink_.tokens() ? sink_rows : sink_.tokens();
-        if (sink_capacity) sink_.reserve(sink_capacity);
         const std::size_t packed = rows > sink_capacity ? rows - sink_capacity : 0;
-        keys_.reserve(packed * key_row_bytes_);
-        values_.reserve(packed * value_row_bytes_);
+        constexpr const char* who = "kvc::packed_rows::reserve";
+        const std::size_t key_bytes = detail::checked_mul(packed, key_row_bytes_, who, "rows", "key row bytes");
+        const std::size_t value_bytes = detail::checked_mul(packed, value_row_bytes_, who, "rows", "value row bytes");
+        if (sink_capacity) sink_.reserve(sink_capacity);
+        keys_.reserve(key_bytes);
+        values_.reserve(value_bytes);
     }
 
     // Encodes one key and one value row given in `from` format. Capacity must

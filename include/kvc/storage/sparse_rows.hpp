@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -54,14 +55,8 @@ public:
     // Bytes one attention reads: every stored row.
     std::size_t stored_bytes() const noexcept { return tokens() * bytes_per_token(); }
 
-    void reserve_for_append(std::size_t extra) {
-        keys_.reserve_for_append(extra * key_row_bytes_);
-        values_.reserve_for_append(extra * value_row_bytes_);
-    }
-    void reserve(std::size_t rows) {
-        keys_.reserve(rows * key_row_bytes_);
-        values_.reserve(rows * value_row_bytes_);
-    }
+    void reserve_for_append(std::size_t extra) { grow(extra, false); }
+    void reserve(std::size_t rows) { grow(rows, true); }
 
     // Encodes one key and one value row given in `from` format (capacity reserved:
     // never allocates, never throws). Which elements are kept, NaN and Inf: kernels/sparse/common.hpp.
@@ -129,6 +124,20 @@ public:
     }
 
 private:
+    // Room for `rows` more rows (append) or in total (exact).
+    void grow(std::size_t rows, bool exact) {
+        constexpr const char* who = "kvc::sparse_rows::reserve";
+        const std::size_t key_bytes = detail::checked_mul(rows, key_row_bytes_, who, "rows", "key row bytes");
+        const std::size_t value_bytes = detail::checked_mul(rows, value_row_bytes_, who, "rows", "value row bytes");
+        if (exact) {
+            keys_.reserve(key_bytes);
+            values_.reserve(value_bytes);
+        } else {
+            keys_.reserve_for_append(key_bytes);
+            values_.reserve_for_append(value_bytes);
+        }
+    }
+
     static void validate(std::size_t dim, std::size_t key_kept, std::size_t value_kept, const char* who) {
         detail::require(dim > 0 && dim % kernels::sparse_chunk_elements == 0 && dim <= kernels::sparse_common::max_dim,
                         who, ": expected head_dim a multiple of ", kernels::sparse_chunk_elements, " up to ",

@@ -37,6 +37,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 
@@ -89,18 +90,6 @@ namespace detail {
 // that pointer arithmetic over the span is defined.
 inline constexpr std::size_t max_span_elements =
     static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max());
-
-// a * b (or a + b) into out; false when it does not fit std::size_t.
-constexpr bool checked_mul(std::size_t a, std::size_t b, std::size_t& out) noexcept {
-    if (a != 0 && b > std::numeric_limits<std::size_t>::max() / a) return false;
-    out = a * b;
-    return true;
-}
-constexpr bool checked_add(std::size_t a, std::size_t b, std::size_t& out) noexcept {
-    if (b > std::numeric_limits<std::size_t>::max() - a) return false;
-    out = a + b;
-    return true;
-}
 
 // Checks every layout shares: heads > 0, dim > 0 (tokens == 0 is a valid
 // empty view), and heads*dim and tokens*heads*dim fit the addressable range.

@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "kvc/core/error.hpp"
@@ -59,6 +60,9 @@ struct lagkv {
     void validate() const {
         detail::require(lag >= 2 && lag <= (std::size_t{1} << 24),
                         "evict::score::lagkv: expected lag in 2..2^24 (a chunk needs a spread), got ", lag);
+        // Positions are int32: more sinks than that would turn negative when added to the first position.
+        detail::require(sinks <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+                        "evict::score::lagkv: expected sinks at most 2^31 - 1 (positions are int32), got ", sinks);
     }
 
     // Key and value spreads of a chunk, then a row, the reference's per-channel

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "kvc/cache/config.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/kernels/table.hpp"
@@ -108,7 +109,10 @@ struct budget {
         b.window = window;
         return b;
     }
+    // tokens 0 throws kvc::error: the field's 0 means "use keep_ratio", which
+    // keeps everything by default, the opposite of a budget of no tokens.
     static budget absolute(std::size_t tokens, std::size_t sinks = 4, std::size_t window = 16) {
+        detail::require(tokens >= 1, "evict::budget::absolute: expected tokens >= 1 per head, got 0");
         budget b;
         b.tokens = tokens;
         b.sinks = sinks;
@@ -118,7 +122,9 @@ struct budget {
     // B8: one budget in bytes over the whole cache. The cache turns it into
     // tokens per head with what its codec spends per token, so a codec with
     // fewer bits keeps more tokens for the same bytes.
+    // bytes 0 throws kvc::error, as absolute(0).
     static budget in_bytes(std::size_t bytes, std::size_t sinks = 4, std::size_t window = 16) {
+        detail::require(bytes >= 1, "evict::budget::in_bytes: expected bytes >= 1, got 0");
         budget b;
         b.bytes = bytes;
         b.sinks = sinks;
@@ -140,17 +146,34 @@ struct budget {
         const double mean = bytes != 0    ? static_cast<double>(tokens_for_bytes)
                             : tokens != 0 ? static_cast<double>(tokens)
                                           : keep_ratio * static_cast<double>(seen);
-        std::size_t want = static_cast<std::size_t>(std::ceil(mean * layers_factor(layer, layers) - 1e-9));
-        want = std::max(want, sinks + window);
+        const double scaled = std::ceil(mean * layers_factor(layer, layers) - 1e-9);
+        // A budget of SIZE_MAX tokens scales to 2^64 or more, which no size_t
+        // holds (converting it is undefined): it keeps everything held. The
+        // bound is SIZE_MAX rounded to double, 2^64 itself on 64-bit targets.
+        if (!(scaled < static_cast<double>(std::numeric_limits<std::size_t>::max()))) return held;
+        std::size_t want = scaled > 0.0 ? static_cast<std::size_t>(scaled) : 0;
+        want = std::max(want, protected_tokens());
         return std::min(want, held);
     }
+
+    // Sinks + window: the tokens every head keeps (SIZE_MAX if the sum does
+    // not fit, which validate() rejects).
+    std::size_t protected_tokens() const noexcept { return detail::saturating_add(sinks, window); }
 
     void validate(std::size_t layer_count = 1) const {
         detail::require(bytes != 0 || tokens != 0 || (keep_ratio > 0.0 && keep_ratio <= 1.0),
                         "evict::budget: expected keep_ratio in (0, 1] or tokens > 0, got keep_ratio ", keep_ratio);
-        detail::require(tokens == 0 || tokens >= sinks + window, "evict::budget: tokens ", tokens,
-                        " must be at least sinks + window = ", sinks + window, " (the budget counts them)");
+        const std::size_t kept = detail::checked_add(sinks, window, "evict::budget", "sinks", "window");
+        detail::require(tokens == 0 || tokens >= kept, "evict::budget: tokens ", tokens,
+                        " must be at least sinks + window = ", kept, " (the budget counts them)");
         layers.validate(layer_count);
+    }
+
+    // B8: tokens per head that `bytes` buys over `heads` heads at `bytes_per_token`
+    // each. Divides twice instead of multiplying heads by bytes_per_token, which
+    // could wrap; floor(floor(b / h) / c) == floor(b / (h * c)).
+    std::size_t tokens_for_bytes(std::size_t heads, std::size_t bytes_per_token) const noexcept {
+        return heads == 0 || bytes_per_token == 0 ? 0 : bytes / heads / bytes_per_token;
     }
 
 private:
@@ -165,7 +188,14 @@ private:
 // it on demand.
 struct schedule {
     bool after_prefill = true;
-    std::size_t interval = 0; // 0: no decode-time compression
+    std::size_t interval = 0; // 0: no decode-time compression; SIZE_MAX: never
+
+    // Whether a head holding `held` tokens against `target` is due for
+    // decode-time compression: more than `interval` over its target. Compared
+    // by difference, so a large interval (an engine's "never") cannot wrap.
+    bool due(std::size_t held, std::size_t target) const noexcept {
+        return interval != 0 && held > target && held - target > interval;
+    }
 };
 
 // B10: after eviction, rotate the kept keys so their positions become
@@ -282,9 +312,11 @@ inline std::size_t protect(const head_candidates& head, const budget& b, std::in
                            std::size_t limit, std::vector<char>& chosen) {
     chosen.assign(head.held, 0);
     std::size_t taken = 0;
-    for (std::size_t t = 0;
-         t < head.held && head.positions[t] < first_position + static_cast<std::int64_t>(b.sinks) && taken < limit; ++t)
-        chosen[t] = 1, ++taken;
+    // Offsets from the first position, in unsigned: sinks may exceed int64's range (a sum would wrap).
+    const auto is_sink = [&](std::size_t t) {
+        return static_cast<std::uint64_t>(head.positions[t] - first_position) < static_cast<std::uint64_t>(b.sinks);
+    };
+    for (std::size_t t = 0; t < head.held && is_sink(t) && taken < limit; ++t) chosen[t] = 1, ++taken;
     for (std::size_t i = 0; i < b.window && i < head.held && taken < limit; ++i)
         if (!chosen[head.held - 1 - i]) chosen[head.held - 1 - i] = 1, ++taken;
     return taken;
@@ -522,6 +554,8 @@ struct chunkkv {
         const std::size_t heads = layer.heads.size();
         keep.resize(heads);
         std::vector<char> chosen;
+        std::vector<std::size_t> ids;    // chunk ids holding tokens in any head, ascending (filled once)
+        std::vector<double> chunk_score; // per entry of ids
         for (std::size_t h = 0; h < heads; ++h) {
             const head_candidates& head = layer.heads[h];
             const std::size_t target = std::min(head.target, head.held);
@@ -530,22 +564,24 @@ struct chunkkv {
                 selection::to_indices(chosen, keep[h]);
                 continue;
             }
-            // Chunk scores over every head, by position.
-            std::vector<double> chunk_score;
-            for (const head_candidates& other : layer.heads)
-                for (std::size_t t = 0; t < other.held; ++t) {
-                    const std::size_t id =
-                        static_cast<std::size_t>(other.positions[t] - layer.first_position) / chunk;
-                    if (id >= chunk_score.size()) chunk_score.resize(id + 1, 0.0);
-                    if (!std::isnan(other.scores[t])) chunk_score[id] += other.scores[t];
-                }
+            // Chunk scores over every head, by position. Tables are indexed by
+            // the chunks that hold tokens (ascending), not by chunk id: positions
+            // need only increase, so ids can span far more than the tokens held.
+            if (ids.empty()) {
+                for (const head_candidates& other : layer.heads)
+                    for (std::size_t t = 0; t < other.held; ++t) ids.push_back(chunk_of(layer, other.positions[t]));
+                std::sort(ids.begin(), ids.end());
+                ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+                chunk_score.assign(ids.size(), 0.0);
+                for (const head_candidates& other : layer.heads)
+                    for (std::size_t t = 0; t < other.held; ++t)
+                        if (!std::isnan(other.scores[t])) chunk_score[index_of(ids, layer, other.positions[t])] += other.scores[t];
+            }
             // This head's unprotected tokens, per chunk.
-            std::vector<std::vector<std::uint32_t>> members(chunk_score.size());
+            std::vector<std::vector<std::uint32_t>> members(ids.size());
             for (std::size_t t = 0; t < head.held; ++t)
-                if (!chosen[t])
-                    members[static_cast<std::size_t>(head.positions[t] - layer.first_position) / chunk].push_back(
-                        static_cast<std::uint32_t>(t));
-            std::vector<std::size_t> order(chunk_score.size());
+                if (!chosen[t]) members[index_of(ids, layer, head.positions[t])].push_back(static_cast<std::uint32_t>(t));
+            std::vector<std::size_t> order(ids.size());
             std::iota(order.begin(), order.end(), std::size_t{0});
             std::stable_sort(order.begin(), order.end(),
                              [&](std::size_t a, std::size_t c) { return chunk_score[a] > chunk_score[c]; });
@@ -556,6 +592,15 @@ struct chunkkv {
             }
             selection::to_indices(chosen, keep[h]);
         }
+    }
+
+private:
+    std::size_t chunk_of(const layer_candidates& layer, std::int32_t position) const noexcept {
+        return static_cast<std::size_t>(position - layer.first_position) / chunk;
+    }
+    std::size_t index_of(const std::vector<std::size_t>& ids, const layer_candidates& layer,
+                         std::int32_t position) const noexcept {
+        return static_cast<std::size_t>(std::lower_bound(ids.begin(), ids.end(), chunk_of(layer, position)) - ids.begin());
     }
 };
 
@@ -588,8 +633,8 @@ struct policy {
         detail::require(!rerotate.enabled || std::is_same_v<Selector, per_head_topk>,
                         "evict::policy: key re-rotation needs the same kept length in every head "
                         "(selector per_head_topk)");
-        detail::require(!rerotate.enabled || (rerotate.rope.theta > 0.0 && std::isfinite(rerotate.rope.theta)),
-                        "evict::policy: expected a RoPE theta > 0 for key re-rotation, got ", rerotate.rope.theta);
+        // rerotate decodes a key into a stack row of head_dim floats and rotates rotary_dims / 2 pairs of it.
+        if (rerotate.enabled) detail::validate_rope(rerotate.rope, config.head_dim, "evict::policy (key re-rotation)");
     }
 
 private:

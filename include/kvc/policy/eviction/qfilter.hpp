@@ -10,10 +10,13 @@
 // when the cache is built.
 #pragma once
 
+#include <cmath>
+#include <cstddef>
 #include <string>
 #include <vector>
 
 #include "kvc/calibration/artifact.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/policy/eviction/scorers_common.hpp"
 
 namespace kvc::evict {
@@ -50,6 +53,15 @@ struct qfilter {
                         "evict::qfilter: calibration is for [", layers, "][", kv_heads, "][", dim,
                         "] (layers, kv heads, head dim), the cache is [", config.layers, "][", config.kv_heads, "][",
                         config.head_dim, "]");
+        // score() reads dim floats at (layer * kv_heads + head) * dim: the table must hold all of them.
+        const std::size_t expected =
+            detail::checked_mul(detail::checked_mul(layers, kv_heads, "evict::qfilter", "layers", "kv_heads"), dim,
+                                "evict::qfilter", "heads", "dim");
+        detail::require(filters.size() == expected, "evict::qfilter: expected ", expected,
+                        " filter values ([layers][kv_heads][dim]), got ", filters.size());
+        for (std::size_t i = 0; i < filters.size(); ++i)
+            detail::require(std::isfinite(filters[i]), "evict::qfilter: expected finite filter values, got ",
+                            filters[i], " at index ", i);
     }
 
     void score(const head_inputs& in, float* scores) const noexcept {

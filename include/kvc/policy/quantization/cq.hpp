@@ -63,6 +63,7 @@
 #include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/cq.hpp"
+#include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -117,12 +118,15 @@ public:
     std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes() + codebooks_.bytes(); }
 
     void reserve_for_append(std::size_t extra) {
-        keys_.reserve_for_append(extra * row_bytes_);
-        values_.reserve_for_append(extra * row_bytes_);
+        const std::size_t bytes =
+            detail::checked_mul(extra, row_bytes_, "kvc::quant::cq::reserve_for_append", "rows", "bytes per row");
+        keys_.reserve_for_append(bytes);
+        values_.reserve_for_append(bytes);
     }
     void reserve(std::size_t rows) {
-        keys_.reserve(rows * row_bytes_);
-        values_.reserve(rows * row_bytes_);
+        const std::size_t bytes = detail::checked_mul(rows, row_bytes_, "kvc::quant::cq::reserve", "rows", "bytes per row");
+        keys_.reserve(bytes);
+        values_.reserve(bytes);
     }
 
     // Codes of one key and value row given in `from` format (capacity reserved;

@@ -130,18 +130,17 @@ public:
 
     // Called by compressed_cache's constructor: the artifact must match the
     // cache's layers, KV heads and head dim; head_dim a multiple of 8; RoPE's
-    // rotary_dims even and <= head_dim; the outlier cap <= head_dim.
+    // rotary_dims even and <= head_dim; at most max_sink_tokens sinks; the
+    // outlier cap <= head_dim.
     void validate(const cache_config& config) const {
         detail::require(config.layers == layers_ && config.kv_heads == heads_ && config.head_dim == dim_,
                         "kvc::quant::kvquant: the artifact is for ", layers_, " layers x ", heads_,
                         " KV heads x head_dim ", dim_, ", the cache has ", config.layers, " x ", config.kv_heads,
                         " x ", config.head_dim);
         detail::require(dim_ % 8 == 0, "kvc::quant::kvquant: expected head_dim a multiple of 8, got ", dim_);
-        const std::size_t rotary = rope_.rotary_dims ? rope_.rotary_dims : dim_;
-        detail::require(rotary % 2 == 0 && rotary <= dim_, "kvc::quant::kvquant: expected rope rotary_dims even and <= ",
-                        dim_, ", got ", rotary);
-        detail::require(rope_.theta > 0.0 && std::isfinite(rope_.theta),
-                        "kvc::quant::kvquant: expected a positive finite rope theta, got ", rope_.theta);
+        detail::validate_rope(rope_, dim_, "kvc::quant::kvquant");
+        detail::require(sinks_ <= max_sink_tokens, "kvc::quant::kvquant: expected sink_tokens at most ",
+                        max_sink_tokens, " (the first few tokens), got ", sinks_);
         detail::require(max_outliers_ <= dim_, "kvc::quant::kvquant: expected max_outliers_per_token <= head_dim ", dim_,
                         ", got ", max_outliers_);
     }

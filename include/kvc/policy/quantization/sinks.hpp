@@ -327,6 +327,8 @@ struct with_sinks {
 private:
     void require_sinks() const {
         detail::require(sink_tokens >= 1, "kvc::quant::with_sinks: expected sink_tokens >= 1, got ", sink_tokens);
+        detail::require(sink_tokens <= max_sink_tokens, "kvc::quant::with_sinks: expected sink_tokens at most ",
+                        max_sink_tokens, ", got ", sink_tokens);
     }
 };
 
