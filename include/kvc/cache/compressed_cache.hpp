@@ -193,10 +193,10 @@ public:
             detail::require(eviction_.keep.bytes == 0 || detail::has_bytes_per_token<head_storage>::value,
                             "compressed_cache: a byte budget needs a codec that reports bytes_per_token()");
             detail::require(eviction_.keep.bytes == 0 ||
-                                byte_budget_tokens_ >= eviction_.keep.sinks + eviction_.keep.window,
+                                byte_budget_tokens_ >= eviction_.keep.protected_tokens(),
                             "compressed_cache: byte budget ", eviction_.keep.bytes,
-                            " buys fewer tokens per head than sinks + window (", eviction_.keep.sinks +
-                            eviction_.keep.window, ")");
+                            " buys fewer tokens per head than sinks + window (", eviction_.keep.protected_tokens(),
+                            ")");
         }
     }
 
@@ -549,7 +549,7 @@ private:
                                                 (collects_attention_stats ? sizeof(float) : 0) +
                                                 (collects_external ? sizeof(float) : 0) +
                                                 (collects_append_scores ? sizeof(float) : 0);
-            return eviction_.keep.bytes / (config_.layers * config_.kv_heads * per_token);
+            return eviction_.keep.tokens_for_bytes(config_.layers * config_.kv_heads, per_token);
         } else {
             return 0;
         }
@@ -691,7 +691,7 @@ private:
         const std::size_t seen = layers_[layer].seen + incoming;
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
             const std::size_t held = rows_at(layer, h).tokens() + incoming;
-            if (held - target_of(layer, held, seen) > eviction_.when.interval) return true;
+            if (eviction_.when.due(held, target_of(layer, held, seen))) return true;
         }
         return false;
     }

@@ -182,8 +182,9 @@ private:
 
 // When compression runs (B9). After the prompt: at the first decode append
 // that follows chunked prefill (attend_chunk). During decode (single-token
-// appends): whenever a head holds `interval` tokens more than its target, it
-// goes back to the target; a multi-token append never triggers it, so a
+// appends): whenever a token would put a head more than `interval` tokens
+// over its target, the head goes back to the target (compressed before the
+// token is stored, leaving room for it); a multi-token append never triggers it, so a
 // prefill chunk stays whole until attend_chunk has seen it. compress() runs
 // it on demand.
 struct schedule {
