@@ -278,6 +278,42 @@ TEST(Eviction, SnapKVKeepsTheFarBackNeedleTheLastQueriesLookFor) {
     // The same needle under random scores is very unlikely to survive at 32/500; not asserted, only logged.
 }
 
+// Issue 18: SnapKV's ring of recent queries is held only while a compression
+// can still use it. With the after-prefill schedule alone it lives from the
+// prompt's chunks to the compression at the first decode append, then is
+// freed and decode steps do not write it; the kept tokens are those a cache
+// that keeps the ring (a decode-time schedule that never fires) keeps.
+TEST(Eviction, QueryWindowLivesOnlyUntilThePromptIsCompressed) {
+    const auto c = shape(2, 4, 16);
+    const std::size_t prompt = 128, window = evict::score::snapkv::query_window;
+    const auto keys = random_floats((prompt + 8) * 2 * 16, 40);
+    const auto queries = random_floats((prompt + 8) * 4 * 16, 41);
+    evicting_cache<evict::snapkv> once(c, evict::snapkv(evict::budget::ratio(0.25)));
+    evicting_cache<evict::snapkv> kept_ring(c, evict::snapkv(evict::budget::ratio(0.25), evict::schedule{true, SIZE_MAX}));
+    std::vector<float> out(64 * 4 * 16);
+    for (auto* cache : {&once, &kept_ring}) {
+        for (std::size_t t0 = 0; t0 < prompt; t0 += 64) {
+            cache->append(0, token_major(keys.data() + t0 * 32, 64, 2, 16),
+                          token_major(keys.data() + t0 * 32, 64, 2, 16), static_cast<std::int64_t>(t0));
+            cache->attend_chunk(0, queries.data() + t0 * 64, 64, out.data());
+        }
+        EXPECT_EQ(cache->query_window_bytes(), window * 4 * 16 * sizeof(float));
+    }
+    for (std::size_t t = prompt; t < prompt + 8; ++t)
+        for (auto* cache : {&once, &kept_ring}) {
+            cache->append(0, token_major(keys.data() + t * 32, 1, 2, 16), token_major(keys.data() + t * 32, 1, 2, 16),
+                          static_cast<std::int64_t>(t));
+            cache->attend(0, queries.data() + t * 64, out.data());
+        }
+    EXPECT_EQ(once.query_window_bytes(), 0u); // freed by the compression, not written since
+    EXPECT_EQ(kept_ring.query_window_bytes(), window * 4 * 16 * sizeof(float));
+    EXPECT_EQ(once.bytes() + window * 4 * 16 * sizeof(float), kept_ring.bytes());
+    for (std::size_t h = 0; h < 2; ++h) {
+        EXPECT_EQ(once.tokens(0, h), 32u + 8u); // ceil(0.25 * 128) after the prompt, then 8 decoded
+        EXPECT_EQ(kept_positions(once, 0, h), kept_positions(kept_ring, 0, h));
+    }
+}
+
 TEST(Eviction, AfterPrefillTheFirstDecodeAppendCompresses) {
     const auto c = shape(2, 2, 16);
     const std::size_t prompt = 200;

@@ -330,7 +330,7 @@ public:
         const statistics_space statistics = statistics_buffer(layer, mass, true);
         detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
                              queries, out, statistics.mass, statistics.logits);
-        observe(layer, statistics.mass, queries, 1);
+        observe(layer, statistics.mass, queries, 1, true);
     }
 
     // As full_cache::attend_chunk. Marks the layer as prefilled: with
@@ -348,7 +348,7 @@ public:
         const statistics_space statistics = statistics_buffer(layer, mass, false);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
                                    queries, chunk, out, statistics.mass);
-        observe(layer, statistics.mass, queries, chunk);
+        observe(layer, statistics.mass, queries, chunk, false);
         layers_[layer].prefill_pending = true;
     }
 
@@ -421,6 +421,15 @@ public:
         detail::require(scores != nullptr || head_slot_at(layer, kv_head).rows.tokens() == 0,
                         "compressed_cache::assign_precision: expected non-null scores");
         mutable_head(layer, kv_head).rows.assign_precision(kernels::active(), scores);
+    }
+
+    // The part of bytes() that holds recent queries for query-driven scorers
+    // (SnapKV's window and its kin): with an after-prefill schedule only, it
+    // is held from the prompt's chunks until the compression after them.
+    std::size_t query_window_bytes() const noexcept {
+        std::size_t total = 0;
+        for (const layer_state& state : layers_) total += state.queries.bytes();
+        return total;
     }
 
     // Every byte taken from the memory resource: encoded rows, positions,
@@ -657,6 +666,7 @@ private:
             }
             if (!any) {
                 state.prefill_pending = false;
+                if (!query_window_outlives_prompt()) release_query_window(state);
                 return;
             }
             std::vector<std::vector<std::uint32_t>> keep;
@@ -679,9 +689,16 @@ private:
             if (eviction_.rerotate.enabled && heads != 0)
                 state.last_position = state.first_position + static_cast<std::int64_t>(rows_at(layer, 0).tokens()) - 1;
             state.prefill_pending = false;
+            if (!query_window_outlives_prompt()) release_query_window(state);
         } else {
             (void)layer, (void)incoming;
         }
+    }
+
+    static void release_query_window(layer_state& state) noexcept {
+        state.queries.release();
+        state.query_count = 0;
+        state.query_next = 0;
     }
 
     // Whether appending `incoming` tokens to `layer` puts a head more than the
@@ -696,8 +713,18 @@ private:
         return false;
     }
 
+    // Whether the window of recent queries may still serve a compression once
+    // the prompt's has run: only with a decode-time schedule, or when
+    // compression is the engine's call alone (no after-prefill schedule).
+    // Otherwise the window lives from the prompt's chunks to the compression
+    // after them, and decode steps neither keep nor write it.
+    bool query_window_outlives_prompt() const noexcept {
+        if constexpr (evicts) return eviction_.when.interval != 0 || !eviction_.when.after_prefill;
+        else return true;
+    }
+
     // Feeds one attention call's statistics and queries to the policies' state.
-    void observe(std::size_t layer, const float* mass, const float* queries, std::size_t query_tokens) {
+    void observe(std::size_t layer, const float* mass, const float* queries, std::size_t query_tokens, bool decode) {
         if constexpr (collects_attention_stats) {
             std::size_t offset = 0;
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -708,6 +735,7 @@ private:
             }
         }
         if constexpr (collects_queries) {
+            if (decode && !query_window_outlives_prompt()) return;
             layer_state& state = layers_[layer];
             const std::size_t row = config_.query_heads * config_.head_dim, window = query_window();
             if (state.queries.capacity() < window * row) state.queries.reserve(window * row);
@@ -719,7 +747,7 @@ private:
                 state.query_count = state.query_count < window ? state.query_count + 1 : window;
             }
         } else {
-            (void)layer, (void)queries, (void)query_tokens;
+            (void)layer, (void)queries, (void)query_tokens, (void)decode;
         }
     }
 
