@@ -30,7 +30,7 @@
 #include <kvc/calibration/head_roles.hpp>
 #include <kvc/calibration/kvquant.hpp>
 #include <kvc/calibration/query_filters.hpp>
-#include <kvc/kvc.hpp>
+#include <kvc/all.hpp>
 
 #include "cache_choice.hpp"
 
