@@ -1,5 +1,5 @@
 # One translation unit per instruction set, each compiled with exactly the
-# flags of its instruction set and nothing else (DESIGN.md, "Kernels and
+# flags of its instruction set and nothing else (docs/ARCHITECTURE.md, "Kernels and
 # dispatch"). The units contain only xsimd and kernel templates instantiated
 # for their own Arch, so no inline function compiled with wide-vector flags can
 # be merged into code that runs on a CPU without them.

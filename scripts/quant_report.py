@@ -40,7 +40,7 @@ FORMATS = [
 
 TARGETS = {"int4": 0.35, "int8": 0.6, "kivi2": 0.3}
 
-# Every codec family: (METHODS.md id, policy, head storage, what it stores, bench rows' prefix).
+# Every codec family: (docs/METHODS.md id, policy, head storage, what it stores, bench rows' prefix).
 CODECS = [
     ("Q1", "`block<Format, G, Sinks>`, `q8_0`, `q4_0`, `q4_1`", "storage/packed_rows.hpp",
      "int8/int4/int2/fp8 groups of G along the head dim, fp16 scale (+ minimum)", "q*_, int*_, fp8_*"),
@@ -231,7 +231,7 @@ def target_for(codec):
 def catalogue_section():
     rows = [[i, p, f"`{st}`" if st.endswith(".hpp") else st, what, f"`{prefix}`"] for i, p, st, what, prefix in CODECS]
     out = ["## The codecs", "",
-           "Every quantization method of METHODS.md is a codec policy of `compressed_cache` "
+           "Every quantization method of [METHODS.md](METHODS.md) is a codec policy of `compressed_cache` "
            "(`kvc/policy/quantization/`, all in `kvc::quant`, all in `<kvc/kvc.hpp>`): one type change in the "
            "cache's third slot. Each header opens with the method, its source and the choices made where the "
            "source is silent; each codec attends directly on its stored form (no dequantized copy of the cache) "

@@ -1,5 +1,5 @@
 // examples/engine/cache_registry.hpp -- the policies the engine's command line
-// can name: one line per policy, by its METHODS.md name. Adding a policy is
+// can name: one line per policy, by its docs/METHODS.md name. Adding a policy is
 // one line in codec_options() or eviction_options(); a policy learnt from
 // the model (calibration text) adds the function that learns it too.
 //
@@ -30,7 +30,7 @@
 #include <kvc/calibration/head_roles.hpp>
 #include <kvc/calibration/kvquant.hpp>
 #include <kvc/calibration/query_filters.hpp>
-#include <kvc/kvc.hpp>
+#include <kvc/all.hpp>
 
 #include "cache_choice.hpp"
 

@@ -1,6 +1,15 @@
-// kvc/kvc.hpp -- umbrella header: everything a consumer of kvc needs.
+// kvc/kvc.hpp -- the engine's umbrella header: core, views, kernel dispatch,
+// both caches, every codec and every eviction policy that needs no linear
+// algebra library.
 //
 //   #include <kvc/kvc.hpp>
+//
+// It does not pull in Eigen (a test checks): the four scorers built on Eigen
+// (E9 expected_attention, E12 leverage, E14 value_weighted, E15 hash_evict)
+// and the calibration routines that learn artifacts (query filters, head
+// roles; CQ and KVQuant codebooks) cost seconds and hundreds of MB of compiler
+// memory per translation unit. Include <kvc/all.hpp> for everything, or the
+// one header you use (kvc/policy/eviction/leverage.hpp, ...).
 //
 // Link kvc::kvc (run-time dispatch over the instruction sets the CPU has) or
 // kvc::kvc-header-only (kernels compiled inline for the consumer's own flags,
@@ -20,7 +29,21 @@
 #include "kvc/kernels/dispatch.hpp"
 
 #include "kvc/policy/traits.hpp"
-#include "kvc/policy/eviction/all.hpp"
+#include "kvc/policy/eviction/policy.hpp"
+#include "kvc/policy/eviction/none.hpp"
+#include "kvc/policy/eviction/cur.hpp"
+#include "kvc/policy/eviction/external.hpp"
+#include "kvc/policy/eviction/global_local.hpp"
+#include "kvc/policy/eviction/h2o.hpp"
+#include "kvc/policy/eviction/head_roles.hpp"
+#include "kvc/policy/eviction/keydiff.hpp"
+#include "kvc/policy/eviction/knorm.hpp"
+#include "kvc/policy/eviction/lagkv.hpp"
+#include "kvc/policy/eviction/qfilter.hpp"
+#include "kvc/policy/eviction/random.hpp"
+#include "kvc/policy/eviction/scissorhands.hpp"
+#include "kvc/policy/eviction/snapkv.hpp"
+#include "kvc/policy/eviction/streaming.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/quantization/gear.hpp"
 #include "kvc/policy/quantization/none.hpp"

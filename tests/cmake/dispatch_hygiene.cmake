@@ -1,7 +1,7 @@
 # Dispatch hygiene: the instruction-set units of libkvc_dispatch.a export no
 # symbol the linker could merge with a copy compiled under other flags.
 #
-# Why (DESIGN.md, "Kernels and dispatch"): src/dispatch/avx2.cpp and avx512.cpp
+# Why (docs/ARCHITECTURE.md, "Kernels and dispatch"): src/dispatch/avx2.cpp and avx512.cpp
 # are compiled with -mavx2/-mavx512*. Any inline or template function they emit
 # as a weak (COMDAT) symbol is deduplicated at link time with same-named copies
 # from every other object of the program; if the linker keeps the AVX-512 copy
@@ -100,7 +100,7 @@ if(violation_count GREATER 0)
   message(FATAL_ERROR
     "dispatch_hygiene: ${violation_count} weak symbol(s) in instruction-set units do not carry the unit's own "
     "xsimd Arch type, so the linker may merge them with copies compiled for another instruction set "
-    "(DESIGN.md, Kernels and dispatch):\n  ${report}\n"
+    "(docs/ARCHITECTURE.md, Kernels and dispatch):\n  ${report}\n"
     "Expected only symbols naming the unit's Arch and ${always_allowed}.")
 endif()
 message(STATUS "dispatch_hygiene: no mergeable foreign symbols in ${unit_names}")

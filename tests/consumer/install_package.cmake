@@ -24,6 +24,7 @@ execute_process(COMMAND "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${
 set(package_dir "${PREFIX}/${LIBDIR}/cmake/kvc")
 set(expected
   "${PREFIX}/include/kvc/kvc.hpp"
+  "${PREFIX}/include/kvc/all.hpp"
   "${PREFIX}/include/kvc/kernels/dispatch.hpp"
   "${PREFIX}/include/kvc/kernels/simd/kernels.hpp"
   "${PREFIX}/${LIBDIR}/${ARCHIVE_NAME}"

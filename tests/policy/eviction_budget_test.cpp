@@ -1,4 +1,4 @@
-// Budgets and selectors (B1-B7 of METHODS.md): lengths and totals where the answer is known.
+// Budgets and selectors (B1-B7 of docs/METHODS.md): lengths and totals where the answer is known.
 #include <gtest/gtest.h>
 
 #include <algorithm>

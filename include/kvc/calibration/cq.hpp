@@ -1,4 +1,4 @@
-// kvc/calibration/cq.hpp -- codebooks of channel-coupled vector quantization (CQ, METHODS.md Q8).
+// kvc/calibration/cq.hpp -- codebooks of channel-coupled vector quantization (CQ, docs/METHODS.md Q8).
 //
 // CQ splits each key (value) row of a KV head into groups of c adjacent
 // channels and replaces each group by the index of the nearest of 2^b

@@ -21,7 +21,7 @@
 //
 // Every function is forced inline: an out-of-line copy compiled in a dispatch
 // unit with wide-vector flags could otherwise be picked by the linker for code
-// that runs on an older CPU (DESIGN.md, "Kernels and dispatch"). Kernels in
+// that runs on an older CPU (docs/ARCHITECTURE.md, "Kernels and dispatch"). Kernels in
 // src/dispatch still should not call these for bulk work; they convert with
 // their own Arch-templated code.
 #pragma once
@@ -218,6 +218,55 @@ static_assert(std::is_trivially_default_constructible_v<half> && std::is_trivial
               "kvc 16-bit types must be trivially default constructible");
 static_assert(std::is_standard_layout_v<half> && std::is_standard_layout_v<bfloat16>,
               "kvc 16-bit types must be standard layout");
+
+// Engine buffers of another 16-bit type, as the pointer kv_view takes.
+//
+//   std::uint16_t* k16 = ...;                 // fp16 bits, the engine's own type
+//   kvc::kv_view<const kvc::half> k(kvc::as_half(k16), tokens, kv_heads, head_dim);
+//
+// Accepted: std::uint16_t (fp16 or bf16 bits) and, where the compiler has it,
+// _Float16 (fp16 only). An engine with its own half struct converts its pointer
+// to std::uint16_t* first, after checking that struct is 2 bytes of fp16 bits.
+// The static_asserts above and below fix what makes the cast sound in layout:
+// same size and alignment, trivially copyable, standard layout, one uint16_t.
+//
+// Why the reads are sound, not just the layout: the caches never read a row
+// through kvc::half. kv_view::row(t, h) is pointer arithmetic only; append
+// hands each row on as `const void*` to std::memcpy (when the cache stores the
+// view's own type) or to the kernels (conversion, quantization), which read
+// 16-bit elements as std::uint16_t (kernels/common.hpp `element<A, f16>`)
+// or with SIMD loads. A std::uint16_t buffer is therefore read as exactly
+// the type it holds. Caveats, honestly: (1) a _Float16 buffer is read through
+// std::uint16_t lvalues by the scalar kernels, which the standard does not
+// bless; the read happens behind the dispatch table's function pointer, after
+// the engine's writes, where GCC and Clang cannot reorder it. (2) Element
+// access kv_view(t, h, d), used by the calibration routines
+// (calibration/kvquant.hpp, head_roles.hpp, cq.hpp), reads half::bits, a
+// std::uint16_t member of a struct; GCC and Clang treat that access as
+// aliasing std::uint16_t, but the standard does not promise it. Give those
+// routines a kvc::half (or float) buffer if that matters to you.
+KVC_ALWAYS_INLINE half* as_half(std::uint16_t* bits) noexcept { return reinterpret_cast<half*>(bits); }
+KVC_ALWAYS_INLINE const half* as_half(const std::uint16_t* bits) noexcept {
+    return reinterpret_cast<const half*>(bits);
+}
+KVC_ALWAYS_INLINE bfloat16* as_bfloat16(std::uint16_t* bits) noexcept { return reinterpret_cast<bfloat16*>(bits); }
+KVC_ALWAYS_INLINE const bfloat16* as_bfloat16(const std::uint16_t* bits) noexcept {
+    return reinterpret_cast<const bfloat16*>(bits);
+}
+
+#if defined(__FLT16_MANT_DIG__)
+// _Float16 is IEEE binary16 wherever the compiler defines it (11 mantissa
+// digits incl. the implicit bit, checked), so its bits are kvc::half's.
+static_assert(sizeof(_Float16) == sizeof(half) && alignof(_Float16) == alignof(half) && __FLT16_MANT_DIG__ == 11,
+              "kvc::as_half: _Float16 must be 2-byte IEEE binary16");
+KVC_ALWAYS_INLINE half* as_half(_Float16* values) noexcept { return reinterpret_cast<half*>(values); }
+KVC_ALWAYS_INLINE const half* as_half(const _Float16* values) noexcept {
+    return reinterpret_cast<const half*>(values);
+}
+#define KVC_HAS_FLOAT16_AS_HALF 1
+#else
+#define KVC_HAS_FLOAT16_AS_HALF 0
+#endif
 
 KVC_ALWAYS_INLINE float to_float(half value) noexcept { return detail::float_from_half_bits(value.bits); }
 KVC_ALWAYS_INLINE float to_float(bfloat16 value) noexcept { return detail::float_from_bf16_bits_soft(value.bits); }

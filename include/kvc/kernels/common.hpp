@@ -3,7 +3,7 @@
 // Everything here is a template on `A` (an xsimd Arch, or reference_arch for
 // the scalar reference) even where A is unused: each dispatch unit then gets
 // its own instantiation, compiled with its own flags, and the linker can never
-// merge an AVX-512 copy into code that runs on an older CPU (DESIGN.md).
+// merge an AVX-512 copy into code that runs on an older CPU (docs/ARCHITECTURE.md).
 #pragma once
 
 #include <cmath>

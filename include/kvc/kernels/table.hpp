@@ -1,6 +1,6 @@
 // kvc/kernels/table.hpp -- the kernels of one instruction set, as function pointers.
 //
-// The cache picks one table per call (DESIGN.md: dispatch once per call on a
+// The cache picks one table per call (docs/ARCHITECTURE.md: dispatch once per call on a
 // (layer, head) block, never inside inner loops). Entries indexed by dtype are
 // per storage format: [dtype::f32], [dtype::f16], [dtype::bf16].
 #pragma once

@@ -1,4 +1,4 @@
-// kvc/storage/gear_rows.hpp -- one KV head in GEAR form (METHODS.md Q7): X = Q(D) + A B + S.
+// kvc/storage/gear_rows.hpp -- one KV head in GEAR form (docs/METHODS.md Q7): X = Q(D) + A B + S.
 //
 // The storage of kvc::quant::gear (policy/quantization/gear.hpp, which
 // documents the method and the choices). Sequence order: compressed tokens,

@@ -1,6 +1,6 @@
 // kvc/kernels/quant/common.hpp -- the scalar rules of the block formats, shared by every instruction set.
 //
-// Everything here is a template on the Arch `A` (DESIGN.md: dispatch units
+// Everything here is a template on the Arch `A` (docs/ARCHITECTURE.md: dispatch units
 // hold only Arch-templated code), even where A is unused.
 //
 // How a group of G values x_0..x_{G-1} is quantized (every kernel, every

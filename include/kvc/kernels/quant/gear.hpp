@@ -1,4 +1,4 @@
-// kvc/kernels/quant/gear.hpp -- GEAR (METHODS.md Q7): fused attention over Q(X) + L + S, and its encoder pieces.
+// kvc/kernels/quant/gear.hpp -- GEAR (docs/METHODS.md Q7): fused attention over Q(X) + L + S, and its encoder pieces.
 //
 // A GEAR head (storage/gear_rows.hpp) holds, for each compressed token t,
 //   Q(d_t)  the token's rows without their outliers, packed in a Q1 format (format.hpp),

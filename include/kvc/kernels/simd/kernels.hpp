@@ -3,7 +3,7 @@
 // This header is included by the dispatch units (src/dispatch/*.cpp), each
 // compiled with its own instruction-set flags, and, in header-only builds, by
 // the consumer. It must contain nothing but xsimd and templates on Arch
-// (DESIGN.md): no STL containers, no non-template inline helpers.
+// (docs/ARCHITECTURE.md): no STL containers, no non-template inline helpers.
 //
 // Layout of the work: a row of `dim` elements is processed as full batches of
 // batch<float, A>::size lanes plus a scalar tail, so any head dim works; the

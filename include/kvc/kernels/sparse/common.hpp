@@ -1,6 +1,6 @@
 // kvc/kernels/sparse/common.hpp -- the scalar rules of the sparse rows (Q10), shared by every instruction set.
 //
-// Everything here is a template on the Arch `A` (DESIGN.md: dispatch units
+// Everything here is a template on the Arch `A` (docs/ARCHITECTURE.md: dispatch units
 // hold only Arch-templated code), even where A is unused.
 //
 // Which elements a row keeps (encode_row): the row is first rounded to fp16

@@ -11,7 +11,7 @@
 // - b = `bits` (32; anything in 1..64 works, the paper uses 16 or 32), R drawn
 //   once from `seed`, the same for every layer and head, so scores repeat.
 // - The most recent recorded query (query_window = 1). Under GQA the distances
-//   to each query head of the group are averaged (METHODS' group mean), not
+//   to each query head of the group are averaged (the group mean every scorer uses), not
 //   OR-ed: an OR of sign bits has no angular meaning.
 // - Memory for compute: the paper stores b bits per token and hashes each key
 //   once; kvc recomputes the key bits from the keys at every compression

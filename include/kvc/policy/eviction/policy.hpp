@@ -1,6 +1,6 @@
 // kvc/policy/eviction/policy.hpp -- how an eviction policy is put together.
 //
-// An eviction policy is a scorer (E1-E18 in METHODS.md: how important is each
+// An eviction policy is a scorer (E1-E18 in docs/METHODS.md: how important is each
 // token of a KV head), a budget (how many tokens each head keeps; sinks and a
 // recent window always stay and count inside it), a selector (B1 per-head
 // top-k by default) and a schedule (B9: when compression runs). The cache

@@ -4,7 +4,7 @@
 // Cache Compression" (2025). s_t = <f_h, k_t>, where f_h is the dominant
 // direction of the head's sample queries (calibration/query_filters.hpp),
 // oriented so queries project positively: keys along it draw attention and
-// stay. (METHODS.md writes s_t = -<f_h, k_t> with the opposite orientation of
+// stay. (Other write-ups use s_t = -<f_h, k_t> with the opposite orientation of
 // f_h; the ranking is the same.) No attention pass, no queries at run time;
 // the calibration artifact is required and checked against the model's shape
 // when the cache is built.

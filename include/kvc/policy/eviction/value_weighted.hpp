@@ -11,7 +11,7 @@
 //
 // Choices where the source leaves room:
 // - No W_o: kvc sees one KV head's values, not the model's output projection,
-//   so stage 2 uses ||v_t||_1 (METHODS' fallback). The ranking then ignores
+//   so stage 2 uses ||v_t||_1 (docs/METHODS.md, E14). The ranking then ignores
 //   how W_o stretches each value direction.
 // - Stage 1 takes floor(first_stage * target) tokens, target = what the
 //   selector keeps (head_inputs::target), over every held token; protected

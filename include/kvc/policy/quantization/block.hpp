@@ -7,7 +7,7 @@
 // keys, the weighted sum over packed values, widened in registers only.
 // Source: the block formats of llama.cpp/ggml (q8_0, q4_0, q4_1: reported
 // q8_0 K and V cache perplexity 6.2322 -> 6.2344), generalised to other bit
-// widths, fp8 and G = 64, 128; METHODS.md Q1, Q5 (separate key and value bit
+// widths, fp8 and G = 64, 128; docs/METHODS.md Q1, Q5 (separate key and value bit
 // widths: keys usually need more) and Q9 (the first n tokens in fp16).
 //
 //   kvc::quant::q4_0                                    int4 symmetric, G = 32, ggml's block_q4_0 bytes

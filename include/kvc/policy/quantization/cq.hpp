@@ -8,7 +8,7 @@
 // go below what per-channel scalar codes reach: c = 8, b = 8 is 1 bit per
 // channel. Source: Zhang et al., "KV Cache is 1 Bit Per Channel: Efficient
 // Large Language Model Inference with Coupled Quantization" (2024),
-// METHODS.md Q8.
+// docs/METHODS.md Q8.
 //
 //   auto artifact = kvc::calibration::calibrate_cq(sample_keys, sample_values, {8, 8});
 //   kvc::quant::cq codec(artifact);                 // or from kvc::calibration::load(path)

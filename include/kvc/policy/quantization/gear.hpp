@@ -1,4 +1,4 @@
-// kvc/policy/quantization/gear.hpp -- GEAR (METHODS.md Q7): X = Q(D) + L + S.
+// kvc/policy/quantization/gear.hpp -- GEAR (docs/METHODS.md Q7): X = Q(D) + L + S.
 //
 // What it is. Each key and value row x_t is split three ways:
 //   S  sparse outliers: per token the largest and the smallest values, kept

@@ -1,7 +1,7 @@
 // kvc/policy/quantization/kvquant.hpp -- Q3 KVQuant: pre-RoPE per-channel non-uniform keys, dense-and-sparse.
 //
 // What it is (Hooper et al., "KVQuant: Towards 10 Million Context Length LLM
-// Inference with KV Cache Quantization", 2024; METHODS.md Q3):
+// Inference with KV Cache Quantization", 2024; docs/METHODS.md Q3):
 // - Keys are quantized BEFORE RoPE (the rotation mixes channel pairs and
 //   smears the per-channel outlier structure), per channel, with ranges
 //   calibrated offline per (layer, KV head, channel); RoPE is applied inside

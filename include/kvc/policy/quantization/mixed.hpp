@@ -7,7 +7,7 @@
 // Left Behind", Yang et al. 2024: evicted-candidate tokens kept at low
 // precision, important ones high) and ZipCache (He et al. 2024: saliency
 // decides each token's bit width); reported 4.98x smaller cache with 0.38%
-// accuracy drop (Mistral-7B, GSM8k); METHODS.md Q6.
+// accuracy drop (Mistral-7B, GSM8k); docs/METHODS.md Q6.
 //
 //   using codec = kvc::quant::mixed<kvc::quant::int8_sym, kvc::quant::int2_asym, 32>;
 //   kvc::compressed_cache<evict::none, merge::none, codec, project::none> cache(config, {}, {}, codec(0.2));

@@ -8,7 +8,7 @@
 // that is much larger than the rest (the outlier channels of real keys) is
 // spread evenly over its Hadamard block, so the per-group scales of a block
 // codec no longer have to cover it and the other elements keep their
-// resolution. Source: METHODS.md Q4 (QuaRot, QuIP#, and the Hadamard step of
+// resolution. Source: docs/METHODS.md Q4 (QuaRot, QuIP#, and the Hadamard step of
 // Palu/KVQuant-style 4-bit caches; reported 4-bit K cache perplexity loss
 // +11.30% -> +0.92%).
 //

@@ -5,7 +5,7 @@
 // error weighs on every output. with_sinks keeps the first N tokens appended
 // to a head in fp16, exactly as full_cache stores them (dense_rows, the same
 // kernels), and hands every later token to the wrapped codec. Source:
-// METHODS.md Q9 ("the first n tokens (1-5) stay in full precision"); the
+// docs/METHODS.md Q9 (the first n tokens, 1 to 5 in the sources, in full precision); the
 // block codecs, KIVI and KVQuant have the same rule built in, this wrapper
 // gives it to every other codec (sparse, mixed, rotated, cq, ...).
 //

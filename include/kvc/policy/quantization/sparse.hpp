@@ -9,7 +9,7 @@
 // (kernels/sparse/). Source: Mustafar (unstructured per-token magnitude
 // pruning of the KV cache, bitmap-based sparse format, attention computed on
 // the sparse form; reported 70% sparsity without accuracy loss, 2.23x
-// throughput); METHODS.md Q10.
+// throughput); docs/METHODS.md Q10.
 //
 //   kvc::quant::sparse codec(0.7);          keys and values 70% sparse
 //   kvc::quant::sparse codec(0.5, 0.7);     keys 50%, values 70%
