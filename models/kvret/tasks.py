@@ -122,3 +122,16 @@ def repeat_row(rng, text, length, span):
     b0 = rng.randrange(a0 + span, length - span + 1)
     r[b0:b0 + span] = r[a0:a0 + span]
     return bytes(r)
+
+
+def random_repeat_row(rng, text, length):
+    """Filler of `length` bytes over which 1 to 3 random strings (8 to 64 letters and digits)
+    are written 2 or 3 times each: only copying predicts their later occurrences."""
+    r = bytearray(filler(rng, text, length))
+    for _ in range(rng.randint(1, 3)):
+        n = rng.randint(8, max(8, min(64, length // 8)))
+        s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(n)).encode()
+        for _ in range(rng.randint(2, 3)):
+            at = rng.randrange(0, length - n)
+            r[at:at + n] = s
+    return bytes(r)

@@ -43,7 +43,8 @@ p.add_argument("--decay-steps", type=int, default=1500, help="linear decay to 0 
 p.add_argument("--lr", type=float, default=1.5e-3)
 p.add_argument("--warmup", type=int, default=100)
 p.add_argument("--answer-weight", type=float, default=3.0, help="loss weight of answer bytes")
-p.add_argument("--mix", default="plain:0.15,repeat:0.15,tasks:0.70")
+p.add_argument("--mix", default="plain:0.10,repeat:0.10,randrep:0.15,tasks:0.65",
+               help="row kinds; tasks takes what the others leave")
 p.add_argument("--ckpt-minutes", type=float, default=10)
 p.add_argument("--first-ckpt-minutes", type=float, default=None, help="first checkpoint sooner (to test resuming)")
 p.add_argument("--max-minutes", type=float, default=1e9, help="stop after this many minutes of this run")
@@ -91,29 +92,37 @@ if args.resume:
     rng.setstate(ck["rng"])
     torch.set_rng_state(ck["torch_rng"])
     state = ck["state"]
+    if "mix_history" not in state:  # checkpoints from before the record kept it
+        state["mix_history"] = [[0, {k: float(v) for k, v in (m.split(":") for m in ck["args"]["mix"].split(","))}]]
     print(f"resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
+if state.setdefault("mix_history", [])[-1:] != [[state["step"], mix]]:
+    state["mix_history"].append([state["step"], mix])  # the record says which mix ran from which step
 print(f"params {sum(p.numel() for p in model.parameters())}; train bytes {len(train_text)}, eval bytes {len(eval_text)}", flush=True)
 
 
 def row(T):
     """T+1 bytes and the per-target loss weights (answer bytes weigh more)."""
     u, kind = rng.random(), "tasks"
-    if u < mix["plain"]:
-        kind = "plain"
-    elif u < mix["plain"] + mix["repeat"]:
-        kind = "repeat"
+    for k in ("plain", "repeat", "randrep"):
+        if u < mix.get(k, 0.0):
+            kind = k
+            break
+        u -= mix.get(k, 0.0)
     if kind == "plain":
         b = tasks.filler(rng, train_text, T + 1)
         w = [1.0] * T
     elif kind == "repeat":
         b = tasks.repeat_row(rng, train_text, T + 1, rng.randint(16, min(512, T // 3)))
         w = [1.0] * T
+    elif kind == "randrep":
+        b = tasks.random_repeat_row(rng, train_text, T + 1)
+        w = [1.0] * T
     else:
         kind = rng.choice(tasks.TASKS)
         s = tasks.make(kind, rng, train_text, T + 1)
         b, k = s.bytes(), len(s.answer) + 1
         w = [1.0] * (T - k) + [args.answer_weight] * k
-    state["rows"][kind] += 1
+    state["rows"][kind] = state["rows"].get(kind, 0) + 1
     return list(b), w
 
 
@@ -143,7 +152,7 @@ def checkpoint(T, rec):
     os.replace(tmp, ckpt_path)
     export(model, os.path.join(args.out, "model.bin"), state["longest"])
     record = {**cfg, "steps": state["step"], "minutes": round(state["minutes"], 1), "tokens": state["tokens"],
-              "rows_by_kind": state["rows"], "mix": mix, "phases": args.phases, "lr": args.lr,
+              "rows_by_kind": state["rows"], "mix_history": state["mix_history"], "phases": args.phases, "lr": args.lr,
               "total_steps": args.total_steps, "decay_steps": args.decay_steps,
               "answer_weight": args.answer_weight, "latest_eval": rec}
     with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
