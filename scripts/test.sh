@@ -11,7 +11,7 @@
 #   cxx20     C++20, Release: library and tests; whole ctest suite
 #   sanitize  C++17, -O1 -g with AddressSanitizer + UndefinedBehaviorSanitizer: library and tests
 #   tsan      clang, -O1 -g with ThreadSanitizer: only the tests that run threads (the threading
-#             contract for every cache type, full_cache's concurrency tests, the recycling resource)
+#             contract for every cache type on a shared recycling_resource, full_cache's concurrency tests)
 #
 # Stops at the first failure. The last line printed is "N passed, M failed":
 # ctest's test counts over all phases, plus one failure for a failed
@@ -177,7 +177,7 @@ for phase in "${phases[@]}"; do
       # object instrumented: the phase uses clang 14 whatever CXX says, and
       # builds only the tests that run threads (phase_targets).
       "$root/scripts/install-deps.sh" tsan
-      phase_targets=(engine_threading_test cache_full_cache_test core_recycling_resource_test)
+      phase_targets=(engine_threading_test cache_full_cache_test)
       cmake_common_saved=("${cmake_common[@]}")
       cmake_common=(-G Ninja -DKVC_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER=clang++-14)
       run_phase tsan TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 -- \
