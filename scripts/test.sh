@@ -10,6 +10,8 @@
 #   release   C++17, Release: library, tests, benchmarks and examples; whole ctest suite
 #   cxx20     C++20, Release: library and tests; whole ctest suite
 #   sanitize  C++17, -O1 -g with AddressSanitizer + UndefinedBehaviorSanitizer: library and tests
+#   fuzz      clang++-14 -fsanitize=fuzzer,address,undefined: the libFuzzer targets of tests/fuzz only,
+#             each run for a fixed number of executions (scripts/fuzz.sh runs them long)
 #
 # Stops at the first failure. The last line printed is "N passed, M failed":
 # ctest's test counts over all phases, plus one failure for a failed
@@ -23,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 jobs=${KVC_JOBS:-2}
 test_timeout=${KVC_CTEST_TIMEOUT:-1800}
-all_phases=(release cxx20 sanitize)
+all_phases=(release cxx20 sanitize fuzz)
 if (($# > 0)); then
   phases=("$@")
   for phase in "${phases[@]}"; do
@@ -162,6 +164,14 @@ for phase in "${phases[@]}"; do
         ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 -- \
         -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-g -O1" -DCMAKE_CXX_STANDARD=17 \
         -DKVC_SANITIZE=address,undefined -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF
+      ;;
+    fuzz)
+      # libFuzzer needs clang, whatever CXX says (the later -D wins). Only the
+      # fuzz targets are built; each ctest test is one target's smoke run
+      # (tests/fuzz/CMakeLists.txt: KVC_FUZZ_RUNS executions from its seed corpus).
+      run_phase fuzz -- \
+        -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-g -O1" \
+        -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF -DKVC_BUILD_FUZZ=ON
       ;;
   esac
 done
