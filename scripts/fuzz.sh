@@ -5,20 +5,20 @@
 #   KVC_FUZZ_SECONDS=3600 scripts/fuzz.sh artifact model
 #   KVC_FUZZ_RUNS=1000000 scripts/fuzz.sh   # a number of executions instead of a time
 #
-# Builds build/fuzz exactly as scripts/test.sh's fuzz phase does (clang++-14,
+# Builds build/fuzz-long as scripts/test.sh's fuzz phase builds build/fuzz (clang++-14,
 # -fsanitize=fuzzer,address,undefined), then runs each target at nice 10 from
 # its seed corpus (tests/fuzz/corpus/<target>) plus what earlier runs found
-# (build/fuzz/corpus/<target>). A crash, sanitizer report or trap leaves its
-# input in build/fuzz/findings/<target>/ and makes the script exit non-zero;
+# (build/fuzz-long/corpus/<target>). A crash, sanitizer report or trap leaves its
+# input in build/fuzz-long/findings/<target>/ and makes the script exit non-zero;
 # the last lines print each target's executions and findings.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
-dir="$root/build/fuzz"
+dir="$root/build/fuzz-long" # not build/fuzz: test.sh configures that one differently and would start it afresh
 seconds=${KVC_FUZZ_SECONDS:-600}
 runs=${KVC_FUZZ_RUNS:-}
-all_targets=(artifact tokenizer model)
+all_targets=(artifact tokenizer model cache_api)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 
@@ -35,7 +35,7 @@ for target in "${targets[@]}"; do
   limit=(-max_total_time="$seconds")
   [[ -n "$runs" ]] && limit=(-runs="$runs")
   echo "=== fuzz_$target (${limit[*]}), log: $log"
-  if nice -n 10 "$dir/fuzz_$target" "${limit[@]}" -max_len=4096 -print_final_stats=1 \
+  if nice -n 10 "$dir/tests/fuzz/fuzz_$target" "${limit[@]}" -max_len=4096 -print_final_stats=1 \
     -artifact_prefix="$dir/findings/$target/" "$dir/corpus/$target" "$root/tests/fuzz/corpus/$target" \
     >"$log" 2>&1; then
     result=ok

@@ -12,6 +12,7 @@ packages=(
   libxsimd-dev libeigen3-dev
   libgtest-dev googletest libbenchmark-dev
   python3
+  clang-14 libclang-rt-14-dev # scripts/test.sh's fuzz phase: libFuzzer
 )
 # clang only when it is the compiler asked for.
 case "${CXX:-}" in
