@@ -79,3 +79,20 @@ def checkpoint(dim, hidden, layers, heads, kv_heads, vocab, context, shared=True
 
 write("model", "tiny_shared.bin", checkpoint(8, 8, 1, 2, 1, 4, 4))
 write("model", "tiny_separate.bin", checkpoint(4, 4, 1, 1, 1, 3, 2, shared=False))
+
+
+# cache_api: byte 0 picks the cache (even: full_cache, odd: H2O compressed_cache
+# + a budget byte), then calls: op, layer, arguments (cache_api_fuzz.cpp).
+def append(layer, count, where=0, fill=7):
+    return bytes([0, layer, count, 1]) + bytes([(fill * (i + 1)) % 256 for i in range(2 * count * 2 * 8)]) + bytes([where])
+
+
+def attend(layer, mass=1):
+    return bytes([2, layer]) + bytes([(13 * i) % 256 for i in range(4 * 8)]) + bytes([mass])
+
+
+prefill = append(0, 5) + append(1, 5) + append(0, 5, fill=11) + append(1, 5, fill=3)
+decode = b"".join(append(l, 1, fill=5 + i) + attend(l) for i in range(4) for l in (0, 1))
+write("cache_api", "full.bin", bytes([0]) + prefill + decode + bytes([3, 0, 2]) + bytes([7, 0]))
+write("cache_api", "h2o.bin", bytes([1, 8 * 1 + 2]) + prefill + decode + bytes([4, 0, 4, 1, 5, 0, 20, 6, 0, 1]))
+write("cache_api", "h2o_clear.bin", bytes([1, 0]) + prefill + bytes([6, 0, 0]) + prefill + bytes([4, 2]))
