@@ -5,7 +5,6 @@
 #
 #   scripts/install-deps.sh            # compiler, CMake, Ninja, xsimd, Eigen, GoogleTest, Google Benchmark
 #   CXX=clang++ scripts/install-deps.sh  # also clang
-#   scripts/install-deps.sh tsan         # also clang 14 and its sanitizer runtimes (ThreadSanitizer, libFuzzer)
 set -euo pipefail
 
 packages=(
@@ -13,17 +12,12 @@ packages=(
   libxsimd-dev libeigen3-dev
   libgtest-dev googletest libbenchmark-dev
   python3
+  clang-14 libclang-rt-14-dev # scripts/test.sh's tsan and fuzz phases: ThreadSanitizer, libFuzzer
 )
 # clang only when it is the compiler asked for.
 case "${CXX:-}" in
   *clang*) packages+=(clang) ;;
 esac
-for extra in "$@"; do
-  case "$extra" in
-    tsan | fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
-    *) echo "install-deps: unknown extra '$extra'; expected tsan or fuzz" >&2; exit 2 ;;
-  esac
-done
 
 installed() {
   dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed$'

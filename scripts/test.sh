@@ -12,6 +12,8 @@
 #   sanitize  C++17, -O1 -g with AddressSanitizer + UndefinedBehaviorSanitizer: library and tests
 #   tsan      clang, -O1 -g with ThreadSanitizer: only the tests that run threads (the threading
 #             contract for every cache type on a shared recycling_resource, full_cache's concurrency tests)
+#   fuzz      clang++-14 -fsanitize=fuzzer,address,undefined: the libFuzzer targets of tests/fuzz only,
+#             each run for a fixed number of executions (scripts/fuzz.sh runs them long)
 #
 # Stops at the first failure. The last line printed is "N passed, M failed":
 # ctest's test counts over all phases, plus one failure for a failed
@@ -25,7 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 jobs=${KVC_JOBS:-2}
 test_timeout=${KVC_CTEST_TIMEOUT:-1800}
-all_phases=(release cxx20 sanitize tsan)
+all_phases=(release cxx20 sanitize tsan fuzz)
 if (($# > 0)); then
   phases=("$@")
   for phase in "${phases[@]}"; do
@@ -176,7 +178,6 @@ for phase in "${phases[@]}"; do
       # ThreadSanitizer needs clang's runtime (libclang-rt-14-dev) and every
       # object instrumented: the phase uses clang 14 whatever CXX says, and
       # builds only the tests that run threads (phase_targets).
-      "$root/scripts/install-deps.sh" tsan
       phase_targets=(engine_threading_test cache_full_cache_test)
       cmake_common_saved=("${cmake_common[@]}")
       cmake_common=(-G Ninja -DKVC_BUILD_TESTS=ON -DCMAKE_CXX_COMPILER=clang++-14)
@@ -185,6 +186,14 @@ for phase in "${phases[@]}"; do
         -DKVC_SANITIZE=thread -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF
       cmake_common=("${cmake_common_saved[@]}")
       phase_targets=()
+      ;;
+    fuzz)
+      # libFuzzer needs clang, whatever CXX says (the later -D wins). Only the
+      # fuzz targets are built; each ctest test is one target's smoke run
+      # (tests/fuzz/CMakeLists.txt: KVC_FUZZ_RUNS executions from its seed corpus).
+      run_phase fuzz -- \
+        -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-g -O1" \
+        -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF -DKVC_BUILD_FUZZ=ON
       ;;
   esac
 done

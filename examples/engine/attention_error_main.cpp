@@ -89,10 +89,10 @@ int run(options o) {
     engine::transformer model = engine::transformer::load(o.model);
     const engine::model_shape& shape = model.shape();
     const engine::tokenizer words = engine::tokenizer_for(o.model, o.tokenizer_path, shape.vocab);
-    if (o.prompt + o.steps > shape.context)
+    if (!engine::sum_within(o.prompt, o.steps, shape.context))
         throw engine::usage_error("--prompt + --steps exceeds the model's context of " + std::to_string(shape.context));
     if (o.text.empty()) o.text = (std::filesystem::path(o.model).parent_path() / "eval.txt").string();
-    const std::vector<int> tokens = words.encode(engine::read_file(o.text));
+    const std::vector<int> tokens = words.encode(engine::read_file(o.text, "--text"));
     const std::size_t window = o.prompt + o.steps;
     if (tokens.size() < o.windows * window)
         throw engine::usage_error(o.text + " has too few tokens for " + std::to_string(o.windows) + " windows of " +

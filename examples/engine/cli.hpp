@@ -8,11 +8,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+
+#include <kvc/calibration/file_io.hpp>
 
 #include "tokenizer.hpp"
 
@@ -78,12 +79,27 @@ private:
     int next_ = 1;
 };
 
-inline std::string read_file(const std::string& path) {
-    std::ifstream file(path, std::ios::binary);
-    if (!file) throw std::runtime_error(path + ": cannot open");
-    std::ostringstream text;
-    text << file.rdbuf();
-    return text.str();
+// The most a text or prompt file may hold: they are kilobytes to megabytes,
+// and the tokens they become take four times as much memory again.
+inline constexpr std::uint64_t max_text_bytes = std::uint64_t{64} << 20;
+
+// The content of the file given to `flag` (e.g. "--prompt-file"); a
+// directory, an unreadable path, or more than max_text_bytes (/dev/zero) is
+// an error naming the flag.
+inline std::string read_file(const std::string& path, const char* flag) {
+    return kvc::detail::read_text_file(path, max_text_bytes, flag);
+}
+
+// Writes the file given to `flag`; a write that did not reach the disk
+// (full, /dev/full) is an error naming the flag.
+inline void write_file(const std::string& path, const std::string& text, const char* flag) {
+    kvc::detail::write_text_file(path, text, flag);
+}
+
+// a + b <= limit, without computing a + b (two counts from the command line
+// can wrap around past a check written as a sum).
+constexpr bool sum_within(std::size_t a, std::size_t b, std::size_t limit) noexcept {
+    return a <= limit && b <= limit - a;
 }
 
 // The tokenizer of a model: `explicit_path` when given; else tokenizer.bin

@@ -98,7 +98,7 @@ private:
 inline std::vector<float> decode_logits(transformer& model, kv_cache& cache, const std::vector<int>& tokens,
                                         std::size_t prompt, std::size_t scored, std::size_t chunk) {
     if (prompt == 0) throw std::invalid_argument("the prompt needs at least one token");
-    if (tokens.size() < prompt + scored + 1)
+    if (prompt > tokens.size() || scored >= tokens.size() - prompt) // prompt + scored + 1 > size, unwrapped
         throw std::invalid_argument("a window of " + std::to_string(tokens.size()) + " tokens is too short for " +
                                     std::to_string(prompt) + " prompt + " + std::to_string(scored) +
                                     " scored tokens (+1 to predict)");

@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -116,7 +115,7 @@ int measure(options o) {
     if (!o.prompt_given) setup.prompt = shape.context / 2;
     if (!o.tokens_given) setup.scored = shape.context / 4;
     // Positions 0 .. prompt + scored - 1 run through the model.
-    if (setup.prompt + setup.scored > shape.context)
+    if (!engine::sum_within(setup.prompt, setup.scored, shape.context))
         throw engine::usage_error("--prompt " + std::to_string(setup.prompt) + " + --tokens " +
                                   std::to_string(setup.scored) + " exceeds the model's context of " +
                                   std::to_string(shape.context) + " tokens");
@@ -131,7 +130,7 @@ int measure(options o) {
     std::vector<int> tokens;
     engine::calibration calibrated;
     if (!o.text.empty()) {
-        tokens = words.encode(engine::read_file(o.text));
+        tokens = words.encode(engine::read_file(o.text, "--text"));
         if (tokens.size() < o.windows * window_tokens)
             throw engine::usage_error(o.text + " has " + std::to_string(tokens.size()) + " tokens, fewer than " +
                                       std::to_string(o.windows) + " windows of " + std::to_string(window_tokens) +
@@ -162,8 +161,7 @@ int measure(options o) {
     const engine::fidelity_report report = engine::measure_fidelity(model, windows, setup, calibrated);
     const std::string json = engine::to_json(report);
     if (!o.json.empty()) {
-        std::ofstream file(o.json);
-        if (!(file << json)) throw std::runtime_error(o.json + ": cannot write");
+        engine::write_file(o.json, json, "--json");
     }
     std::fputs(o.markdown ? engine::markdown_row(report).c_str() : json.c_str(), stdout);
     return 0;

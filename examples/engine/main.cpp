@@ -152,14 +152,14 @@ int generate(const options& o) {
     // The prompt, as tokens.
     std::string prompt_text = o.prompt;
     if (!o.prompt_file.empty())
-        prompt_text = engine::read_file(o.prompt_file);
+        prompt_text = engine::read_file(o.prompt_file, "--prompt-file");
     else if (!o.prompt_given)
         prompt_text = words.byte_level() ? "def " : "Once upon a time";
     std::vector<int> prompt = words.encode(prompt_text);
     if (o.prompt_limit && prompt.size() > o.prompt_limit) prompt.resize(o.prompt_limit);
     if (prompt.empty())
         throw engine::usage_error("the prompt is empty and a byte-level model has no start token; give --prompt TEXT");
-    if (prompt.size() + o.steps > shape.context)
+    if (!engine::sum_within(prompt.size(), o.steps, shape.context))
         throw engine::usage_error("the prompt (" + std::to_string(prompt.size()) + " tokens) plus --steps " +
                                   std::to_string(o.steps) + " exceeds the model's context of " +
                                   std::to_string(shape.context) + " tokens; use --prompt-limit or fewer --steps");

@@ -20,11 +20,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
 
+#include <kvc/calibration/file_io.hpp>
 #include <kvc/kvc.hpp>
 
 #include "cache_choice.hpp"
@@ -137,17 +140,18 @@ public:
     static transformer load(const std::string& path) {
         if (!detail::host_is_little_endian())
             throw std::runtime_error(path + ": llama2.c checkpoints are little-endian; this host is not");
-        std::ifstream file(path, std::ios::binary);
-        if (!file) throw std::runtime_error(path + ": cannot open the model file");
-        file.seekg(0, std::ios::end);
-        const std::uint64_t file_bytes = static_cast<std::uint64_t>(file.tellg());
-        file.seekg(0);
+        // Read by its size (which a device or FIFO does not have), so only a
+        // regular file; a directory would read as zeros ("dim = 0").
+        std::ifstream file = kvc::detail::open_for_reading(path, "model");
+        std::error_code not_regular;
+        if (!std::filesystem::is_regular_file(path, not_regular))
+            throw std::runtime_error(path + ": not a regular file, expected a llama2.c checkpoint");
+        const std::uint64_t file_bytes = std::filesystem::file_size(path);
         constexpr std::uint64_t header_bytes = 7 * 4;
-        if (file_bytes < header_bytes)
+        unsigned char header[header_bytes];
+        if (file_bytes < header_bytes || kvc::detail::read_some(file, header, header_bytes, path, "model") != header_bytes)
             throw std::runtime_error(path + ": " + std::to_string(file_bytes) +
                                      " bytes, too short for a llama2.c header (28 bytes)");
-        unsigned char header[header_bytes];
-        file.read(reinterpret_cast<char*>(header), header_bytes);
 
         std::int32_t field[7];
         for (int i = 0; i < 7; ++i) field[i] = detail::read_le_int32(header + 4 * i);
@@ -161,8 +165,9 @@ public:
                                      std::to_string(expected) + " for " + describe(model.shape_) +
                                      (file_bytes < expected ? " (truncated?)" : " (trailing data?)"));
         model.weights_.resize(static_cast<std::size_t>(floats));
-        file.read(reinterpret_cast<char*>(model.weights_.data()), static_cast<std::streamsize>(4 * floats));
-        if (!file) throw std::runtime_error(path + ": read error");
+        if (kvc::detail::read_some(file, model.weights_.data(), static_cast<std::size_t>(4 * floats), path, "model") !=
+            4 * floats)
+            throw std::runtime_error(path + ": shorter than its size said (changed while being read?)");
         for (std::size_t i = 0; i < model.weights_.size(); ++i)
             if (!std::isfinite(model.weights_[i]))
                 throw std::runtime_error(path + ": weight " + std::to_string(i) + " is not finite (corrupt file?)");

@@ -16,11 +16,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <kvc/calibration/file_io.hpp>
 
 namespace engine {
 
@@ -40,26 +41,43 @@ public:
 
     // Reads a tokenizer.bin for a model of `vocab` tokens; throws on a file
     // that does not match (truncated, wrong vocabulary size, bad lengths).
+    // The file is read whole, at most the size `vocab` tokens can take, so a
+    // device or a huge file fails instead of filling memory.
     static tokenizer load(const std::string& path, std::size_t vocab) {
-        std::ifstream file(path, std::ios::binary);
-        if (!file) throw std::runtime_error(path + ": cannot open the tokenizer file");
-        auto fail = [&](const std::string& what) { throw std::runtime_error(path + ": " + what); };
+        const std::uint64_t most = 4 + static_cast<std::uint64_t>(vocab) * (4 + 4 + 1024);
+        const std::vector<unsigned char> bytes = kvc::detail::read_file(path, most + 1, "tokenizer");
+        return parse(bytes.data(), bytes.size(), vocab, path);
+    }
+
+    // The same from bytes in memory; `name` prefixes the error messages.
+    static tokenizer parse(const unsigned char* data, std::size_t size, std::size_t vocab, const std::string& name) {
+        auto fail = [&](const std::string& what) { throw std::runtime_error(name + ": " + what); };
+        std::size_t offset = 0;
+        auto read = [&](void* out, std::size_t bytes) {
+            if (bytes > size - offset) return false;
+            if (bytes) std::memcpy(out, data + offset, bytes);
+            offset += bytes;
+            return true;
+        };
         auto read_int = [&](const char* what) {
             std::int32_t value = 0;
-            if (!file.read(reinterpret_cast<char*>(&value), sizeof value))
-                fail(std::string("truncated while reading ") + what);
+            if (!read(&value, sizeof value)) fail(std::string("truncated while reading ") + what);
             return value;
         };
         if (vocab < first_byte_token + 256)
             fail("a piece vocabulary needs at least 259 tokens (special + bytes), the model has " +
                  std::to_string(vocab));
+        // Each token takes at least 8 bytes: a vocabulary larger than the
+        // data allows is truncated before any allocation of its size.
+        if (vocab > size / 8) fail("truncated: " + std::to_string(size) + " bytes cannot hold " + std::to_string(vocab) +
+                                   " tokens (is it the model's tokenizer?)");
         tokenizer t;
         const std::int32_t max_length = read_int("max_token_length");
         if (max_length <= 0 || max_length > 1024) fail("max_token_length " + std::to_string(max_length) + " is not in 1..1024");
         t.pieces_.resize(vocab);
         t.scores_.resize(vocab);
         for (std::size_t i = 0; i < vocab; ++i) {
-            if (!file.read(reinterpret_cast<char*>(&t.scores_[i]), sizeof(float)))
+            if (!read(&t.scores_[i], sizeof(float)))
                 fail("truncated at token " + std::to_string(i) + " of " + std::to_string(vocab) +
                      " (is it the model's tokenizer?)");
             const std::int32_t length = read_int("a piece length");
@@ -67,9 +85,9 @@ public:
                 fail("token " + std::to_string(i) + " has length " + std::to_string(length) + ", expected 0.." +
                      std::to_string(max_length));
             t.pieces_[i].resize(static_cast<std::size_t>(length));
-            if (!file.read(&t.pieces_[i][0], length)) fail("truncated inside token " + std::to_string(i));
+            if (!read(&t.pieces_[i][0], static_cast<std::size_t>(length))) fail("truncated inside token " + std::to_string(i));
         }
-        if (file.peek() != std::char_traits<char>::eof())
+        if (offset != size)
             fail("has more than the model's " + std::to_string(vocab) + " tokens (is it the model's tokenizer?)");
         // Only ordinary pieces take part in merges: the byte tokens' "<0xAB>"
         // spellings and the special tokens are not text.

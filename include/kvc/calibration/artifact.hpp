@@ -15,32 +15,42 @@
 // All integers and floats little-endian. Loading checks the magic, the
 // version, every length against the bytes left, and the checksum, and throws
 // kvc::error saying what is wrong: a corrupt or truncated file never yields
-// an artifact.
+// an artifact, and neither does one naming a tensor twice (get() could only
+// ever return the first). Files go through file_io.hpp: load() reads at most
+// max_artifact_bytes, save() reports a write that did not reach the disk.
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
+#include "kvc/calibration/file_io.hpp"
 #include "kvc/core/error.hpp"
 
 namespace kvc::calibration {
 
 inline constexpr std::uint32_t artifact_version = 1;
+// What load() reads at most by default: artifacts hold per-head statistics
+// and codebooks (kilobytes to megabytes), far below this.
+inline constexpr std::uint64_t max_artifact_bytes = std::uint64_t{1} << 30;
 
 struct tensor {
     std::string name;
     std::vector<std::uint64_t> shape;
     std::vector<float> values; // product(shape) floats, row-major
 
-    std::size_t elements() const noexcept {
+    // product(shape); throws kvc::error when it does not fit a size_t
+    // (such a shape would otherwise wrap and pass as a small tensor).
+    std::size_t elements() const {
         std::size_t n = 1;
-        for (std::uint64_t extent : shape) n *= static_cast<std::size_t>(extent);
+        for (std::uint64_t extent : shape) {
+            kvc::detail::require(extent == 0 || n <= SIZE_MAX / extent, "calibration tensor '", name,
+                                 "': the product of its shape overflows");
+            n *= static_cast<std::size_t>(extent);
+        }
         return n;
     }
 };
@@ -133,7 +143,11 @@ inline std::vector<unsigned char> serialize(const artifact& a) {
     w.put(artifact_version);
     w.put_string(a.kind);
     w.put(static_cast<std::uint32_t>(a.tensors.size()));
-    for (const tensor& t : a.tensors) {
+    for (std::size_t i = 0; i < a.tensors.size(); ++i) {
+        const tensor& t = a.tensors[i];
+        for (std::size_t j = 0; j < i; ++j)
+            kvc::detail::require(a.tensors[j].name != t.name, "calibration::serialize: two tensors named '", t.name,
+                                 "' (tensors ", j, " and ", i, ")");
         kvc::detail::require(t.values.size() == t.elements(), "calibration::serialize: tensor '", t.name, "' has ",
                              t.values.size(), " values, expected ", t.elements(), " from its shape");
         w.put_string(t.name);
@@ -164,6 +178,9 @@ inline artifact deserialize(const unsigned char* data, std::size_t size) {
     for (std::uint32_t i = 0; i < count; ++i) {
         tensor t;
         t.name = r.get_string("tensor name");
+        for (const tensor& earlier : a.tensors)
+            kvc::detail::require(earlier.name != t.name, "calibration artifact: tensor '", t.name,
+                                 "' appears twice, expected unique names");
         const auto rank = r.get<std::uint32_t>("tensor rank");
         kvc::detail::require(rank <= 8, "calibration artifact: tensor '", t.name, "' has rank ", rank,
                              ", expected at most 8");
@@ -187,16 +204,13 @@ inline artifact deserialize(const unsigned char* data, std::size_t size) {
 
 inline void save(const artifact& a, const std::string& path) {
     const std::vector<unsigned char> bytes = serialize(a);
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    kvc::detail::require(static_cast<bool>(out), "calibration::save: cannot open '", path, "' for writing");
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    kvc::detail::require(static_cast<bool>(out), "calibration::save: writing '", path, "' failed");
+    kvc::detail::write_file(path, bytes.data(), bytes.size(), "calibration::save");
 }
 
-inline artifact load(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    kvc::detail::require(static_cast<bool>(in), "calibration::load: cannot open '", path, "'");
-    const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+// Reads at most `max_bytes`; a larger file, a device that never ends or a
+// directory throws kvc::error like a corrupt file does.
+inline artifact load(const std::string& path, std::uint64_t max_bytes = max_artifact_bytes) {
+    const std::vector<unsigned char> bytes = kvc::detail::read_file(path, max_bytes, "calibration::load");
     return deserialize(bytes.data(), bytes.size());
 }
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Writes the fuzz targets' seed corpora (tests/fuzz/corpus/<target>/): small
+valid inputs of every kind each parser accepts, so the fuzzer starts past the
+magic, the checksum and the header checks. Run from anywhere; deterministic."""
+import os
+import struct
+import zlib
+
+here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def write(target, name, data):
+    os.makedirs(os.path.join(here, target), exist_ok=True)
+    with open(os.path.join(here, target, name), "wb") as f:
+        f.write(data)
+
+
+def artifact(kind, tensors):
+    """calibration/artifact.hpp's format: magic, version, kind, tensors, CRC-32."""
+    def string(s):
+        b = s.encode()
+        return struct.pack("<I", len(b)) + b
+    out = b"KVCCALIB" + struct.pack("<I", 1) + string(kind) + struct.pack("<I", len(tensors))
+    for name, shape, values in tensors:
+        count = 1
+        for e in shape:
+            count *= e
+        assert len(values) == count, name
+        out += string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", e) for e in shape)
+        out += b"".join(struct.pack("<f", v) for v in values)
+    return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+
+
+# All for the fuzz target's cache shape: 1 layer, 1 KV head, head_dim 8.
+L, H, D = 1, 1, 8
+write("artifact", "qfilter.bin", artifact("qfilter", [("filters", [L, H, D], [0.1 * i for i in range(D)])]))
+write("artifact", "head_roles.bin", artifact("head_roles", [("retrieval", [L, H], [1.0])]))
+c, b = 2, 2  # channels per group, bits
+book = [0.25 * i - 0.5 for i in range(L * H * (D // c) * (1 << b) * c)]
+write("artifact", "cq.bin", artifact("cq", [
+    ("channels_per_group", [1], [float(c)]), ("bits", [1], [float(b)]),
+    ("key_codebooks", [L, H, D // c, 1 << b, c], book), ("value_codebooks", [L, H, D // c, 1 << b, c], book)]))
+bits = 2
+write("artifact", "kvquant.bin", artifact("kvquant", [
+    ("bits", [1], [float(bits)]), ("outlier_fraction", [1], [0.01]),
+    ("key_lower", [L, H, D], [-1.0] * D), ("key_upper", [L, H, D], [1.0] * D),
+    ("key_codebook", [L, 1 << bits], [-1.0, -0.3, 0.3, 1.0]),
+    ("value_codebook", [L, 1 << bits], [-1.0, -0.3, 0.3, 1.0])]))
+write("artifact", "empty.bin", artifact("", []))
+
+
+def tokenizer(pieces, max_length):
+    out = struct.pack("<i", max_length)
+    for i, p in enumerate(pieces):
+        b = p.encode()
+        out += struct.pack("<f", -float(i)) + struct.pack("<i", len(b)) + b
+    return out
+
+
+# Input = 2 bytes choosing the vocabulary (259 + value % 1024), then the file.
+special = ["<unk>", "<s>", "</s>"]
+byte_pieces = ["<0x%02X>" % i for i in range(256)]
+write("tokenizer", "bytes_only.bin", struct.pack(">H", 0) + tokenizer(special + byte_pieces, 8))
+words = [" a", " t", "he", " the", " on", "ce", " once", "\u00e9"]
+write("tokenizer", "merges.bin", struct.pack(">H", len(words)) + tokenizer(special + byte_pieces + words, 8))
+
+
+def checkpoint(dim, hidden, layers, heads, kv_heads, vocab, context, shared=True):
+    """llama2.c version 0: 7 int32 header, then fp32 weights (model.hpp's weight_floats)."""
+    head_dim = dim // heads
+    kv = kv_heads * head_dim
+    n = vocab * dim + layers * (dim + 2 * dim * dim + 2 * kv * dim) + layers * (dim + 3 * hidden * dim)
+    n += dim + 2 * context * (head_dim // 2)
+    if not shared:
+        n += vocab * dim
+    header = struct.pack("<7i", dim, hidden, layers, heads, kv_heads, vocab if shared else -vocab, context)
+    return header + b"".join(struct.pack("<f", ((i * 37) % 17 - 8) / 16.0) for i in range(n))
+
+
+write("model", "tiny_shared.bin", checkpoint(8, 8, 1, 2, 1, 4, 4))
+write("model", "tiny_separate.bin", checkpoint(4, 4, 1, 1, 1, 3, 2, shared=False))
+
+
+# cache_api: byte 0 picks the cache (even: full_cache, odd: H2O compressed_cache
+# + a budget byte), then calls: op, layer, arguments (cache_api_fuzz.cpp).
+def append(layer, count, where=0, fill=7):
+    return bytes([0, layer, count, 1]) + bytes([(fill * (i + 1)) % 256 for i in range(2 * count * 2 * 8)]) + bytes([where])
+
+
+def attend(layer, mass=1):
+    return bytes([2, layer]) + bytes([(13 * i) % 256 for i in range(4 * 8)]) + bytes([mass])
+
+
+prefill = append(0, 5) + append(1, 5) + append(0, 5, fill=11) + append(1, 5, fill=3)
+decode = b"".join(append(l, 1, fill=5 + i) + attend(l) for i in range(4) for l in (0, 1))
+write("cache_api", "full.bin", bytes([0]) + prefill + decode + bytes([3, 0, 2]) + bytes([7, 0]))
+write("cache_api", "h2o.bin", bytes([1, 8 * 1 + 2]) + prefill + decode + bytes([4, 0, 4, 1, 5, 0, 20, 6, 0, 1]))
+write("cache_api", "h2o_clear.bin", bytes([1, 0]) + prefill + bytes([6, 0, 0]) + prefill + bytes([4, 2]))
