@@ -395,7 +395,8 @@ inline void take_best(const head_candidates& head, std::size_t count, std::vecto
     std::size_t matching = 0;
     for (std::size_t t = 0; t < n; ++t) {
         candidates[matching] = static_cast<std::uint32_t>(t);
-        matching += (chosen[t] == 0) & ((keys[t] >> 21) == (prefix >> 21));
+        const bool unchosen = chosen[t] == 0, in_bucket = (keys[t] >> 21) == (prefix >> 21);
+        matching += static_cast<std::size_t>(unchosen) & static_cast<std::size_t>(in_bucket); // branch-free
     }
     std::uint32_t prefix_mask = 0xffe00000u;
     for (const unsigned shift : {10u, 0u}) {
