@@ -8,6 +8,7 @@
 #include <numeric>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cache/cache_test_util.hpp"
@@ -123,6 +124,41 @@ struct persistence_case {
         queries[spike * dim + 1] = 20.0f;
     }
 };
+
+// A2SF (E3) by hand, forgetting 0.5: token 0 drew all of one early query,
+// token 1 steady attention later. The running sums decay by 0.5 per query
+// (0.25 for a chunk of two): [1, 0] -> [0.5, 0.6] -> [0.125, 0.35]; token 1
+// ranks first. H2O (forgetting 1) sums [1, 0.8] and ranks token 0 first.
+TEST(A2SF, AnOldSpikeFadesBelowRecentSteadyAttention) {
+    score::a2sf a2sf;
+    a2sf.forgetting = 0.5f;
+    score::a2sf plain; // forgetting 1: H2O's sum
+    plain.forgetting = 1.0f;
+    const float step1[] = {1.0f, 0.0f}, step2[] = {0.0f, 0.6f}, chunk[] = {0.0f, 0.2f};
+    float forgetful[2] = {0.0f, 0.0f}, summed[2] = {0.0f, 0.0f};
+    for (auto [mass, queries] : {std::pair<const float*, std::size_t>{step1, 1}, {step2, 1}, {chunk, 2}}) {
+        a2sf.observe(forgetful, mass, 2, queries);
+        plain.observe(summed, mass, 2, queries);
+    }
+    EXPECT_FLOAT_EQ(forgetful[0], static_cast<float>(1.0 * 0.5 * 0.25));
+    EXPECT_FLOAT_EQ(forgetful[1], static_cast<float>(0.6 * 0.25 + 0.2));
+    EXPECT_FLOAT_EQ(summed[0], 1.0f);
+    EXPECT_FLOAT_EQ(summed[1], 0.8f);
+    const std::int32_t positions[] = {0, 1};
+    evict::head_inputs in;
+    in.tokens = 2;
+    in.positions = positions;
+    in.last_position = 3;
+    float scores[2];
+    in.attention = forgetful;
+    a2sf.score(in, scores);
+    EXPECT_GT(scores[1], scores[0]);
+    in.attention = summed;
+    plain.score(in, scores);
+    EXPECT_GT(scores[0], scores[1]);
+    a2sf.forgetting = 0.0f;
+    EXPECT_THROW(a2sf.validate(), kvc::error);
+}
 
 TEST(Scissorhands, KeepsTheTokenAboveUniformEveryTimeOverAOneOffSpike) {
     persistence_case data;
