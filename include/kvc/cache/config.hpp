@@ -38,10 +38,6 @@ inline constexpr std::size_t max_head_dim = 1024;
 // a few thousand (layer, KV head) pairs.
 inline constexpr std::size_t max_heads = std::size_t{1} << 24;
 
-// Most leading tokens a codec keeps in fp16 (Q9 sinks, KVQuant's sinks). The
-// methods keep a handful (docs/METHODS.md Q9: 1-5); a count in the thousands
-// stores the whole prompt uncompressed and is taken for a mistake.
-inline constexpr std::size_t max_sink_tokens = 1024;
 
 namespace detail {
 inline void validate(const cache_config& c, const char* who) {

@@ -17,6 +17,12 @@
 
 namespace kvc {
 
+// Most leading tokens a codec keeps in fp16, as dense rows in front of its
+// packed body (Q9 sinks, KVQuant's sinks). The methods keep a handful
+// (docs/METHODS.md Q9: 1-5); a count in the thousands stores the whole prompt
+// uncompressed and is taken for a mistake.
+inline constexpr std::size_t max_sink_tokens = 1024;
+
 namespace detail {
 
 // Copies `n` elements from a row of `from` to a row of `to`, converting

@@ -45,7 +45,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
