@@ -59,8 +59,8 @@
 #include <benchmark/benchmark.h>
 
 #include "bench_common.hpp"
-#include "kvc/cache/config.hpp"
 #include "kvc/cache/full_cache.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/kernels/arch.hpp"
 #include "kvc/kernels/dispatch.hpp"

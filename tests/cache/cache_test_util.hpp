@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/float16.hpp"
 

@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "../cache/cache_test_util.hpp"
-#include "kvc/cache/config.hpp"
 #include "kvc/cache/full_cache.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/memory.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/storage/dense_rows.hpp"

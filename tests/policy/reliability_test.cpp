@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "../cache/cache_test_util.hpp"
-#include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/quantization/kvquant.hpp"
 

@@ -16,7 +16,7 @@
 
 #include "cache/cache_test_util.hpp"
 #include "kernels/quantized_query_util.hpp"
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/view/kv_view.hpp"

@@ -45,13 +45,15 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/cache/head_attention.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/eviction/policy.hpp"
+#include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
+#include "kvc/storage/protocol.hpp"
 
 namespace kvc {
 
@@ -64,11 +66,12 @@ void keep_elements(aligned_buffer<T>& buffer, const std::uint32_t* indices, std:
     buffer.resize_within_capacity(count);
 }
 
+// The eviction slot's scorer capabilities (evict::none has no scorer).
 template <class P, class = void>
 struct needs_external_scores_of : std::false_type {};
 template <class P>
-struct needs_external_scores_of<P, std::void_t<decltype(P::scorer_type::needs_external_scores)>>
-    : std::bool_constant<P::scorer_type::needs_external_scores> {};
+struct needs_external_scores_of<P, std::void_t<typename P::scorer_type>>
+    : evict::needs_external_scores_of<typename P::scorer_type> {};
 
 template <class P, class = void>
 struct scores_on_append_of_policy : std::false_type {};
@@ -81,59 +84,6 @@ struct scores_append_rows_of_policy : std::false_type {};
 template <class P>
 struct scores_append_rows_of_policy<P, std::void_t<typename P::scorer_type>>
     : evict::scores_append_rows_of<typename P::scorer_type> {};
-
-template <class S, class = void>
-struct has_store_key : std::false_type {};
-template <class S>
-struct has_store_key<S, std::void_t<decltype(std::declval<S&>().store_key(std::declval<const kernels::kernel_table&>(),
-                                                                           std::size_t{}, std::declval<const float*>()))>>
-    : std::true_type {};
-
-template <class S, class = void>
-struct has_compacted : std::false_type {};
-template <class S>
-struct has_compacted<S, std::void_t<decltype(std::declval<const S&>().compacted(std::declval<const std::uint32_t*>(),
-                                                                                  std::size_t{}))>> : std::true_type {};
-
-template <class S, class = void>
-struct has_bytes_per_token : std::false_type {};
-template <class S>
-struct has_bytes_per_token<S, std::void_t<decltype(std::declval<const S&>().bytes_per_token())>> : std::true_type {};
-
-// Codecs that need each token's position with its rows (e.g. KVQuant, which
-// stores keys before RoPE and rotates them inside attention) declare
-// `static constexpr bool wants_positions = true` and take push_back(..., position).
-template <class S, class = void>
-struct wants_positions : std::false_type {};
-template <class S>
-struct wants_positions<S, std::void_t<decltype(S::wants_positions)>> : std::bool_constant<S::wants_positions> {};
-
-// Codecs with per-(layer, KV head) parameters (calibrated ranges and
-// codebooks) provide make_head(config, layer, kv_head); the rest make_head(config).
-template <class P, class = void>
-struct has_indexed_make_head : std::false_type {};
-template <class P>
-struct has_indexed_make_head<P, std::void_t<decltype(std::declval<const P&>().make_head(
-                                    std::declval<const cache_config&>(), std::size_t{}, std::size_t{}))>>
-    : std::true_type {};
-
-// Codecs whose stored precision follows per-token importance scores (Q6).
-template <class S, class = void>
-struct has_assign_precision : std::false_type {};
-template <class S>
-struct has_assign_precision<S, std::void_t<decltype(std::declval<S&>().assign_precision(
-                                   std::declval<const kernels::kernel_table&>(), std::declval<const float*>()))>>
-    : std::true_type {};
-
-template <class P, class = void>
-struct has_validate : std::false_type {};
-template <class P, class = void>
-struct has_config_validate : std::false_type {};
-template <class P>
-struct has_config_validate<P, std::void_t<decltype(std::declval<const P&>().validate(std::declval<const cache_config&>()))>>
-    : std::true_type {};
-template <class P>
-struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
 
 } // namespace detail
 
@@ -151,6 +101,7 @@ class compressed_cache {
     static_assert(is_projection_policy_v<Projection>,
                   "kvc::compressed_cache: the fourth parameter must be a projection policy "
                   "(family kvc::projection_family, e.g. kvc::project::none)");
+    static_assert(detail::check_codec<Quantization>());
 
 public:
     using eviction_type = Eviction;
@@ -178,10 +129,7 @@ public:
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                if constexpr (detail::has_indexed_make_head<Quantization>::value)
-                    heads_.push_back(head_slot{quantization_.make_head(config_, l, h), config_.resource});
-                else
-                    heads_.push_back(head_slot{quantization_.make_head(config_), config_.resource});
+                heads_.push_back(head_slot{detail::make_head_of(quantization_, config_, l, h), config_.resource});
             }
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
@@ -531,8 +479,7 @@ private:
     }
     template <class P>
     P validated(P policy) const {
-        if constexpr (detail::has_config_validate<P>::value) policy.validate(config_);
-        else if constexpr (detail::has_validate<P>::value) policy.validate();
+        detail::validate_part(policy, config_);
         return policy;
     }
 

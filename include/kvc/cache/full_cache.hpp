@@ -32,8 +32,8 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/cache/head_attention.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/storage/dense_rows.hpp"

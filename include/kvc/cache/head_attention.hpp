@@ -12,32 +12,11 @@
 #include <utility>
 
 #include "kvc/cache/attention_scratch.hpp"
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/kernels/dispatch.hpp"
+#include "kvc/storage/protocol.hpp"
 
 namespace kvc::detail {
-
-// Floats of prefill workspace one head store needs: kernels::prefill_workspace_floats
-// for its rows, unless the store says more (a codec that transforms the
-// queries first, e.g. quant::rotated, keeps them there: prefill is noexcept
-// and must not allocate, so the caller's scratch holds them).
-template <class S, class = void>
-struct has_prefill_workspace : std::false_type {};
-template <class S>
-struct has_prefill_workspace<S, std::void_t<decltype(std::declval<const S&>().prefill_workspace_floats(
-                                    std::size_t{}, std::size_t{}, bool{}))>> : std::true_type {};
-
-template <class S>
-std::size_t prefill_workspace_of(const S& store, std::size_t group, std::size_t dim, std::size_t chunk,
-                                 bool with_mass) noexcept {
-    if constexpr (has_prefill_workspace<S>::value) {
-        (void)dim;
-        return store.prefill_workspace_floats(group, chunk, with_mass);
-    } else {
-        (void)chunk;
-        return kernels::prefill_workspace_floats(group, dim, store.tokens(), with_mass);
-    }
-}
 
 // The longest head of a layer, in tokens.
 template <class HeadAt>

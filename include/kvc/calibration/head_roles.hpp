@@ -15,8 +15,8 @@
 #include <cmath>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 
 namespace kvc::calibration {

@@ -36,9 +36,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/kmeans.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/storage/kvquant_head.hpp"
 

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/config.hpp"
 
 namespace kvc {
@@ -52,13 +53,24 @@ KVC_POLICY_FLAG(needs_queries)
 KVC_POLICY_FLAG(needs_calibration)
 #undef KVC_POLICY_FLAG
 
-// Head stores (a quantization policy's head_storage) that report
-// stored_bytes(): the bytes of stored rows one attention reads. Wrapping
-// codecs forward it when their inner store has it; bench/quant.cpp reports it.
-template <class S, class = void>
-struct has_stored_bytes : std::false_type {};
-template <class S>
-struct has_stored_bytes<S, std::void_t<decltype(std::declval<const S&>().stored_bytes())>> : std::true_type {};
+// A policy's (or a policy part's) parameter check, run by the cache at
+// construction before anything is stored: `validate(const cache_config&)`
+// when the part has it, else `validate()`, else nothing to check.
+template <class P, class = void>
+struct has_validate : std::false_type {};
+template <class P>
+struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
+template <class P, class = void>
+struct has_config_validate : std::false_type {};
+template <class P>
+struct has_config_validate<P, std::void_t<decltype(std::declval<const P&>().validate(std::declval<const cache_config&>()))>>
+    : std::true_type {};
+template <class P>
+void validate_part(const P& part, const cache_config& config) {
+    if constexpr (has_config_validate<P>::value) part.validate(config);
+    else if constexpr (has_validate<P>::value) part.validate();
+    else (void)part, (void)config;
+}
 } // namespace detail
 
 template <class P>

@@ -42,7 +42,7 @@
 #include <cstring>
 #include <limits>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"

@@ -33,7 +33,7 @@
 #include <numeric>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"

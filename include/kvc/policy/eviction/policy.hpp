@@ -25,11 +25,12 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/checked.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/kernels/table.hpp"
+#include "kvc/policy/eviction/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 
 namespace kvc::evict {
@@ -207,102 +208,6 @@ struct schedule {
 struct rerotation {
     bool enabled = false;
     rope_config rope{};
-};
-
-// Scorers whose score of a token depends on nothing but that token's key and
-// value (knorm, CUR) compute it once, at append, from the rows the model
-// produced, while they are still in cache: compression then reads one float
-// per token instead of decoding every row of the head (16 MiB of fp32 for a
-// 32K-token head of dim 128). Such a scorer declares
-//   static constexpr bool scores_on_append = true;
-//   float on_append(const kernels::kernel_table&, const float* key, const float* value,
-//                   std::size_t dim) const noexcept;
-// and reads the results in head_inputs::appended. The cache keeps them per
-// token through compaction, and bytes() counts them.
-template <class S, class = void>
-struct scores_on_append_of : std::false_type {};
-template <class S>
-struct scores_on_append_of<S, std::void_t<decltype(S::scores_on_append)>> : std::bool_constant<S::scores_on_append> {};
-
-// The head's stored rows, decoded on request: [first, first + count) widened
-// to fp32 into `out`, [count][dim]. Scorers that make one or two passes over
-// the rows (keydiff, lagkv) read them in tiles through this instead of asking
-// for every row decoded at once (needs_keys), which writes and reads back
-// 16 MiB of fp32 per 32K-token head of dim 128.
-struct row_source {
-    const void* head = nullptr;
-    void (*keys)(const void* head, const kernels::kernel_table&, std::size_t first, std::size_t count,
-                 float* out) = nullptr;
-    void (*values)(const void* head, const kernels::kernel_table&, std::size_t first, std::size_t count,
-                   float* out) = nullptr;
-
-    template <class Head>
-    static row_source of(const Head& head) noexcept {
-        row_source source;
-        source.head = &head;
-        source.keys = [](const void* h, const kernels::kernel_table& k, std::size_t first, std::size_t count,
-                         float* out) { static_cast<const Head*>(h)->decode_keys(k, first, count, out); };
-        source.values = [](const void* h, const kernels::kernel_table& k, std::size_t first, std::size_t count,
-                           float* out) { static_cast<const Head*>(h)->decode_values(k, first, count, out); };
-        return source;
-    }
-};
-
-// A scorer whose token scores need their neighbours' rows (LagKV measures a
-// chunk against the chunk after it) declares scores_on_append and, instead of
-// on_append, scores once per head after an append's rows are stored:
-//   std::size_t append_scratch(std::size_t dim) const noexcept;  // floats of scratch it needs
-//   void on_append_rows(const append_inputs&, float* scores) const noexcept;
-// `scores` holds the head's per-token append scores, [held]; the scorer sets
-// the new tokens' [held_before, held) and may rewrite older ones (a chunk
-// that can be scored now). The cache reserves the scratch before the append
-// changes anything, so the call cannot fail.
-struct append_inputs {
-    std::size_t held_before = 0, held = 0, dim = 0;
-    const std::int32_t* positions = nullptr; // of the held tokens, ascending
-    std::int64_t first_position = 0;         // the sequence's first position (where the sinks are)
-    const row_source* rows = nullptr;
-    const kernels::kernel_table* kernels = nullptr;
-    float* scratch = nullptr; // append_scratch(dim) floats
-};
-template <class S, class = void>
-struct scores_append_rows_of : std::false_type {};
-template <class S>
-struct scores_append_rows_of<S, std::void_t<decltype(std::declval<const S&>().on_append_rows(
-                                    std::declval<const append_inputs&>(), std::declval<float*>()))>> : std::true_type {};
-
-// What a scorer sees of one KV head. Rows are fp32, [tokens][dim], decoded
-// from whatever the codec stores; pointers a scorer did not ask for are null.
-struct head_inputs {
-    std::size_t layer = 0, kv_head = 0;
-    std::size_t tokens = 0, dim = 0;
-    std::size_t target = 0;                    // tokens the selector will keep (two-stage scorers use it)
-    const float* keys = nullptr;               // if Scorer::needs_keys
-    const float* values = nullptr;             // if Scorer::needs_values
-    const std::int32_t* positions = nullptr;   // original positions, ascending
-    std::int64_t last_position = 0;            // newest position appended to the layer
-    const float* attention = nullptr;          // running attention statistic (if needs_attention_stats)
-    const float* queries = nullptr;            // recent queries of this head's group, [count][group][dim]
-    std::size_t query_count = 0, group = 1;
-    const float* external = nullptr;           // engine-supplied scores (E18)
-    const float* appended = nullptr;           // what on_append returned per token (if Scorer::scores_on_append)
-    const row_source* rows = nullptr;          // the stored rows, decoded in tiles on request (always set)
-    float scale = 1.0f;                        // the cache's attention logit scale
-    const kernels::kernel_table* kernels = nullptr;
-};
-
-// What a selector sees of one KV head and of a layer.
-struct head_candidates {
-    const float* scores = nullptr;
-    const std::int32_t* positions = nullptr;
-    std::size_t held = 0;
-    std::size_t target = 0; // the budget's tokens for this head
-};
-struct layer_candidates {
-    std::size_t layer = 0;
-    std::vector<head_candidates> heads; // every KV head of the layer (held == 0 or target >= held: nothing to drop)
-    const budget* keep = nullptr;
-    std::int64_t first_position = 0;    // position of the sequence's first token (the sinks)
 };
 
 namespace selection {
@@ -609,6 +514,8 @@ private:
 // The policy type the eviction slot of compressed_cache takes.
 template <class Scorer, class Selector = per_head_topk>
 struct policy {
+    static_assert(check_scorer<Scorer>());
+    static_assert(check_selector<Selector>());
     using family = eviction_family;
     using scorer_type = Scorer;
     using selector_type = Selector;
@@ -630,30 +537,13 @@ struct policy {
     // at construction, before anything is stored or evicted).
     void validate(const cache_config& config) const {
         keep.validate(config.layers);
-        check(scorer, config);
-        check(selector, config);
+        detail::validate_part(scorer, config);
+        detail::validate_part(selector, config);
         detail::require(!rerotate.enabled || std::is_same_v<Selector, per_head_topk>,
                         "evict::policy: key re-rotation needs the same kept length in every head "
                         "(selector per_head_topk)");
         // rerotate decodes a key into a stack row of head_dim floats and rotates rotary_dims / 2 pairs of it.
         if (rerotate.enabled) detail::validate_rope(rerotate.rope, config.head_dim, "evict::policy (key re-rotation)");
-    }
-
-private:
-    template <class S, class = void>
-    struct has_validate : std::false_type {};
-    template <class S>
-    struct has_validate<S, std::void_t<decltype(std::declval<const S&>().validate())>> : std::true_type {};
-    template <class S, class = void>
-    struct has_config_validate : std::false_type {};
-    template <class S>
-    struct has_config_validate<S, std::void_t<decltype(std::declval<const S&>().validate(std::declval<const cache_config&>()))>>
-        : std::true_type {};
-    template <class S>
-    static void check(const S& part, const cache_config& config) {
-        if constexpr (has_config_validate<S>::value) part.validate(config);
-        else if constexpr (has_validate<S>::value) part.validate();
-        else (void)config;
     }
 };
 

@@ -66,7 +66,7 @@ struct value_weighted {
         : base(std::move(base_)), first_stage(first_stage_), epsilon(epsilon_) {}
 
     void validate() const {
-        if constexpr (has_validate<Base>::value) base.validate();
+        if constexpr (detail::has_validate<Base>::value) base.validate();
         detail::require(first_stage >= 0.0 && first_stage <= 1.0,
                         "evict::score::value_weighted: expected first_stage in [0, 1], got ", first_stage);
         detail::require(std::isfinite(epsilon) && epsilon >= 0.0f,
@@ -132,12 +132,6 @@ struct value_weighted {
             scores[order[i]] = level;
         }
     }
-
-private:
-    template <class S, class = void>
-    struct has_validate : std::false_type {};
-    template <class S>
-    struct has_validate<S, std::void_t<decltype(std::declval<const S&>().validate())>> : std::true_type {};
 };
 
 } // namespace score

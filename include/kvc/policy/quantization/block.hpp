@@ -62,11 +62,11 @@
 #include <cstddef>
 #include <type_traits>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
+#include "kvc/kernels/quant/common.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/policy/traits.hpp"
-#include "kvc/kernels/quant/common.hpp"
 #include "kvc/storage/packed_rows.hpp"
 
 namespace kvc::quant {

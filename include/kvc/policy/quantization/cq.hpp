@@ -60,9 +60,9 @@
 #include <string>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/cq.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/checked.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"

@@ -71,7 +71,7 @@
 #include <cmath>
 #include <cstddef>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/policy/traits.hpp"

@@ -39,7 +39,7 @@
 
 #include <cstddef>
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/quant/format.hpp"
 #include "kvc/policy/traits.hpp"

@@ -64,8 +64,8 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/config.hpp"
 #include "kvc/calibration/artifact.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/policy/traits.hpp"

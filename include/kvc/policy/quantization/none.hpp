@@ -16,7 +16,7 @@
 // dense_rows, the same storage and kernels as full_cache.
 #pragma once
 
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/dense_rows.hpp"

@@ -63,27 +63,18 @@
 #include <type_traits>
 #include <utility>
 
-#include "kvc/cache/compressed_cache.hpp"
-#include "kvc/cache/config.hpp"
-#include "kvc/cache/head_attention.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/hadamard/common.hpp"
+#include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/dense_rows.hpp"
 #include "kvc/storage/packed_rows.hpp"
 
 namespace kvc {
-
-namespace detail {
-template <class P, class = void>
-struct has_bits_per_value : std::false_type {};
-template <class P>
-struct has_bits_per_value<P, std::void_t<decltype(P::key_bits_per_value()), decltype(P::value_bits_per_value())>>
-    : std::true_type {};
-} // namespace detail
 
 static_assert(max_head_dim <= kernels::hadamard_max_dim, "the Hadamard sign table must cover every head dim");
 
@@ -289,9 +280,7 @@ struct rotated {
     }
 
     void validate(const cache_config& config) const {
-        if constexpr (detail::has_config_validate<Codec>::value) codec.validate(config);
-        else if constexpr (detail::has_validate<Codec>::value) codec.validate();
-        else (void)config;
+        detail::validate_part(codec, config);
     }
 
     // Throws kvc::error for a head dim the rotation (1..max_head_dim) or the

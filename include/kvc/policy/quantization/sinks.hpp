@@ -71,14 +71,14 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/cache/compressed_cache.hpp"
-#include "kvc/cache/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/problem.hpp"
+#include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
@@ -308,9 +308,7 @@ struct with_sinks {
     // Throws kvc::error for sink_tokens == 0 or whatever the inner codec rejects.
     void validate(const cache_config& config) const {
         require_sinks();
-        if constexpr (detail::has_config_validate<Codec>::value) codec.validate(config);
-        else if constexpr (detail::has_validate<Codec>::value) codec.validate();
-        else (void)config;
+        detail::validate_part(codec, config);
     }
 
     template <class C = Codec, std::enable_if_t<!detail::has_indexed_make_head<C>::value, int> = 0>

@@ -1,4 +1,4 @@
-// kvc/cache/config.hpp -- the shape of a model's KV cache, shared by every cache type.
+// kvc/core/cache_config.hpp -- the shape of a model's KV cache, shared by every cache type and policy.
 #pragma once
 
 #include <cmath>
