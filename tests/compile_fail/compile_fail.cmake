@@ -17,3 +17,24 @@ add_test(NAME compile_fail.control_compiles
          COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_SLOT=4
                  ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/wrong_family.cpp)
 set_tests_properties(compile_fail.control_compiles PROPERTIES LABELS compile_fail)
+
+# The protocols (storage/protocol.hpp, policy/*/protocol.hpp, token_columns.hpp):
+# a policy or store missing a required member fails with a message naming
+# the family and the member. Case 6 is the control that must compile.
+set(kvc_protocol_messages
+    "kvc head store protocol: missing `void keep"
+    "protocol: missing `head_storage make_head"
+    "kvc eviction scorer protocol: missing `void score"
+    "kvc eviction scorer protocol: needs_attention_stats without `void observe"
+    "kvc eviction selector protocol: missing"
+    "this column is not declared by any policy of the cache")
+foreach(case RANGE 0 5)
+  list(GET kvc_protocol_messages ${case} message)
+  add_test(NAME compile_fail.protocol_${case}
+           COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_CASE=${case}
+                   ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/protocol.cpp)
+  set_tests_properties(compile_fail.protocol_${case} PROPERTIES PASS_REGULAR_EXPRESSION "${message}" LABELS compile_fail)
+endforeach()
+add_test(NAME compile_fail.protocol_control_compiles
+         COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_CASE=6 ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/protocol.cpp)
+set_tests_properties(compile_fail.protocol_control_compiles PROPERTIES LABELS compile_fail)

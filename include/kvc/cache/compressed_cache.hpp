@@ -54,30 +54,11 @@
 #include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/protocol.hpp"
+#include "kvc/storage/token_columns.hpp"
 
 namespace kvc {
 
 namespace detail {
-
-// Moves the elements at ascending `indices` to the front and drops the rest.
-template <class T>
-void keep_elements(aligned_buffer<T>& buffer, const std::uint32_t* indices, std::size_t count) noexcept {
-    for (std::size_t i = 0; i < count; ++i) buffer[i] = buffer[indices[i]];
-    buffer.resize_within_capacity(count);
-}
-
-// The eviction slot's scorer capabilities (evict::none has no scorer).
-template <class P, class = void>
-struct needs_external_scores_of : std::false_type {};
-template <class P>
-struct needs_external_scores_of<P, std::void_t<typename P::scorer_type>>
-    : evict::needs_external_scores_of<typename P::scorer_type> {};
-
-template <class P, class = void>
-struct scores_on_append_of_policy : std::false_type {};
-template <class P>
-struct scores_on_append_of_policy<P, std::void_t<typename P::scorer_type>>
-    : evict::scores_on_append_of<typename P::scorer_type> {};
 
 template <class P, class = void>
 struct scores_append_rows_of_policy : std::false_type {};
@@ -102,6 +83,15 @@ class compressed_cache {
                   "kvc::compressed_cache: the fourth parameter must be a projection policy "
                   "(family kvc::projection_family, e.g. kvc::project::none)");
     static_assert(detail::check_codec<Quantization>());
+    static_assert(!needs_queries_v<Eviction> || query_window_v<Eviction> > 0,
+                  "kvc::compressed_cache: the eviction policy sets needs_queries but no `static constexpr "
+                  "std::size_t query_window`");
+    static_assert(!needs_queries_v<Merging> || query_window_v<Merging> > 0,
+                  "kvc::compressed_cache: the merging policy sets needs_queries but no `query_window`");
+    static_assert(!needs_queries_v<Quantization> || query_window_v<Quantization> > 0,
+                  "kvc::compressed_cache: the quantization policy sets needs_queries but no `query_window`");
+    static_assert(!needs_queries_v<Projection> || query_window_v<Projection> > 0,
+                  "kvc::compressed_cache: the projection policy sets needs_queries but no `query_window`");
 
 public:
     using eviction_type = Eviction;
@@ -109,6 +99,11 @@ public:
     using quantization_type = Quantization;
     using projection_type = Projection;
     using head_storage = typename Quantization::head_storage;
+    // Per-token state of one (layer, KV head): the host's positions and every
+    // column a policy declares (storage/token_columns.hpp), each kept once.
+    using columns_type = token_columns<column_union_t<column_list<position_column>, columns_of_t<Eviction>,
+                                                      columns_of_t<Merging>, columns_of_t<Quantization>,
+                                                      columns_of_t<Projection>>>;
 
     static constexpr bool evicts = Eviction::evicts;
     // What the cache collects for its policies: nothing that none of them asks for.
@@ -117,8 +112,8 @@ public:
                                                      needs_attention_stats_v<Quantization>;
     static constexpr bool collects_queries = needs_queries_v<Eviction> || needs_queries_v<Merging> ||
                                              needs_queries_v<Quantization> || needs_queries_v<Projection>;
-    static constexpr bool collects_external = detail::needs_external_scores_of<Eviction>::value;
-    static constexpr bool collects_append_scores = detail::scores_on_append_of_policy<Eviction>::value;
+    static constexpr bool collects_external = columns_type::template has<evict::column::external_score>;
+    static constexpr bool collects_append_scores = columns_type::template has<evict::column::append_score>;
     static constexpr bool scores_append_rows = detail::scores_append_rows_of_policy<Eviction>::value;
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
@@ -204,11 +199,8 @@ public:
 
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
             head_slot& slot = mutable_head(layer, h);
-            slot.positions.reserve_for_append(count);
+            slot.columns.reserve_for_append(count);
             slot.rows.reserve_for_append(count);
-            if constexpr (collects_attention_stats) slot.stats.reserve_for_append(count);
-            if constexpr (collects_external) slot.external.reserve_for_append(count);
-            if constexpr (collects_append_scores) slot.appended.reserve_for_append(count);
         }
         if constexpr (scores_append_rows) state.scratch.reserve(eviction_.scorer.append_scratch(config_.head_dim));
         const std::int64_t sequence_start = state.last_position < 0 ? first_position : state.first_position;
@@ -224,35 +216,28 @@ public:
             }
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
             head_slot& slot = mutable_head(layer, h);
-            const std::size_t old = slot.positions.size();
-            slot.positions.resize_within_capacity(old + count);
+            const std::size_t old = slot.rows.tokens() - count;
+            slot.columns.append_initial(count);
+            std::int32_t* positions = slot.columns.template data<position_column>();
             for (std::size_t t = 0; t < count; ++t)
-                slot.positions[old + t] = static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t));
-            if constexpr (collects_attention_stats) {
-                slot.stats.resize_within_capacity(old + count);
-                for (std::size_t t = 0; t < count; ++t) slot.stats[old + t] = 0.0f;
-            }
-            if constexpr (collects_external) {
-                slot.external.resize_within_capacity(old + count);
-                for (std::size_t t = 0; t < count; ++t) slot.external[old + t] = 0.0f;
-            }
+                positions[old + t] = static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t));
             if constexpr (collects_append_scores) {
-                slot.appended.resize_within_capacity(old + count);
+                float* appended = slot.columns.template data<evict::column::append_score>();
                 if constexpr (scores_append_rows) {
                     const evict::row_source rows = evict::row_source::of(slot.rows);
                     evict::append_inputs in;
                     in.held_before = old;
                     in.held = old + count;
                     in.dim = config_.head_dim;
-                    in.positions = slot.positions.data();
+                    in.positions = positions;
                     in.first_position = sequence_start;
                     in.rows = &rows;
                     in.kernels = &k;
                     in.scratch = state.scratch.data();
-                    eviction_.scorer.on_append_rows(in, slot.appended.data());
+                    eviction_.scorer.on_append_rows(in, appended);
                 } else {
                     for (std::size_t t = 0; t < count; ++t)
-                        slot.appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
+                        appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
                 }
             }
         }
@@ -336,20 +321,26 @@ public:
     // Original positions of the tokens one KV head holds.
     const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const {
         detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::positions");
-        return head_slot_at(layer, kv_head).positions.data();
+        return head_slot_at(layer, kv_head).columns.template data<position_column>();
     }
     // E18: scores the engine computes itself (a reconstruction pass, a draft
     // model's attention), one float per token the head holds, in the order of
     // positions(layer, h); the `external` scorer ranks by them. New tokens start at 0.
     float* external_scores(std::size_t layer, std::size_t kv_head) {
         detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::external_scores");
-        return mutable_head(layer, kv_head).external.data();
+        if constexpr (collects_external)
+            return mutable_head(layer, kv_head).columns.template data<evict::column::external_score>();
+        else
+            return nullptr;
     }
 
     // The running attention statistic of one head (empty unless a policy asked for it).
     const float* attention_statistic(std::size_t layer, std::size_t kv_head) const {
         detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::attention_statistic");
-        return head_slot_at(layer, kv_head).stats.data();
+        if constexpr (columns_type::template has<evict::column::attention_state>)
+            return head_slot_at(layer, kv_head).columns.template data<evict::column::attention_state>();
+        else
+            return nullptr;
     }
 
     const head_storage& head(std::size_t layer, std::size_t kv_head) const {
@@ -384,9 +375,7 @@ public:
     // policy state, recent queries, the statistics scratch and bookkeeping.
     std::size_t bytes() const noexcept {
         std::size_t total = heads_.capacity() * sizeof(head_slot) + layers_.capacity() * sizeof(layer_state);
-        for (const head_slot& slot : heads_)
-            total += slot.rows.bytes() + slot.positions.bytes() + slot.stats.bytes() + slot.external.bytes() +
-                     slot.appended.bytes();
+        for (const head_slot& slot : heads_) total += slot.rows.bytes() + slot.columns.bytes();
         for (const layer_state& state : layers_) total += state.queries.bytes() + state.scratch.bytes();
         return total;
     }
@@ -395,29 +384,20 @@ public:
         detail::validate_held(config_, layers_.size(), "compressed_cache::reserve");
         for (head_slot& slot : heads_) {
             slot.rows.reserve(tokens);
-            slot.positions.reserve(tokens);
-            if constexpr (collects_attention_stats) slot.stats.reserve(tokens);
-            if constexpr (collects_external) slot.external.reserve(tokens);
-            if constexpr (collects_append_scores) slot.appended.reserve(tokens);
+            slot.columns.reserve(tokens);
         }
     }
     void shrink_to_fit() {
         for (head_slot& slot : heads_) {
             slot.rows.shrink_to_fit();
-            slot.positions.shrink_to_fit();
-            slot.stats.shrink_to_fit();
-            slot.external.shrink_to_fit();
-            slot.appended.shrink_to_fit();
+            slot.columns.shrink_to_fit();
         }
         for (layer_state& state : layers_) state.scratch.release();
     }
     void clear() noexcept {
         for (head_slot& slot : heads_) {
             slot.rows.release();
-            slot.positions.release();
-            slot.stats.release();
-            slot.external.release();
-            slot.appended.release();
+            slot.columns.release();
         }
         for (layer_state& state : layers_) {
             state.queries.release();
@@ -435,12 +415,9 @@ private:
     // Everything one (layer, KV head) owns.
     struct head_slot {
         head_storage rows;
-        aligned_buffer<std::int32_t> positions;
-        aligned_buffer<float> stats;    // running attention statistic of the scorer
-        aligned_buffer<float> external; // engine-supplied scores (E18)
-        aligned_buffer<float> appended; // the scorer's per-token scores from append (scores_on_append)
-        head_slot(head_storage rows_, memory_resource* resource)
-            : rows(std::move(rows_)), positions(resource), stats(resource), external(resource), appended(resource) {}
+        columns_type columns;
+        head_slot(head_storage rows_, memory_resource* resource) : rows(std::move(rows_)), columns(resource) {}
+        head_slot(head_storage rows_, columns_type columns_) : rows(std::move(rows_)), columns(std::move(columns_)) {}
     };
     // Everything one layer owns besides its heads.
     struct layer_state {
@@ -467,9 +444,10 @@ private:
         layer_state& operator=(layer_state&&) noexcept = default;
     };
 
+    // The window of recent queries kept for the layer: the longest any family asked for.
     static constexpr std::size_t query_window() noexcept {
-        if constexpr (needs_queries_v<Eviction>) return Eviction::scorer_type::query_window;
-        else return 0;
+        return std::max({query_window_v<Eviction>, query_window_v<Merging>, query_window_v<Quantization>,
+                         query_window_v<Projection>});
     }
 
     static cache_config checked(cache_config config) {
@@ -501,10 +479,7 @@ private:
         if constexpr (evicts && detail::has_bytes_per_token<head_storage>::value) {
             if (eviction_.keep.bytes == 0) return 0;
             const std::size_t per_token = heads_.empty() ? 1
-                                          : heads_[0].rows.bytes_per_token() + sizeof(std::int32_t) +
-                                                (collects_attention_stats ? sizeof(float) : 0) +
-                                                (collects_external ? sizeof(float) : 0) +
-                                                (collects_append_scores ? sizeof(float) : 0);
+                                          : heads_[0].rows.bytes_per_token() + columns_type::bytes_per_token;
             return eviction_.keep.tokens_for_bytes(config_.layers * config_.kv_heads, per_token);
         } else {
             return 0;
@@ -567,7 +542,8 @@ private:
                 const std::size_t with_incoming = target_of(layer, held + incoming, state.seen + incoming);
                 const std::size_t target = with_incoming - std::min(with_incoming, incoming);
                 evict::head_candidates& candidate = candidates.heads[h];
-                candidate.positions = slot.positions.data();
+                const std::int32_t* positions = slot.columns.template data<position_column>();
+                candidate.positions = positions;
                 candidate.held = held;
                 candidate.target = target;
                 if (held == 0 || (selector_type::uses_target && target >= held)) {
@@ -582,7 +558,7 @@ private:
                 in.tokens = held;
                 in.target = target;
                 in.dim = dim;
-                in.positions = slot.positions.data();
+                in.positions = positions;
                 in.last_position = state.last_position;
                 in.scale = config_.logit_scale();
                 in.kernels = &k;
@@ -599,9 +575,11 @@ private:
                     slot.rows.decode_values(k, 0, held, values.data());
                     in.values = values.data();
                 }
-                if constexpr (collects_attention_stats) in.attention = slot.stats.data();
-                if constexpr (collects_external) in.external = slot.external.data();
-                if constexpr (collects_append_scores) in.appended = slot.appended.data();
+                if constexpr (columns_type::template has<evict::column::attention_state>)
+                    in.attention = slot.columns.template data<evict::column::attention_state>();
+                if constexpr (collects_external) in.external = slot.columns.template data<evict::column::external_score>();
+                if constexpr (collects_append_scores)
+                    in.appended = slot.columns.template data<evict::column::append_score>();
                 if constexpr (collects_queries) {
                     in.query_count = gather_queries(state, h, recent);
                     in.queries = recent.data();
@@ -672,14 +650,19 @@ private:
 
     // Feeds one attention call's statistics and queries to the policies' state.
     void observe(std::size_t layer, const float* mass, const float* queries, std::size_t query_tokens, bool decode) {
-        if constexpr (collects_attention_stats) {
+        // Each family that asked for attention statistics gets them (a
+        // family that did not is never called: evict::none has no scorer).
+        if constexpr (needs_attention_stats_v<Eviction>) {
             std::size_t offset = 0;
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
                 head_slot& slot = mutable_head(layer, h);
                 const std::size_t held = slot.rows.tokens();
-                eviction_.scorer.observe(slot.stats.data(), mass + offset, held, query_tokens);
+                eviction_.scorer.observe(slot.columns.template data<evict::column::attention_state>(), mass + offset,
+                                         held, query_tokens);
                 offset += held;
             }
+        } else {
+            (void)mass;
         }
         if constexpr (collects_queries) {
             if (decode && !query_window_outlives_prompt()) return;
@@ -737,14 +720,15 @@ private:
     void rerotate(const kernels::kernel_table& k, head_slot& slot, std::int64_t first) noexcept {
         if constexpr (detail::has_store_key<head_storage>::value) {
             float row[max_head_dim];
-            for (std::size_t i = 0; i < slot.positions.size(); ++i) {
+            std::int32_t* positions = slot.columns.template data<position_column>();
+            for (std::size_t i = 0; i < slot.rows.tokens(); ++i) {
                 const std::int64_t target = first + static_cast<std::int64_t>(i);
-                const std::int64_t delta = target - slot.positions[i];
+                const std::int64_t delta = target - positions[i];
                 if (delta == 0) continue;
                 slot.rows.decode_keys(k, i, 1, row);
                 kernels::rope_rotate(eviction_.rerotate.rope, row, config_.head_dim, delta);
                 slot.rows.store_key(k, i, row);
-                slot.positions[i] = static_cast<std::int32_t>(target);
+                positions[i] = static_cast<std::int32_t>(target);
             }
         } else {
             (void)k, (void)slot, (void)first;
@@ -755,33 +739,14 @@ private:
     head_slot compact(const head_slot& slot, const std::vector<std::uint32_t>& indices) const {
         const std::uint32_t* at = indices.data();
         const std::size_t count = indices.size();
-        auto gathered = [&](const auto& buffer) {
-            std::decay_t<decltype(buffer)> out(config_.resource);
-            if (buffer.empty()) return out;
-            out.reserve(count);
-            for (std::size_t i = 0; i < count; ++i) out.data()[i] = buffer[at[i]];
-            out.resize_within_capacity(count);
-            return out;
-        };
         if constexpr (detail::has_compacted<head_storage>::value) {
-            head_slot out(slot.rows.compacted(at, count), config_.resource);
-            out.positions = gathered(slot.positions);
-            out.stats = gathered(slot.stats);
-            out.external = gathered(slot.external);
-            out.appended = gathered(slot.appended);
-            return out;
+            return head_slot(slot.rows.compacted(at, count), slot.columns.gathered(at, count));
         } else { // codecs without compacted(): copy, compact in place, return the spare capacity
             head_slot out = slot;
             out.rows.keep(at, count);
-            detail::keep_elements(out.positions, at, count);
-            if (!out.stats.empty()) detail::keep_elements(out.stats, at, count);
-            if (!out.external.empty()) detail::keep_elements(out.external, at, count);
-            if (!out.appended.empty()) detail::keep_elements(out.appended, at, count);
+            out.columns.keep(at, count);
             out.rows.shrink_to_fit();
-            out.positions.shrink_to_fit();
-            out.stats.shrink_to_fit();
-            out.external.shrink_to_fit();
-            out.appended.shrink_to_fit();
+            out.columns.shrink_to_fit();
             return out;
         }
     }

@@ -12,6 +12,7 @@
 // queries), needs_calibration (an offline artifact given at construction).
 #pragma once
 
+#include <cstddef>
 #include <type_traits>
 #include <utility>
 
@@ -52,6 +53,14 @@ KVC_POLICY_FLAG(needs_attention_stats)
 KVC_POLICY_FLAG(needs_queries)
 KVC_POLICY_FLAG(needs_calibration)
 #undef KVC_POLICY_FLAG
+
+// The recent queries a policy needs the host to keep (needs_queries):
+// `static constexpr std::size_t query_window`, 0 when it declares none.
+template <class P, class = void>
+struct query_window_of : std::integral_constant<std::size_t, 0> {};
+template <class P>
+struct query_window_of<P, std::void_t<decltype(P::query_window)>>
+    : std::integral_constant<std::size_t, static_cast<std::size_t>(P::query_window)> {};
 
 // A policy's (or a policy part's) parameter check, run by the cache at
 // construction before anything is stored: `validate(const cache_config&)`
@@ -101,6 +110,8 @@ template <class P>
 inline constexpr bool needs_queries_v = detail::needs_queries_of<P>::value;
 template <class P>
 inline constexpr bool needs_calibration_v = detail::needs_calibration_of<P>::value;
+template <class P>
+inline constexpr std::size_t query_window_v = detail::query_window_of<P>::value;
 
 #if KVC_HAS_CONCEPTS
 template <class P>

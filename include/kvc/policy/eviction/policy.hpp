@@ -522,6 +522,8 @@ struct policy {
     static constexpr bool evicts = true;
     static constexpr bool needs_attention_stats = Scorer::needs_attention_stats;
     static constexpr bool needs_queries = Scorer::query_window > 0;
+    static constexpr std::size_t query_window = Scorer::query_window;
+    using columns = scorer_columns_t<Scorer>; // per-token state the host keeps for the scorer
 
     budget keep{};
     schedule when{};

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kvc/kernels/table.hpp"
+#include "kvc/storage/token_columns.hpp"
 
 namespace kvc::evict {
 
@@ -135,6 +136,31 @@ struct needs_external_scores_of : std::false_type {};
 template <class S>
 struct needs_external_scores_of<S, std::void_t<decltype(S::needs_external_scores)>>
     : std::bool_constant<S::needs_external_scores> {};
+
+// The per-token columns (storage/token_columns.hpp) an eviction policy asks
+// the host to keep, from what its scorer declares.
+namespace column {
+struct attention_state { // running attention statistic, updated by Scorer::observe (needs_attention_stats)
+    using value_type = float;
+    static constexpr value_type initial = 0.0f;
+};
+struct external_score { // written by the engine through external_scores() (needs_external_scores)
+    using value_type = float;
+    static constexpr value_type initial = 0.0f;
+};
+struct append_score { // what on_append / on_append_rows computed (scores_on_append)
+    using value_type = float;
+    static constexpr value_type initial = 0.0f;
+};
+} // namespace column
+
+template <class Scorer>
+using scorer_columns_t =
+    column_union_t<std::conditional_t<Scorer::needs_attention_stats, column_list<column::attention_state>, column_list<>>,
+                   std::conditional_t<needs_external_scores_of<Scorer>::value, column_list<column::external_score>,
+                                      column_list<>>,
+                   std::conditional_t<scores_on_append_of<Scorer>::value, column_list<column::append_score>,
+                                      column_list<>>>;
 
 namespace protocol_detail {
 template <class S, class = void>

@@ -265,6 +265,7 @@ struct rotated {
     static constexpr bool rotates_values = RotateValues;
     static constexpr bool needs_attention_stats = needs_attention_stats_v<Codec>;
     static constexpr bool needs_queries = needs_queries_v<Codec>;
+    static constexpr std::size_t query_window = query_window_v<Codec>;
 
     Codec codec{};
     bool random_signs = true; // the fixed +-1 diagonal before the Walsh-Hadamard blocks

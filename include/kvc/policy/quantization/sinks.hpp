@@ -300,6 +300,7 @@ struct with_sinks {
     static constexpr std::size_t default_sink_tokens = N;
     static constexpr bool needs_attention_stats = needs_attention_stats_v<Codec>;
     static constexpr bool needs_queries = needs_queries_v<Codec>;
+    static constexpr std::size_t query_window = query_window_v<Codec>;
     static constexpr bool needs_calibration = detail::needs_calibration_of<Codec>::value;
 
     Codec codec{};
