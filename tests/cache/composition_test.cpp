@@ -1,5 +1,5 @@
 // The host serves every family, not only eviction: a merging policy that asks
-// for attention statistics composes with evict::none, and a projection that
+// for attention statistics composes with evict::none and receives them, and a projection that
 // asks for recent queries gets them (both were broken while the host wired
 // statistics and queries to the eviction slot alone).
 #include <gtest/gtest.h>
@@ -25,6 +25,15 @@ struct merger_with_statistics {
     using family = kvc::merging_family;
     static constexpr bool merges = false;
     static constexpr bool needs_attention_stats = true;
+    double* received = nullptr; // sum of every mass handed to observe()
+    std::size_t* calls = nullptr;
+    template <class Layer>
+    void observe(const Layer& layer, const float* mass, std::size_t /*query_tokens*/) const noexcept {
+        std::size_t held = 0;
+        for (std::size_t h = 0; h < layer.config().kv_heads; ++h) held += layer.held(h);
+        for (std::size_t t = 0; t < held; ++t) *received += mass[t];
+        ++*calls;
+    }
 };
 struct projection_with_queries {
     using family = kvc::projection_family;
@@ -67,8 +76,17 @@ TEST(Composition, MergerAskingForStatisticsComposesWithoutEviction) {
     using cache_type = kvc::compressed_cache<kvc::evict::none, merger_with_statistics, kvc::quant::none<float>,
                                              kvc::project::none>;
     static_assert(cache_type::collects_attention_stats, "the merger's request is honoured");
-    cache_type cache(shape());
+    double received = 0.0;
+    std::size_t calls = 0;
+    merger_with_statistics merger;
+    merger.received = &received;
+    merger.calls = &calls;
+    cache_type cache(shape(), {}, merger);
     decode_like_full_cache(cache, 9);
+    // Every decode step's probabilities reach the merger: each of the 4 query
+    // heads' distributions sums to 1, so 9 steps hand over 9 x 4 in all.
+    EXPECT_EQ(calls, 9u);
+    EXPECT_NEAR(received, 9.0 * shape().query_heads, 1e-4);
 }
 
 TEST(Composition, ProjectionAskingForQueriesGetsItsWindow) {

@@ -58,16 +58,6 @@
 
 namespace kvc {
 
-namespace detail {
-
-template <class P, class = void>
-struct scores_append_rows_of_policy : std::false_type {};
-template <class P>
-struct scores_append_rows_of_policy<P, std::void_t<typename P::scorer_type>>
-    : evict::scores_append_rows_of<typename P::scorer_type> {};
-
-} // namespace detail
-
 template <class Eviction, class Merging, class Quantization, class Projection>
 class compressed_cache {
     static_assert(is_eviction_policy_v<Eviction>,
@@ -113,8 +103,6 @@ public:
     static constexpr bool collects_queries = needs_queries_v<Eviction> || needs_queries_v<Merging> ||
                                              needs_queries_v<Quantization> || needs_queries_v<Projection>;
     static constexpr bool collects_external = columns_type::template has<evict::column::external_score>;
-    static constexpr bool collects_append_scores = columns_type::template has<evict::column::append_score>;
-    static constexpr bool scores_append_rows = detail::scores_append_rows_of_policy<Eviction>::value;
 
     explicit compressed_cache(const cache_config& config, Eviction eviction = {}, Merging merging = {},
                               Quantization quantization = {}, Projection projection = {})
@@ -202,8 +190,8 @@ public:
             slot.columns.reserve_for_append(count);
             slot.rows.reserve_for_append(count);
         }
-        if constexpr (scores_append_rows) state.scratch.reserve(eviction_.scorer.append_scratch(config_.head_dim));
-        const std::int64_t sequence_start = state.last_position < 0 ? first_position : state.first_position;
+        state.scratch.reserve(std::max({append_scratch_of(eviction_), append_scratch_of(merging_),
+                                         append_scratch_of(quantization_), append_scratch_of(projection_)}));
         const kernels::kernel_table& k = kernels::active();
         for (std::size_t t = 0; t < count; ++t)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
@@ -221,29 +209,15 @@ public:
             std::int32_t* positions = slot.columns.template data<position_column>();
             for (std::size_t t = 0; t < count; ++t)
                 positions[old + t] = static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t));
-            if constexpr (collects_append_scores) {
-                float* appended = slot.columns.template data<evict::column::append_score>();
-                if constexpr (scores_append_rows) {
-                    const evict::row_source rows = evict::row_source::of(slot.rows);
-                    evict::append_inputs in;
-                    in.held_before = old;
-                    in.held = old + count;
-                    in.dim = config_.head_dim;
-                    in.positions = positions;
-                    in.first_position = sequence_start;
-                    in.rows = &rows;
-                    in.kernels = &k;
-                    in.scratch = state.scratch.data();
-                    eviction_.scorer.on_append_rows(in, appended);
-                } else {
-                    for (std::size_t t = 0; t < count; ++t)
-                        appended[old + t] = append_score<KeyView, ValueView>(k, keys.row(t, h), values.row(t, h));
-                }
-            }
         }
         if (state.last_position < 0) state.first_position = first_position;
         state.last_position = first_position + static_cast<std::int64_t>(count) - 1;
         state.seen += count;
+        const layer_access view = access(layer);
+        on_append_with(eviction_, view, count, keys, values);
+        on_append_with(merging_, view, count, keys, values);
+        on_append_with(quantization_, view, count, keys, values);
+        on_append_with(projection_, view, count, keys, values);
         if constexpr (evicts) {
             if (compressed_for_decode && eviction_.rerotate.enabled) {
                 // The kept keys moved to contiguous positions; the new one joins them.
@@ -444,6 +418,45 @@ private:
         layer_state& operator=(layer_state&&) noexcept = default;
     };
 
+    // What the host lends a policy's stage for one layer (see policy/traits.hpp):
+    // read access to every head's rows, positions and declared columns, the
+    // recent queries, and write access to the columns for observe().
+    class layer_access {
+    public:
+        layer_access(const compressed_cache& cache, std::size_t layer) noexcept : cache_(&cache), layer_(layer) {}
+        std::size_t index() const noexcept { return layer_; }
+        const cache_config& config() const noexcept { return cache_->config_; }
+        const kernels::kernel_table& kernels() const noexcept { return kernels::active(); }
+        std::int64_t first_position() const noexcept { return state().first_position; }
+        std::int64_t last_position() const noexcept { return state().last_position; }
+        std::size_t seen() const noexcept { return state().seen; }
+        std::size_t byte_budget_tokens() const noexcept { return cache_->byte_budget_tokens_; }
+        std::size_t held(std::size_t h) const noexcept { return rows(h).tokens(); }
+        const head_storage& rows(std::size_t h) const noexcept { return slot(h).rows; }
+        const std::int32_t* positions(std::size_t h) const noexcept { return column<position_column>(h); }
+        template <class Column>
+        const typename Column::value_type* column(std::size_t h) const noexcept {
+            return slot(h).columns.template data<Column>();
+        }
+        // Columns are the policies' running state: observe() updates them
+        // through the const view the host lends (the host owns them and is
+        // inside a non-const call whenever it lends this).
+        template <class Column>
+        typename Column::value_type* mutable_column(std::size_t h) const noexcept {
+            return const_cast<typename Column::value_type*>(column<Column>(h));
+        }
+        std::size_t queries(std::size_t h, std::size_t most, std::vector<float>& out) const {
+            return cache_->gather_queries(state(), h, most, out);
+        }
+
+    private:
+        const layer_state& state() const noexcept { return cache_->layers_[layer_]; }
+        const head_slot& slot(std::size_t h) const noexcept { return cache_->head_slot_at(layer_, h); }
+        const compressed_cache* cache_;
+        std::size_t layer_;
+    };
+    layer_access access(std::size_t layer) const noexcept { return layer_access(*this, layer); }
+
     // The window of recent queries kept for the layer: the longest any family asked for.
     static constexpr std::size_t query_window() noexcept {
         return std::max({query_window_v<Eviction>, query_window_v<Merging>, query_window_v<Quantization>,
@@ -464,7 +477,7 @@ private:
     // The budget's tokens for one head of `layer` holding `held` tokens, the layer having seen `seen`.
     std::size_t target_of(std::size_t layer, std::size_t held, std::size_t seen) const noexcept {
         if constexpr (evicts) {
-            return eviction_.keep.target(held, seen, layer, config_.layers, byte_budget_tokens_);
+            return eviction_.target_of(access(layer), held, seen);
         } else {
             (void)layer, (void)seen;
             return held;
@@ -519,89 +532,19 @@ private:
         if constexpr (evicts) {
             layer_state& state = layers_[layer];
             const kernels::kernel_table& k = kernels::active();
-            using scorer_type = typename Eviction::scorer_type;
-            using selector_type = typename Eviction::selector_type;
-            const std::size_t heads = config_.kv_heads, group = config_.group(), dim = config_.head_dim;
-            std::vector<std::vector<float>> scores(heads);
-            std::vector<float> keys, values, recent;
-            evict::layer_candidates candidates;
-            candidates.heads.resize(heads);
-            candidates.layer = layer;
-            evict::budget shortened; // the budget with the window less the incoming tokens
-            candidates.keep = &eviction_.keep;
-            if (incoming != 0) {
-                shortened = eviction_.keep;
-                shortened.window -= std::min(shortened.window, incoming);
-                candidates.keep = &shortened;
-            }
-            candidates.first_position = state.first_position;
-            bool any = false;
-            for (std::size_t h = 0; h < heads; ++h) {
-                const head_slot& slot = head_slot_at(layer, h);
-                const std::size_t held = slot.rows.tokens();
-                const std::size_t with_incoming = target_of(layer, held + incoming, state.seen + incoming);
-                const std::size_t target = with_incoming - std::min(with_incoming, incoming);
-                evict::head_candidates& candidate = candidates.heads[h];
-                const std::int32_t* positions = slot.columns.template data<position_column>();
-                candidate.positions = positions;
-                candidate.held = held;
-                candidate.target = target;
-                if (held == 0 || (selector_type::uses_target && target >= held)) {
-                    candidate.target = held; // nothing to drop
-                    scores[h].assign(held, 0.0f);
-                    candidate.scores = scores[h].data();
-                    continue;
-                }
-                evict::head_inputs in;
-                in.layer = layer;
-                in.kv_head = h;
-                in.tokens = held;
-                in.target = target;
-                in.dim = dim;
-                in.positions = positions;
-                in.last_position = state.last_position;
-                in.scale = config_.logit_scale();
-                in.kernels = &k;
-                in.group = group;
-                const evict::row_source rows = evict::row_source::of(slot.rows);
-                in.rows = &rows;
-                if constexpr (scorer_type::needs_keys) {
-                    keys.resize(held * dim);
-                    slot.rows.decode_keys(k, 0, held, keys.data());
-                    in.keys = keys.data();
-                }
-                if constexpr (scorer_type::needs_values) {
-                    values.resize(held * dim);
-                    slot.rows.decode_values(k, 0, held, values.data());
-                    in.values = values.data();
-                }
-                if constexpr (columns_type::template has<evict::column::attention_state>)
-                    in.attention = slot.columns.template data<evict::column::attention_state>();
-                if constexpr (collects_external) in.external = slot.columns.template data<evict::column::external_score>();
-                if constexpr (collects_append_scores)
-                    in.appended = slot.columns.template data<evict::column::append_score>();
-                if constexpr (collects_queries) {
-                    in.query_count = gather_queries(state, h, recent);
-                    in.queries = recent.data();
-                }
-                scores[h].resize(held);
-                eviction_.scorer.score(in, scores[h].data());
-                candidate.scores = scores[h].data();
-                any = true;
-            }
-            if (!any) {
+            const std::size_t heads = config_.kv_heads;
+            std::vector<std::vector<std::uint32_t>> keep;
+            if (!eviction_.plan(access(layer), incoming, keep)) {
                 state.prefill_pending = false;
                 if (!query_window_outlives_prompt()) release_query_window(state);
                 return;
             }
-            std::vector<std::vector<std::uint32_t>> keep;
-            eviction_.selector.select(candidates, keep);
             // Build every compacted head first (the only step that allocates),
             // then swap them in: a failure leaves the layer as it was.
             std::vector<std::size_t> changed;
             std::vector<head_slot> compacted;
             for (std::size_t h = 0; h < heads; ++h) {
-                if (keep[h].size() == candidates.heads[h].held) continue;
+                if (keep[h].size() == rows_at(layer, h).tokens()) continue;
                 changed.push_back(h);
                 compacted.push_back(compact(head_slot_at(layer, h), keep[h]));
             }
@@ -652,15 +595,12 @@ private:
     void observe(std::size_t layer, const float* mass, const float* queries, std::size_t query_tokens, bool decode) {
         // Each family that asked for attention statistics gets them (a
         // family that did not is never called: evict::none has no scorer).
-        if constexpr (needs_attention_stats_v<Eviction>) {
-            std::size_t offset = 0;
-            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                head_slot& slot = mutable_head(layer, h);
-                const std::size_t held = slot.rows.tokens();
-                eviction_.scorer.observe(slot.columns.template data<evict::column::attention_state>(), mass + offset,
-                                         held, query_tokens);
-                offset += held;
-            }
+        if constexpr (collects_attention_stats) {
+            const layer_access view = access(layer);
+            observe_with(eviction_, view, mass, query_tokens);
+            observe_with(merging_, view, mass, query_tokens);
+            observe_with(quantization_, view, mass, query_tokens);
+            observe_with(projection_, view, mass, query_tokens);
         } else {
             (void)mass;
         }
@@ -681,39 +621,43 @@ private:
         }
     }
 
-    // The recorded queries of KV head h's group, oldest first: [count][group][dim].
-    std::size_t gather_queries(const layer_state& state, std::size_t h, std::vector<float>& out) const {
+    template <class P>
+    static void observe_with(const P& policy, const layer_access& view, const float* mass,
+                             std::size_t query_tokens) noexcept {
+        if constexpr (needs_attention_stats_v<P>) policy.observe(view, mass, query_tokens);
+        else (void)policy, (void)view, (void)mass, (void)query_tokens;
+    }
+
+    // The newest (at most `most`) recorded queries of KV head h's group, oldest first: [count][group][dim].
+    std::size_t gather_queries(const layer_state& state, std::size_t h, std::size_t most, std::vector<float>& out) const {
         const std::size_t group = config_.group(), dim = config_.head_dim, window = query_window();
         const std::size_t row = config_.query_heads * dim;
-        out.resize(state.query_count * group * dim);
-        const std::size_t oldest = (state.query_next + window - state.query_count) % (window ? window : 1);
-        for (std::size_t i = 0; i < state.query_count; ++i) {
+        const std::size_t count = std::min(state.query_count, most);
+        out.resize(count * group * dim);
+        const std::size_t oldest = (state.query_next + window - count) % (window ? window : 1);
+        for (std::size_t i = 0; i < count; ++i) {
             const float* src = state.queries.data() + ((oldest + i) % window) * row + h * group * dim;
             std::memcpy(out.data() + i * group * dim, src, group * dim * sizeof(float));
         }
-        return state.query_count;
+        return count;
     }
 
-    // The scorer's on_append for one token, from the rows as the engine gave them.
-    template <class KeyView, class ValueView, class KeyElement, class ValueElement>
-    float append_score(const kernels::kernel_table& k, const KeyElement* key, const ValueElement* value) const noexcept {
-        const std::size_t dim = config_.head_dim;
-        float key_row[max_head_dim], value_row[max_head_dim];
-        const float* key_f32 = nullptr;
-        const float* value_f32 = nullptr;
-        if constexpr (KeyView::element_dtype == dtype::f32) {
-            key_f32 = key;
-        } else {
-            k.to_f32[kernels::index_of(KeyView::element_dtype)](key, key_row, dim);
-            key_f32 = key_row;
-        }
-        if constexpr (ValueView::element_dtype == dtype::f32) {
-            value_f32 = value;
-        } else {
-            k.to_f32[kernels::index_of(ValueView::element_dtype)](value, value_row, dim);
-            value_f32 = value_row;
-        }
-        return eviction_.scorer.on_append(k, key_f32, value_f32, dim);
+    // Families that keep state per appended token (observes_append) update it
+    // once the rows and columns are stored; they need no allocation.
+    template <class P>
+    static constexpr bool observes_append_v = detail::observes_append_of<P>::value;
+    template <class P>
+    std::size_t append_scratch_of(const P& policy) const noexcept {
+        if constexpr (observes_append_v<P>) return policy.append_scratch_floats(config_.head_dim);
+        else return (void)policy, 0;
+    }
+    template <class P, class KeyView, class ValueView>
+    void on_append_with(const P& policy, const layer_access& view, std::size_t count, const KeyView& keys,
+                        const ValueView& values) noexcept {
+        if constexpr (observes_append_v<P>)
+            policy.on_append(view, count, keys, values, layers_[view.index()].scratch.data());
+        else
+            (void)policy, (void)view, (void)count, (void)keys, (void)values;
     }
 
     // B10: moves kept token i of a head to position first + i, rotating its key by the difference.

@@ -8,8 +8,27 @@
 //
 // Policies publish what the cache must collect for them, and the cache
 // collects exactly that: needs_attention_stats (per-token attention mass from
-// kvc's own fused attention), needs_queries (a bounded window of recent
-// queries), needs_calibration (an offline artifact given at construction).
+// kvc's own fused attention, handed to the policy's observe()), needs_queries
+// with query_window (a bounded window of recent queries), needs_calibration
+// (an offline artifact given at construction), columns (per-token state,
+// storage/token_columns.hpp).
+//
+// What the host lends a policy's stage for one layer (a `Layer` argument):
+//   index(), config(), kernels()                 the layer, the model's shape, the active kernels
+//   first_position(), last_position(), seen()    the sequence so far
+//   byte_budget_tokens()                         tokens per head a byte budget buys (0: none)
+//   held(h), rows(h), positions(h)               one KV head's token count, head store, positions
+//   column<C>(h), mutable_column<C>(h)           a declared column (mutable: in observe only)
+//   queries(h, most, out)                        the newest `most` recorded queries of head h's
+//                                                GQA group, oldest first, [count][group][dim]
+// A family that needs attention statistics provides
+//   template <class Layer> void observe(const Layer&, const float* mass, std::size_t query_tokens) const noexcept;
+// with mass holding, head after head, held(h) floats. A family that keeps
+// state per appended token sets observes_append and provides
+//   std::size_t append_scratch_floats(std::size_t dim) const noexcept;   // reserved before the append
+//   template <class Layer, class K, class V>
+//   void on_append(const Layer&, std::size_t count, const K& keys, const V& values, float* scratch) const noexcept;
+// called once the new rows and columns are stored (the last `count` tokens of every head).
 #pragma once
 
 #include <cstddef>
@@ -52,6 +71,7 @@ struct family_of<P, std::void_t<typename P::family>> {
 KVC_POLICY_FLAG(needs_attention_stats)
 KVC_POLICY_FLAG(needs_queries)
 KVC_POLICY_FLAG(needs_calibration)
+KVC_POLICY_FLAG(observes_append)
 #undef KVC_POLICY_FLAG
 
 // The recent queries a policy needs the host to keep (needs_queries):

@@ -535,6 +535,152 @@ struct policy {
     explicit policy(budget keep_budget, schedule when_to = {}, Scorer scorer_ = {}, Selector selector_ = {})
         : keep(keep_budget), when(when_to), scorer(std::move(scorer_)), selector(std::move(selector_)) {}
 
+    // The eviction stage of compress: scores every KV head of the layer the
+    // host lends (see "What the host lends a stage" in protocol.hpp) and
+    // selects what the budget keeps, making room for `incoming` tokens about
+    // to be appended (0 for an explicit compress): each head keeps what the
+    // budget allows once they are in, less them, with the recent window
+    // shortened by as many (they will be its newest tokens). Fills `kept`
+    // with ascending indices per head and returns true, or returns false
+    // when no head has anything to drop. Changes nothing (it may throw bad_alloc).
+    template <class Layer>
+    bool plan(const Layer& layer, std::size_t incoming, std::vector<std::vector<std::uint32_t>>& kept) const {
+        const cache_config& config = layer.config();
+        const kernels::kernel_table& k = layer.kernels();
+        const std::size_t heads = config.kv_heads, dim = config.head_dim;
+        std::vector<std::vector<float>> scores(heads);
+        std::vector<float> keys, values, recent;
+        layer_candidates candidates;
+        candidates.heads.resize(heads);
+        candidates.layer = layer.index();
+        budget shortened; // the budget with the window less the incoming tokens
+        candidates.keep = &keep;
+        if (incoming != 0) {
+            shortened = keep;
+            shortened.window -= std::min(shortened.window, incoming);
+            candidates.keep = &shortened;
+        }
+        candidates.first_position = layer.first_position();
+        bool any = false;
+        for (std::size_t h = 0; h < heads; ++h) {
+            const std::size_t held = layer.held(h);
+            const std::size_t with_incoming = target_of(layer, held + incoming, layer.seen() + incoming);
+            const std::size_t target = with_incoming - std::min(with_incoming, incoming);
+            head_candidates& candidate = candidates.heads[h];
+            candidate.positions = layer.positions(h);
+            candidate.held = held;
+            candidate.target = target;
+            if (held == 0 || (Selector::uses_target && target >= held)) {
+                candidate.target = held; // nothing to drop
+                scores[h].assign(held, 0.0f);
+                candidate.scores = scores[h].data();
+                continue;
+            }
+            head_inputs in;
+            in.layer = layer.index();
+            in.kv_head = h;
+            in.tokens = held;
+            in.target = target;
+            in.dim = dim;
+            in.positions = candidate.positions;
+            in.last_position = layer.last_position();
+            in.scale = config.logit_scale();
+            in.kernels = &k;
+            in.group = config.group();
+            const row_source rows = row_source::of(layer.rows(h));
+            in.rows = &rows;
+            if constexpr (Scorer::needs_keys) {
+                keys.resize(held * dim);
+                layer.rows(h).decode_keys(k, 0, held, keys.data());
+                in.keys = keys.data();
+            }
+            if constexpr (Scorer::needs_values) {
+                values.resize(held * dim);
+                layer.rows(h).decode_values(k, 0, held, values.data());
+                in.values = values.data();
+            }
+            if constexpr (Scorer::needs_attention_stats) in.attention = layer.template column<column::attention_state>(h);
+            if constexpr (needs_external_scores_of<Scorer>::value)
+                in.external = layer.template column<column::external_score>(h);
+            if constexpr (scores_on_append_of<Scorer>::value) in.appended = layer.template column<column::append_score>(h);
+            if constexpr (query_window > 0) {
+                in.query_count = layer.queries(h, query_window, recent);
+                in.queries = recent.data();
+            }
+            scores[h].resize(held);
+            scorer.score(in, scores[h].data());
+            candidate.scores = scores[h].data();
+            any = true;
+        }
+        if (!any) return false;
+        selector.select(candidates, kept);
+        return true;
+    }
+
+    // Scorers that score at append (scores_on_append) do it here, once per
+    // append of the layer, after the new rows and their columns are stored:
+    // the last `count` tokens of every head; `keys` and `values` are the
+    // engine's views of them. `scratch` holds append_scratch_floats(dim).
+    static constexpr bool observes_append = scores_on_append_of<Scorer>::value;
+    std::size_t append_scratch_floats(std::size_t dim) const noexcept {
+        if constexpr (scores_append_rows_of<Scorer>::value) return scorer.append_scratch(dim);
+        else return (void)dim, 0;
+    }
+    template <class Layer, class KeyView, class ValueView>
+    void on_append(const Layer& layer, std::size_t count, const KeyView& keys, const ValueView& values,
+                   float* scratch) const noexcept {
+        const std::size_t dim = layer.config().head_dim;
+        const kernels::kernel_table& k = layer.kernels();
+        for (std::size_t h = 0; h < layer.config().kv_heads; ++h) {
+            float* appended = layer.template mutable_column<column::append_score>(h);
+            const std::size_t held_before = layer.held(h) - count; // heads differ once eviction ran
+            if constexpr (scores_append_rows_of<Scorer>::value) {
+                const row_source rows = row_source::of(layer.rows(h));
+                append_inputs in;
+                in.held_before = held_before;
+                in.held = held_before + count;
+                in.dim = dim;
+                in.positions = layer.positions(h);
+                in.first_position = layer.first_position();
+                in.rows = &rows;
+                in.kernels = &k;
+                in.scratch = scratch;
+                scorer.on_append_rows(in, appended);
+            } else {
+                (void)scratch;
+                float key_row[max_head_dim], value_row[max_head_dim];
+                for (std::size_t t = 0; t < count; ++t) {
+                    const float* key = widened<KeyView>(k, keys.row(t, h), key_row, dim);
+                    const float* value = widened<ValueView>(k, values.row(t, h), value_row, dim);
+                    appended[held_before + t] = scorer.on_append(k, key, value, dim);
+                }
+            }
+        }
+    }
+
+    // The budget's tokens for one head of the layer holding `held` tokens, the layer having seen `seen`.
+    template <class Layer>
+    std::size_t target_of(const Layer& layer, std::size_t held, std::size_t seen) const noexcept {
+        return keep.target(held, seen, layer.index(), layer.config().layers, layer.byte_budget_tokens());
+    }
+
+    // After every attention over the layer: folds each head's attention mass
+    // (head after head, held(h) floats) into the scorer's running statistic.
+    template <class Layer>
+    void observe(const Layer& layer, const float* mass, std::size_t query_tokens) const noexcept {
+        if constexpr (Scorer::needs_attention_stats) {
+            std::size_t offset = 0;
+            for (std::size_t h = 0; h < layer.config().kv_heads; ++h) {
+                const std::size_t held = layer.held(h);
+                scorer.observe(layer.template mutable_column<column::attention_state>(h), mass + offset, held,
+                               query_tokens);
+                offset += held;
+            }
+        } else {
+            (void)layer, (void)mass, (void)query_tokens;
+        }
+    }
+
     // Checks every parameter against the model's shape (the cache calls this
     // at construction, before anything is stored or evicted).
     void validate(const cache_config& config) const {
@@ -546,6 +692,19 @@ struct policy {
                         "(selector per_head_topk)");
         // rerotate decodes a key into a stack row of head_dim floats and rotates rotary_dims / 2 pairs of it.
         if (rerotate.enabled) detail::validate_rope(rerotate.rope, config.head_dim, "evict::policy (key re-rotation)");
+    }
+
+private:
+    // An engine row as fp32: itself when it is fp32, else widened into `buffer`.
+    template <class View, class Element>
+    static const float* widened(const kernels::kernel_table& k, const Element* row, float* buffer,
+                                std::size_t dim) noexcept {
+        if constexpr (View::element_dtype == dtype::f32) {
+            return (void)k, (void)buffer, (void)dim, row;
+        } else {
+            k.to_f32[kernels::index_of(View::element_dtype)](row, buffer, dim);
+            return buffer;
+        }
     }
 };
 
