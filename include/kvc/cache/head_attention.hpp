@@ -1,7 +1,7 @@
 // kvc/cache/head_attention.hpp -- the per-KV-head attention loops every cache shares.
 //
 // A cache hands these its head stores (anything with tokens(), attend() and
-// prefill(), see policy/quantization/none.hpp); they split the query heads
+// prefill(), see storage/protocol.hpp); they split the query heads
 // into GQA groups, run the kernels once per (layer, KV head) and finalize.
 // full_cache and compressed_cache both use them, so a compressed cache with
 // `none` policies runs exactly the baseline's arithmetic.
