@@ -314,6 +314,40 @@ TEST(Eviction, QueryWindowLivesOnlyUntilThePromptIsCompressed) {
     }
 }
 
+// Issue 18: the ring is stored at the cache's precision, so an fp16 cache
+// holds half the bytes of an fp32 one. What SnapKV keeps is what an fp32
+// cache keeps when the engine gives it the same rows and queries rounded to
+// fp16: the queries lose nothing the keys had not already lost.
+TEST(Eviction, QueryWindowIsStoredAtTheCachesPrecision) {
+    auto c = shape(2, 4, 16);
+    const std::size_t prompt = 128, window = evict::score::snapkv::query_window;
+    auto keys = random_floats(prompt * 2 * 16, 42), queries = random_floats(prompt * 4 * 16, 43);
+    using half_cache = kvc::compressed_cache<evict::snapkv, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none>;
+    c.storage = kvc::dtype::f16;
+    half_cache half(c, evict::snapkv(evict::budget::ratio(0.25)));
+    c.storage = kvc::dtype::f32;
+    evicting_cache<evict::snapkv> single(c, evict::snapkv(evict::budget::ratio(0.25)));
+    std::vector<float> rounded_keys(keys.size()), rounded_queries(queries.size()), out(64 * 4 * 16);
+    for (std::size_t i = 0; i < keys.size(); ++i) rounded_keys[i] = kvc::to_float(kvc::to_half(keys[i]));
+    for (std::size_t i = 0; i < queries.size(); ++i) rounded_queries[i] = kvc::to_float(kvc::to_half(queries[i]));
+    for (std::size_t t0 = 0; t0 < prompt; t0 += 64) {
+        half.append(0, token_major(keys.data() + t0 * 32, 64, 2, 16), token_major(keys.data() + t0 * 32, 64, 2, 16),
+                    static_cast<std::int64_t>(t0));
+        half.attend_chunk(0, queries.data() + t0 * 64, 64, out.data());
+        single.append(0, token_major(rounded_keys.data() + t0 * 32, 64, 2, 16),
+                      token_major(rounded_keys.data() + t0 * 32, 64, 2, 16), static_cast<std::int64_t>(t0));
+        single.attend_chunk(0, rounded_queries.data() + t0 * 64, 64, out.data());
+    }
+    EXPECT_EQ(half.query_window_bytes(), window * 4 * 16 * 2);
+    EXPECT_EQ(single.query_window_bytes(), window * 4 * 16 * sizeof(float));
+    half.compress();
+    single.compress();
+    for (std::size_t h = 0; h < 2; ++h) {
+        EXPECT_EQ(half.tokens(0, h), 32u);
+        EXPECT_EQ(kept_positions(half, 0, h), kept_positions(single, 0, h));
+    }
+}
+
 TEST(Eviction, AfterPrefillTheFirstDecodeAppendCompresses) {
     const auto c = shape(2, 2, 16);
     const std::size_t prompt = 200;

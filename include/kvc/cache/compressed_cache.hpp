@@ -54,6 +54,7 @@
 #include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/protocol.hpp"
+#include "kvc/storage/query_ring.hpp"
 #include "kvc/storage/token_columns.hpp"
 
 namespace kvc {
@@ -379,8 +380,6 @@ public:
             state.last_position = -1;
             state.first_position = 0;
             state.seen = 0;
-            state.query_count = 0;
-            state.query_next = 0;
             state.prefill_pending = false;
         }
     }
@@ -399,9 +398,7 @@ private:
         std::int64_t first_position = 0;
         std::size_t seen = 0;
         bool prefill_pending = false;
-        aligned_buffer<float> queries; // ring of the most recent queries, [window][query_heads][dim]
-        std::size_t query_count = 0;   // queries in the ring (<= window)
-        std::size_t query_next = 0;    // ring slot the next query goes to
+        query_ring queries; // the most recent queries, [window][query_heads][dim], at the cache's precision
         // Working memory of one call on this layer: the attention statistics
         // (when the caller passes no buffer) and the kernels' logits, or an
         // append-time scorer's rows. Per layer, not per cache, because calls on
@@ -411,8 +408,7 @@ private:
         explicit layer_state(memory_resource* resource) : queries(resource), scratch(resource) {}
         layer_state(const layer_state& other)
             : last_position(other.last_position), first_position(other.first_position), seen(other.seen),
-              prefill_pending(other.prefill_pending), queries(other.queries), query_count(other.query_count),
-              query_next(other.query_next), scratch(other.scratch.resource()) {}
+              prefill_pending(other.prefill_pending), queries(other.queries), scratch(other.scratch.resource()) {}
         layer_state(layer_state&&) noexcept = default;
         layer_state& operator=(const layer_state&) = delete;
         layer_state& operator=(layer_state&&) noexcept = default;
@@ -565,8 +561,6 @@ private:
 
     static void release_query_window(layer_state& state) noexcept {
         state.queries.release();
-        state.query_count = 0;
-        state.query_next = 0;
     }
 
     // Whether appending `incoming` tokens to `layer` puts a head more than the
@@ -606,16 +600,10 @@ private:
         }
         if constexpr (collects_queries) {
             if (decode && !query_window_outlives_prompt()) return;
-            layer_state& state = layers_[layer];
-            const std::size_t row = config_.query_heads * config_.head_dim, window = query_window();
-            if (state.queries.capacity() < window * row) state.queries.reserve(window * row);
-            state.queries.resize_within_capacity(window * row);
-            const std::size_t first = query_tokens > window ? query_tokens - window : 0;
-            for (std::size_t i = first; i < query_tokens; ++i) {
-                std::memcpy(state.queries.data() + state.query_next * row, queries + i * row, row * sizeof(float));
-                state.query_next = (state.query_next + 1) % window;
-                state.query_count = state.query_count < window ? state.query_count + 1 : window;
-            }
+            // Stored at the cache's element type (config.storage): no cache
+            // keeps its queries more precisely than its keys.
+            layers_[layer].queries.push(kernels::active(), config_.storage, query_window(),
+                                        config_.query_heads * config_.head_dim, queries, query_tokens);
         } else {
             (void)layer, (void)queries, (void)query_tokens, (void)decode;
         }
@@ -630,16 +618,8 @@ private:
 
     // The newest (at most `most`) recorded queries of KV head h's group, oldest first: [count][group][dim].
     std::size_t gather_queries(const layer_state& state, std::size_t h, std::size_t most, std::vector<float>& out) const {
-        const std::size_t group = config_.group(), dim = config_.head_dim, window = query_window();
-        const std::size_t row = config_.query_heads * dim;
-        const std::size_t count = std::min(state.query_count, most);
-        out.resize(count * group * dim);
-        const std::size_t oldest = (state.query_next + window - count) % (window ? window : 1);
-        for (std::size_t i = 0; i < count; ++i) {
-            const float* src = state.queries.data() + ((oldest + i) % window) * row + h * group * dim;
-            std::memcpy(out.data() + i * group * dim, src, group * dim * sizeof(float));
-        }
-        return count;
+        const std::size_t width = config_.group() * config_.head_dim;
+        return state.queries.gather(kernels::active(), most, h * width, width, out);
     }
 
     // Families that keep state per appended token (observes_append) update it
