@@ -22,6 +22,19 @@
 // BM_attention_stats/h2o: the overhead of collecting per-token attention
 // statistics in the fused attention (see the function).
 //
+// BM_prompt_compression/q4_0+snapkv: where the engine pays for compressing
+// its prompt. Four layers (8 KV heads, 32 query heads, head dim 128) of a
+// q4_0 + SnapKV (keep ratio 0.25, after-prefill schedule) cache, prefilled
+// once with a 2048-token random prompt in 64-token chunks (append +
+// attend_chunk, as an engine does, so SnapKV's window holds the last
+// queries). Each iteration takes two fresh copies of it (timer paused) and
+// times, on one, (a) the first decode step, append + attend for every layer,
+// whose appends compress the prompt inside themselves (`inside_ms`, also
+// the row's time); on the other, (b) compress(layer) for every layer
+// (`compress_ms`) and then (c) the same first decode step (`after_ms`).
+// Which copy goes first alternates. `inside_vs_after` = a / c: how much
+// longer the first step takes when it compresses.
+//
 // BM_evict_decode/<scorer>: decode attention after eviction to 0.25, four
 // layers visited round robin (so the 4 x 32 MiB working set is not served by a
 // 32 MiB L3), against fp16 full_cache on the same shape, both attended in
@@ -45,6 +58,7 @@
 #include "kvc/policy/eviction/all.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/view/kv_view.hpp"
 
@@ -163,6 +177,78 @@ void BM_evict_append(benchmark::State& state) {
     state.SetLabel(kvc::name_of(kvc::active_arch()));
 }
 
+std::vector<float> normal_floats(std::size_t count, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    std::vector<float> values(count);
+    for (float& x : values) x = normal(rng);
+    return values;
+}
+
+void BM_prompt_compression(benchmark::State& state) {
+    constexpr std::size_t layers = 4, prompt = 2048, chunk = 64;
+    using cache_type =
+        kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q4_0, kvc::project::none>;
+    const kvc::cache_config c = evict_shape(layers);
+    const std::size_t kv_row = evict_heads * evict_dim, q_row = c.query_heads * evict_dim;
+    cache_type prefilled(c, kvc::evict::snapkv(kvc::evict::budget::ratio(evict_ratio)));
+    {
+        const std::vector<float> keys = normal_floats(prompt * kv_row, 1), values = normal_floats(prompt * kv_row, 2);
+        const std::vector<float> q = normal_floats(prompt * q_row, 3);
+        std::vector<float> out(chunk * q_row);
+        for (std::size_t first = 0; first < prompt; first += chunk)
+            for (std::size_t l = 0; l < layers; ++l) {
+                prefilled.append(l, kvc::kv_view<const float>(keys.data() + first * kv_row, chunk, evict_heads, evict_dim),
+                                 kvc::kv_view<const float>(values.data() + first * kv_row, chunk, evict_heads, evict_dim),
+                                 static_cast<std::int64_t>(first));
+                prefilled.attend_chunk(l, q.data() + first * q_row, chunk, out.data());
+            }
+    }
+    const std::vector<float> key = normal_floats(kv_row, 4), value = normal_floats(kv_row, 5), q = normal_floats(q_row, 6);
+    std::vector<float> out_inside(q.size()), out_after(q.size());
+    const kvc::kv_view<const float> k1(key.data(), 1, evict_heads, evict_dim), v1(value.data(), 1, evict_heads, evict_dim);
+    auto seconds_of = [](auto&& work) {
+        const auto start = std::chrono::steady_clock::now();
+        work();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    auto first_decode_step = [&](cache_type& cache, std::vector<float>& out) {
+        for (std::size_t l = 0; l < layers; ++l) {
+            cache.append(l, k1, v1, static_cast<std::int64_t>(prompt));
+            cache.attend(l, q.data(), out.data());
+        }
+        benchmark::DoNotOptimize(out.data());
+    };
+    double inside = 0.0, compress = 0.0, after = 0.0;
+    bool inside_first = true;
+    for (auto _ : state) {
+        cache_type compressing = prefilled, explicit_first = prefilled;
+        double this_inside = 0.0;
+        for (int i = 0; i < 2; ++i) {
+            if ((i == 0) == inside_first) {
+                this_inside = seconds_of([&] { first_decode_step(compressing, out_inside); });
+            } else {
+                compress += seconds_of([&] { explicit_first.compress(); });
+                after += seconds_of([&] { first_decode_step(explicit_first, out_after); });
+            }
+        }
+        // The same compression either way: the same tokens kept, the same attention output.
+        if (compressing.tokens(0) != explicit_first.tokens(0) || out_inside != out_after) {
+            state.SkipWithError("compressing inside the append and explicitly gave different caches");
+            break;
+        }
+        inside += this_inside;
+        state.SetIterationTime(this_inside);
+        inside_first = !inside_first;
+    }
+    const double iterations = static_cast<double>(state.iterations());
+    state.counters["inside_ms"] = inside / iterations * 1e3;
+    state.counters["compress_ms"] = compress / iterations * 1e3;
+    state.counters["after_ms"] = after / iterations * 1e3;
+    state.counters["inside_vs_after"] = inside / after;
+    state.SetLabel(kvc::name_of(kvc::active_arch()));
+}
+
 template <class Policy>
 void BM_evict_decode(benchmark::State& state) {
     constexpr std::size_t layers = 4;
@@ -267,6 +353,10 @@ void register_eviction_benchmarks() {
         benchmark::RegisterBenchmark((std::string("BM_evict_append/") + name).c_str(), function)
             ->Unit(benchmark::kMillisecond)
             ->Iterations(3);
+    benchmark::RegisterBenchmark("BM_prompt_compression/q4_0+snapkv", BM_prompt_compression)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(10);
     benchmark::RegisterBenchmark("BM_evict_decode/knorm", BM_evict_decode<evict::knorm>)->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_attention_stats/h2o", BM_attention_stats)->Unit(benchmark::kMillisecond)->MinTime(3.0);
 }

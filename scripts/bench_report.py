@@ -262,7 +262,7 @@ def read_bandwidth_section(runs):
 
 def eviction_section(runs):
     """BM_evict_compress / BM_evict_append / BM_evict_decode / BM_attention_stats (bench/eviction.cpp)."""
-    compress, append, decode, stats = [], [], [], []
+    compress, append, decode, stats, prompt = [], [], [], [], []
     for entry in runs:
         parts = entry["name"].split("/")
         family = parts[0]
@@ -276,11 +276,14 @@ def eviction_section(runs):
             decode.append((parts[1], f"{entry.get('evicted_ms', 0):.2f} ms", f"{entry.get('full_ms', 0):.2f} ms",
                            fmt_fraction(entry, "vs_full_time"), fmt_fraction(entry, "vs_full_bytes"),
                            fmt_fraction(entry)))
+        elif family == "BM_prompt_compression" and len(parts) >= 2:
+            prompt.append((parts[1], f"{entry.get('inside_ms', 0):.1f} ms", f"{entry.get('compress_ms', 0):.1f} ms",
+                           f"{entry.get('after_ms', 0):.2f} ms", fmt_fraction(entry, "inside_vs_after")))
         elif family == "BM_attention_stats" and len(parts) >= 2:
             stats.append((parts[1], f"{entry.get('stats_ms', 0):.2f} ms", f"{entry.get('plain_ms', 0):.2f} ms",
                           f"{entry.get('full_ms', 0):.2f} ms", fmt_fraction(entry, "vs_plain_time"),
                           fmt_fraction(entry, "vs_full_time")))
-    if not (compress or append or decode or stats):
+    if not (compress or append or decode or stats or prompt):
         return []
     out = ["## Eviction (bench/eviction.cpp)", "",
            "One layer of 32K tokens, 8 KV heads, head dim 128, fp16 rows, GQA 4 (32 query heads). Issue 4's "
@@ -301,6 +304,14 @@ def eviction_section(runs):
                 "full_cache; streaming (no append-time score) is the control.", "",
                 table(["scorer", "append (layer)", "append_ms", "vs_plain_time"], append,
                       ["---", "--:", "--:", "--:"]), ""]
+    if prompt:
+        out += ["### BM_prompt_compression: the first decode step, with and without the prompt's compression", "",
+                "Four layers of a q4_0 + SnapKV (0.25) cache, 8 KV heads, 32 query heads, head dim 128, after a "
+                "2048-token prefill. The first decode step (append + attend, every layer) when its appends "
+                "compress the prompt (after-prefill schedule), against `compress(layer)` for every layer right "
+                "after prefill followed by the same step.", "",
+                table(["cache", "first step, compressing", "explicit compress", "first step after it",
+                       "inside_vs_after"], prompt, ["---", "--:", "--:", "--:", "--:"]), ""]
     if decode:
         out += ["### BM_evict_decode: decode attention after eviction to 0.25", "",
                 "Four such layers visited round robin (cold data), against fp16 full_cache on the same shape, "

@@ -83,6 +83,7 @@ public:
         record_queries(layer, queries, chunk);
         inner_->attend_chunk(layer, queries, chunk, out);
     }
+    void compress(std::size_t layer) override { inner_->compress(layer); }
     std::size_t bytes() const override { return inner_->bytes(); }
     std::size_t rows() const override { return inner_->rows(); }
     void shrink_to_fit() override { inner_->shrink_to_fit(); }

@@ -53,6 +53,13 @@ public:
     virtual void attend(std::size_t layer, const float* queries, float* out) = 0;
     // queries, out: [chunk][query_heads][head_dim], the last `chunk` appended tokens, causal.
     virtual void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out) = 0;
+    // The prompt of `layer` is complete (its last chunk attended): compress it
+    // now. An evicting cache would otherwise do it inside the next one-token
+    // append, so the first decode step would wait for it; the result is the
+    // same either way. A cache that never evicts has nothing to do, hence the
+    // default; a wrapper forwards it, else the compression only moves back
+    // into that append.
+    virtual void compress(std::size_t layer) { (void)layer; }
     // Bytes the cache holds (kvc counts every allocation exactly).
     virtual std::size_t bytes() const = 0;
     // Rows held, summed over layers and KV heads (one row = one token's key and value in one head).
@@ -98,7 +105,8 @@ struct assigns_precision<Cache, std::void_t<decltype(std::declval<Cache&>().assi
 // with the tools' default --chunk), summed over the query heads of its KV
 // head, as the cache returns it from attend_chunk. It is assigned once per
 // layer, when the first decode token arrives (the moment evicting policies
-// compress, B9); tokens decoded later arrive at high precision and stay there.
+// compress, B9), or when the engine calls compress(layer) before that;
+// tokens decoded later arrive at high precision and stay there.
 // Measured on kvref (kvc-fidelity, 4 windows, mixed:int8/int2:0.2), mean KL:
 // last chunk 1.7e-3; mass from every prompt query (H2O, E2) 9.1e-3; that
 // mass per query that saw the token 2.0e-3.
@@ -111,17 +119,15 @@ public:
     }
 
     void append(std::size_t layer, const view& keys, const view& values, std::int64_t first_position) override {
-        if constexpr (detail::assigns_precision<Cache>::value) {
-            std::vector<float>& mass = prompt_mass_[layer];
-            if (keys.tokens() == 1 && !mass.empty()) { // the prompt of this layer is complete
-                const std::size_t held = cache_.tokens(layer, 0);
-                for (std::size_t h = 0; h < cache_.config().kv_heads; ++h)
-                    cache_.assign_precision(layer, h, mass.data() + h * held);
-                mass.clear();
-                mass.shrink_to_fit();
-            }
-        }
+        if (keys.tokens() == 1) assign_prompt_precision(layer); // the prompt of this layer is complete
         cache_.append(layer, keys, values, first_position);
+    }
+    // What the first decode append would have done first, in the same order:
+    // precisions from the prompt's mass, then the schedule's compression
+    // (which compressed_cache::compress marks done, so that append skips it).
+    void compress(std::size_t layer) override {
+        assign_prompt_precision(layer);
+        if constexpr (!std::is_same_v<Cache, kvc::full_cache>) cache_.compress(layer);
     }
     void attend(std::size_t layer, const float* queries, float* out) override { cache_.attend(layer, queries, out); }
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out) override {
@@ -151,6 +157,21 @@ public:
     Cache& get() noexcept { return cache_; }
 
 private:
+    // Mixed precision: once per layer, after its last prefill chunk.
+    void assign_prompt_precision(std::size_t layer) {
+        if constexpr (detail::assigns_precision<Cache>::value) {
+            std::vector<float>& mass = prompt_mass_[layer];
+            if (mass.empty()) return;
+            const std::size_t held = cache_.tokens(layer, 0);
+            for (std::size_t h = 0; h < cache_.config().kv_heads; ++h)
+                cache_.assign_precision(layer, h, mass.data() + h * held);
+            mass.clear();
+            mass.shrink_to_fit();
+        } else {
+            (void)layer;
+        }
+    }
+
     Cache cache_;
     // Mixed precision only: per layer, the last prefill chunk's attention mass ([kv_heads][tokens]).
     std::vector<std::vector<float>> prompt_mass_;
@@ -165,7 +186,7 @@ Cache* kvc_cache_inside(kv_cache& cache) {
 }
 
 // A decorator that measures the time spent inside the cache's attention calls
-// (steady_clock around attend/attend_chunk) and appends. kvc-fidelity
+// (steady_clock around attend/attend_chunk), appends and compress calls. kvc-fidelity
 // reports the attention time of a compressed cache relative to full_cache.
 class timed_cache final : public kv_cache {
 public:
@@ -186,6 +207,11 @@ public:
         inner_->attend_chunk(layer, queries, chunk, out);
         attention_seconds_ += seconds_since(start);
     }
+    void compress(std::size_t layer) override {
+        const auto start = clock::now();
+        inner_->compress(layer);
+        compress_seconds_ += seconds_since(start);
+    }
     std::size_t bytes() const override { return inner_->bytes(); }
     std::size_t rows() const override { return inner_->rows(); }
     void shrink_to_fit() override { inner_->shrink_to_fit(); }
@@ -193,6 +219,8 @@ public:
 
     double attention_seconds() const noexcept { return attention_seconds_; }
     double append_seconds() const noexcept { return append_seconds_; }
+    // Explicit compress() calls only (a compression inside append counts as append time).
+    double compress_seconds() const noexcept { return compress_seconds_; }
 
 private:
     using clock = std::chrono::steady_clock;
@@ -202,6 +230,7 @@ private:
     std::unique_ptr<kv_cache> inner_;
     double attention_seconds_ = 0.0;
     double append_seconds_ = 0.0;
+    double compress_seconds_ = 0.0;
 };
 
 // ---------------------------------------------------------------------------

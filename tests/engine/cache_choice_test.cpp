@@ -50,34 +50,63 @@ std::string error_of(const engine::cache_spec& spec) {
     return "(no error)";
 }
 
-// Appends `tokens` rows to every layer as a prompt (append + attend_chunk),
-// then one decode step (append + attend), which is when eviction runs.
-// Rows repeat with a short period, or with `varied`, differ smoothly throughout.
-void exercise(engine::kv_cache& cache, std::size_t tokens, bool varied = false) {
+// The rows exercise() appends: keys and values [tokens][kv_heads][head_dim],
+// repeating with a short period or, with `varied`, differing smoothly
+// throughout; queries [tokens][query_heads][head_dim].
+struct exercise_rows {
+    std::vector<float> keys, values, queries;
+};
+exercise_rows rows_of(std::size_t tokens, bool varied) {
     const kvc::cache_config shape = small_shape();
-    std::vector<float> keys(tokens * shape.kv_heads * shape.head_dim), values(keys.size());
-    for (std::size_t i = 0; i < keys.size(); ++i) {
+    exercise_rows r;
+    r.keys.resize(tokens * shape.kv_heads * shape.head_dim);
+    r.values.resize(r.keys.size());
+    for (std::size_t i = 0; i < r.keys.size(); ++i) {
         if (varied) {
             const double x = static_cast<double>(i);
-            keys[i] = static_cast<float>(std::sin(0.011 * x) * std::cos(0.37 * x) + 0.2 * std::sin(1.7 * x));
-            values[i] = static_cast<float>(std::cos(0.013 * x + 0.3 * std::sin(0.05 * x)));
+            r.keys[i] = static_cast<float>(std::sin(0.011 * x) * std::cos(0.37 * x) + 0.2 * std::sin(1.7 * x));
+            r.values[i] = static_cast<float>(std::cos(0.013 * x + 0.3 * std::sin(0.05 * x)));
         } else {
-            keys[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
-            values[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
+            r.keys[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
+            r.values[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
         }
     }
-    std::vector<float> queries(tokens * shape.query_heads * shape.head_dim, 0.25f), out(queries.size());
+    r.queries.assign(tokens * shape.query_heads * shape.head_dim, 0.25f);
+    return r;
+}
+
+// The prompt, `tokens` rows to every layer in one chunk (append + attend_chunk).
+void prefill(engine::kv_cache& cache, const exercise_rows& r, std::size_t tokens) {
+    const kvc::cache_config shape = small_shape();
+    std::vector<float> out(r.queries.size());
     for (std::size_t layer = 0; layer < shape.layers; ++layer) {
-        cache.append(layer, engine::kv_cache::view(keys.data(), tokens, shape.kv_heads, shape.head_dim),
-                     engine::kv_cache::view(values.data(), tokens, shape.kv_heads, shape.head_dim), 0);
-        cache.attend_chunk(layer, queries.data(), tokens, out.data());
+        cache.append(layer, engine::kv_cache::view(r.keys.data(), tokens, shape.kv_heads, shape.head_dim),
+                     engine::kv_cache::view(r.values.data(), tokens, shape.kv_heads, shape.head_dim), 0);
+        cache.attend_chunk(layer, r.queries.data(), tokens, out.data());
     }
+}
+
+// One decode step after that prompt (append + attend on every layer), which
+// is when eviction runs unless the engine called compress. Returns the
+// attention outputs, [layers][query_heads][head_dim].
+std::vector<float> first_decode_step(engine::kv_cache& cache, const exercise_rows& r, std::size_t tokens) {
+    const kvc::cache_config shape = small_shape();
+    const std::size_t q_row = shape.query_heads * shape.head_dim;
+    std::vector<float> out(shape.layers * q_row);
     for (std::size_t layer = 0; layer < shape.layers; ++layer) {
-        cache.append(layer, engine::kv_cache::view(keys.data(), 1, shape.kv_heads, shape.head_dim),
-                     engine::kv_cache::view(values.data(), 1, shape.kv_heads, shape.head_dim),
+        cache.append(layer, engine::kv_cache::view(r.keys.data(), 1, shape.kv_heads, shape.head_dim),
+                     engine::kv_cache::view(r.values.data(), 1, shape.kv_heads, shape.head_dim),
                      static_cast<std::int64_t>(tokens));
-        cache.attend(layer, queries.data(), out.data());
+        cache.attend(layer, r.queries.data(), out.data() + layer * q_row);
     }
+    return out;
+}
+
+// A prompt of `tokens` rows, then one decode step.
+void exercise(engine::kv_cache& cache, std::size_t tokens, bool varied = false) {
+    const exercise_rows r = rows_of(tokens, varied);
+    prefill(cache, r, tokens);
+    first_decode_step(cache, r, tokens);
 }
 
 } // namespace
@@ -301,6 +330,53 @@ TEST(EngineCacheChoice, MixedPrecisionIsAssignedAfterThePrompt) {
         // Rows the two caches differ by: 32 demoted prompt rows per head (40 - ceil(0.2 * 40)).
         EXPECT_EQ(all_high->bytes() - tested->bytes(), heads * 32 * (high_row - low_row));
         EXPECT_EQ(tested->rows(), all_high->rows());
+    }
+}
+
+// kv_cache::compress, what kvc_engine calls for every layer after prefill,
+// is the compression the first decode step would otherwise run, run before
+// it: the prompt shrinks at once (eviction keeps a quarter, at least 4 sinks +
+// 16 recent of the 40 tokens; mixed precision demotes 80% of the rows to int2),
+// and the decode step after it finds the cache it would have made itself:
+// the same attention outputs bit for bit, rows and bytes. Through timed_cache,
+// as kvc_engine calls it. full_cache has nothing to compress.
+TEST(EngineCacheChoice, CompressAfterThePromptIsTheFirstDecodeStepsCompressionEarlier) {
+    const kvc::cache_config shape = small_shape();
+    const std::size_t prompt = 40, heads = shape.layers * shape.kv_heads;
+    const exercise_rows rows = rows_of(prompt, true);
+    const engine::cache_spec specs[] = {{"none:f16", "snapkv:0.25"}, {"q4_0", "snapkv:0.25"}, {"kivi:2", "h2o:0.25"},
+                                        {"mixed:int8/int2:0.2", "none"}, {"full:f16", "none"}};
+    for (const engine::cache_spec& spec : specs) {
+        SCOPED_TRACE(spec.label());
+        const auto late = engine::make_cache(shape, spec);
+        engine::timed_cache early(engine::make_cache(shape, spec));
+        prefill(*late, rows, prompt);
+        prefill(early, rows, prompt);
+        for (std::size_t layer = 0; layer < shape.layers; ++layer) early.compress(layer);
+        late->shrink_to_fit();
+        early.shrink_to_fit();
+        EXPECT_EQ(late->rows(), heads * prompt);
+        if (spec.evict != "none") {
+            EXPECT_EQ(early.rows(), heads * 20); // max(40 / 4, 4 + 16) per head
+        } else {
+            EXPECT_EQ(early.rows(), late->rows());
+            if (spec.is_full()) {
+                EXPECT_EQ(early.bytes(), late->bytes());
+            } else {
+                EXPECT_LT(early.bytes(), late->bytes()); // precisions assigned
+            }
+        }
+        if (!spec.is_full()) {
+            EXPECT_GT(early.compress_seconds(), 0.0);
+        }
+
+        const std::vector<float> out_late = first_decode_step(*late, rows, prompt);
+        const std::vector<float> out_early = first_decode_step(early, rows, prompt);
+        EXPECT_EQ(out_early, out_late);
+        EXPECT_EQ(early.rows(), late->rows());
+        late->shrink_to_fit();
+        early.shrink_to_fit();
+        EXPECT_EQ(early.bytes(), late->bytes());
     }
 }
 
