@@ -85,6 +85,7 @@ public:
     }
     void compress(std::size_t layer) override { inner_->compress(layer); }
     std::size_t bytes() const override { return inner_->bytes(); }
+    std::size_t query_window_bytes() const override { return inner_->query_window_bytes(); }
     std::size_t rows() const override { return inner_->rows(); }
     void shrink_to_fit() override { inner_->shrink_to_fit(); }
 

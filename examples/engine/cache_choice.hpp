@@ -62,6 +62,10 @@ public:
     virtual void compress(std::size_t layer) { (void)layer; }
     // Bytes the cache holds (kvc counts every allocation exactly).
     virtual std::size_t bytes() const = 0;
+    // The part of bytes() that holds recent queries for query-driven scorers
+    // (SnapKV's window and its kin); with the after-prefill schedule it is
+    // freed by the compression after the prompt.
+    virtual std::size_t query_window_bytes() const { return 0; }
     // Rows held, summed over layers and KV heads (one row = one token's key and value in one head).
     virtual std::size_t rows() const = 0;
     // Returns spare capacity, so bytes() is what the held rows need.
@@ -142,6 +146,10 @@ public:
     }
     bool wants_keys_before_rope() const override { return detail::keys_before_rope<Cache>::value; }
     std::size_t bytes() const override { return cache_.bytes(); }
+    std::size_t query_window_bytes() const override {
+        if constexpr (std::is_same_v<Cache, kvc::full_cache>) return 0;
+        else return cache_.query_window_bytes();
+    }
     std::size_t rows() const override {
         std::size_t total = 0;
         for (std::size_t layer = 0; layer < cache_.config().layers; ++layer) {
@@ -213,6 +221,7 @@ public:
         compress_seconds_ += seconds_since(start);
     }
     std::size_t bytes() const override { return inner_->bytes(); }
+    std::size_t query_window_bytes() const override { return inner_->query_window_bytes(); }
     std::size_t rows() const override { return inner_->rows(); }
     void shrink_to_fit() override { inner_->shrink_to_fit(); }
     bool wants_keys_before_rope() const override { return inner_->wants_keys_before_rope(); }

@@ -113,6 +113,7 @@ struct run {
     std::vector<float> logits; // of the last step
     double prefill_seconds = 0.0, compress_seconds = 0.0, decode_seconds = 0.0, decode_attention_seconds = 0.0;
     std::size_t decode_steps = 0;
+    std::size_t query_window_bytes = 0; // held at the end of the prompt, until its compression
 
     run(const kvc::cache_config& config, engine::cache_spec chosen, const engine::calibration& calibrated)
         : spec(std::move(chosen)),
@@ -130,6 +131,7 @@ struct run {
         // of 8 KV heads, q4_0 + SnapKV: BM_prompt_compression in kvc_bench).
         // Same compression, same outputs; only its time moves here, where the
         // summary reports it on its own.
+        query_window_bytes = cache->query_window_bytes();
         for (std::size_t layer = 0; layer < model.shape().layers; ++layer) cache->compress(layer);
         compress_seconds = cache->compress_seconds();
     }
@@ -230,10 +232,12 @@ int generate(const options& o) {
     const std::size_t tokens = prompt.size() + runs[0].decode_steps;
     if (runs.size() == 1) {
         const run& r = runs[0];
-        std::printf("cache %s: %s for %zu tokens (%.1f%% of the rows seen are kept)\n", r.spec.label().c_str(),
-                    mebibytes(r.cache->bytes()).c_str(), tokens,
+        std::printf("cache %s: %s for %zu tokens (%.1f%% of the rows seen are kept; %s of recent queries "
+                    "held until the prompt's compression, %s after)\n",
+                    r.spec.label().c_str(), mebibytes(r.cache->bytes()).c_str(), tokens,
                     100.0 * static_cast<double>(r.cache->rows()) /
-                        static_cast<double>(shape.layers * shape.kv_heads * tokens));
+                        static_cast<double>(shape.layers * shape.kv_heads * tokens),
+                    mebibytes(r.query_window_bytes).c_str(), mebibytes(r.cache->query_window_bytes()).c_str());
         std::printf("prefill %zu tokens at %.0f tokens/s, then compression of the prompt %.1f ms; decode %zu "
                     "tokens at %.0f tokens/s, %.1f us of attention per step\n",
                     prompt.size(), static_cast<double>(prompt.size()) / r.prefill_seconds, 1e3 * r.compress_seconds,
@@ -252,6 +256,7 @@ int generate(const options& o) {
         format("%.2fx", bytes_ratio));
     row("compress after prefill", format("%.1f ms", 1e3 * tested.compress_seconds),
         format("%.1f ms", 1e3 * reference.compress_seconds), "");
+    row("query window until then", mebibytes(tested.query_window_bytes), mebibytes(reference.query_window_bytes), "");
     row("decode speed", format("%.0f tokens/s", tested.decode_rate()), format("%.0f tokens/s", reference.decode_rate()),
         "");
     row("attention per decode step", format("%.1f us", tested.attention_micros_per_step()),

@@ -59,6 +59,14 @@
 
 namespace kvc {
 
+namespace detail {
+template <class P, class = void>
+struct declares_storage_dtype : std::false_type {};
+template <class P>
+struct declares_storage_dtype<P, std::void_t<decltype(P::storage)>>
+    : std::is_same<std::remove_cv_t<decltype(P::storage)>, dtype> {};
+} // namespace detail
+
 template <class Eviction, class Merging, class Quantization, class Projection>
 class compressed_cache {
     static_assert(is_eviction_policy_v<Eviction>,
@@ -453,6 +461,15 @@ private:
     };
     layer_access access(std::size_t layer) const noexcept { return layer_access(*this, layer); }
 
+    // The element type of the query ring: the codec's element type when it
+    // stores rows as they are (quant::none<T>), else config.storage (fp16 by
+    // default; quantized codecs keep keys coarser still). No cache keeps its
+    // queries more precisely than its keys, and an fp32 cache keeps them exact.
+    dtype query_dtype() const noexcept {
+        if constexpr (detail::declares_storage_dtype<Quantization>::value) return Quantization::storage;
+        else return config_.storage;
+    }
+
     // The window of recent queries kept for the layer: the longest any family asked for.
     static constexpr std::size_t query_window() noexcept {
         return std::max({query_window_v<Eviction>, query_window_v<Merging>, query_window_v<Quantization>,
@@ -600,9 +617,7 @@ private:
         }
         if constexpr (collects_queries) {
             if (decode && !query_window_outlives_prompt()) return;
-            // Stored at the cache's element type (config.storage): no cache
-            // keeps its queries more precisely than its keys.
-            layers_[layer].queries.push(kernels::active(), config_.storage, query_window(),
+            layers_[layer].queries.push(kernels::active(), query_dtype(), query_window(),
                                         config_.query_heads * config_.head_dim, queries, query_tokens);
         } else {
             (void)layer, (void)queries, (void)query_tokens, (void)decode;
