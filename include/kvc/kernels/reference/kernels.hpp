@@ -69,9 +69,8 @@ void to_f32(const void* src_row, float* dst, std::size_t n) noexcept {
 // The token's logit from its dot product with the query: scaled, plus the
 // token's additive bias, and written to the problem's logits when it asks for
 // them. `index` is the token's place in bias and logits (a segment after the
-// sink rows starts past them). Any decode problem: all name these fields alike.
-template <class Problem>
-float token_logit(const Problem& p, float dot, std::size_t g, std::size_t index) noexcept {
+// sink rows starts past them).
+inline float token_logit(const decode_queries& p, float dot, std::size_t g, std::size_t index) noexcept {
     float logit = p.scale * dot;
     if (p.bias) logit += p.bias[index];
     if (p.logits) p.logits[g * p.logits_stride + index] = logit;
