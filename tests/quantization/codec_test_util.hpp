@@ -16,6 +16,7 @@
 
 #include "cache/cache_test_util.hpp"
 #include "kernels/quantized_query_util.hpp"
+#include "kvc/cache/full_cache.hpp"
 #include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/kernels/dispatch.hpp"
@@ -140,6 +141,50 @@ inline std::vector<double> oracle_over_stored(const kvc::cache_config& c, const 
         add_softmax_output(std::move(logits), hv.values, dim, out.data() + j * dim);
     }
     return out;
+}
+
+// ---------------------------------------------------------------------------
+// Fidelity against full_cache: how far a codec's attention is from attention
+// over the rows it was given, held at full_cache's precision (the storage
+// dtype of the configuration: fp16 by default, f32 where a suite asks).
+
+// The mean over `steps` decode queries (queries [steps][query_heads][head_dim])
+// of relative_error(cache's output, full's output), both on layer 0.
+template <class Cache>
+double mean_error_against(const kvc::full_cache& full, Cache& cache, const std::vector<float>& queries,
+                          std::size_t steps) {
+    const kvc::cache_config& c = full.config();
+    double total = 0.0;
+    for (std::size_t s = 0; s < steps; ++s) {
+        std::vector<float> want(c.query_heads * c.head_dim), got(want.size());
+        full.attend(0, queries.data() + s * want.size(), want.data());
+        cache.attend(0, queries.data() + s * want.size(), got.data());
+        total += relative_error(got, want);
+    }
+    return total / static_cast<double>(steps);
+}
+
+// The rows keys and values [tokens][kv_heads][head_dim] appended at position 0
+// to layer 0 of `cache` and of a full_cache of the same configuration, then
+// `prepare(cache)` (e.g. mixed assigns its precisions), then mean_error_against.
+template <class Cache, class Prepare>
+double mean_error_against_full(Cache&& cache, const std::vector<float>& keys, const std::vector<float>& values,
+                               const std::vector<float>& queries, std::size_t tokens, std::size_t steps,
+                               Prepare&& prepare) {
+    using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+    const kvc::cache_config& c = cache.config();
+    kvc::full_cache full(c);
+    const token_major k(keys.data(), tokens, c.kv_heads, c.head_dim), v(values.data(), tokens, c.kv_heads, c.head_dim);
+    full.append(0, k, v, 0);
+    cache.append(0, k, v, 0);
+    prepare(cache);
+    return mean_error_against(full, cache, queries, steps);
+}
+template <class Cache>
+double mean_error_against_full(Cache&& cache, const std::vector<float>& keys, const std::vector<float>& values,
+                               const std::vector<float>& queries, std::size_t tokens, std::size_t steps) {
+    return mean_error_against_full(std::forward<Cache>(cache), keys, values, queries, tokens, steps,
+                                   [](const auto&) {});
 }
 
 // ---------------------------------------------------------------------------

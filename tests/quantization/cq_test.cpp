@@ -571,20 +571,8 @@ std::vector<float> coupled(std::size_t tokens, std::size_t heads, std::size_t di
 
 double error_against_full(const kvc::quant::cq& codec, const std::vector<float>& keys, const std::vector<float>& values,
                           std::size_t tokens) {
-    const auto c = shape(2, 2, 64);
-    kvc::full_cache full(c);
-    cq_cache packed(c, {}, {}, codec);
-    full.append(0, token_major(keys.data(), tokens, 2, 64), token_major(values.data(), tokens, 2, 64), 0);
-    packed.append(0, token_major(keys.data(), tokens, 2, 64), token_major(values.data(), tokens, 2, 64), 0);
     const auto queries = random_floats(8 * 4 * 64, 80, 0.5f);
-    double total = 0.0;
-    for (std::size_t s = 0; s < 8; ++s) {
-        std::vector<float> a(4 * 64), b(a.size());
-        full.attend(0, queries.data() + s * a.size(), a.data());
-        packed.attend(0, queries.data() + s * a.size(), b.data());
-        total += kvc_test::relative_error(b, a);
-    }
-    return total / 8.0;
+    return kvc_test::mean_error_against_full(cq_cache(shape(2, 2, 64), {}, {}, codec), keys, values, queries, tokens, 8);
 }
 
 TEST(CqCodec, ErrorFallsWithBitsAndCalibrationOnTheDataMatters) {

@@ -558,20 +558,8 @@ double error_against_full(const Q& policy, const std::vector<float>& keys, const
                           const std::vector<float>& queries, std::size_t tokens, std::size_t steps) {
     auto c = shape(4, 4, 128);
     c.storage = kvc::dtype::f32;
-    kvc::full_cache full(c);
-    quant_cache<Q> packed(c, {}, {}, policy, {});
-    full.append(0, token_major(keys.data(), tokens, c.kv_heads, c.head_dim),
-                token_major(values.data(), tokens, c.kv_heads, c.head_dim), 0);
-    packed.append(0, token_major(keys.data(), tokens, c.kv_heads, c.head_dim),
-                  token_major(values.data(), tokens, c.kv_heads, c.head_dim), 0);
-    double total = 0.0;
-    for (std::size_t s = 0; s < steps; ++s) {
-        std::vector<float> a(c.query_heads * c.head_dim), b(a.size());
-        full.attend(0, queries.data() + s * a.size(), a.data());
-        packed.attend(0, queries.data() + s * a.size(), b.data());
-        total += kvc_test::relative_error(b, a);
-    }
-    return total / static_cast<double>(steps);
+    return kvc_test::mean_error_against_full(quant_cache<Q>(c, {}, {}, policy, {}), keys, values, queries, tokens,
+                                             steps);
 }
 
 TEST(Gear, BeatsItsPlainQuantizerAndImprovesWithBits) {

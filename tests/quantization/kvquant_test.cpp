@@ -346,14 +346,7 @@ TEST(KVQuant, CloseToFullCacheOnPostRopeKeysAndErrorFallsWithBits) {
     for (unsigned bits : {2u, 3u, 4u}) {
         kvq_cache cache(c, {}, {}, kvc::quant::kvquant(calibrated(c, bits, 0.01), rope, 1));
         cache.append(0, view(keys.data(), tokens, heads, dim), view(values.data(), tokens, heads, dim), 0);
-        double total = 0.0;
-        for (std::size_t i = 0; i < 8; ++i) {
-            std::vector<float> want(heads * group * dim), got(want.size());
-            full.attend(0, queries.data() + i * want.size(), want.data());
-            cache.attend(0, queries.data() + i * want.size(), got.data());
-            total += kvc_test::relative_error(got, want);
-        }
-        const double error = total / 8.0;
+        const double error = kvc_test::mean_error_against(full, cache, queries, 8);
         // Relative reconstruction errors of the stored keys (before RoPE) and values.
         double key_diff = 0.0, key_norm = 0.0, value_diff = 0.0, value_norm = 0.0;
         std::vector<float> row(dim);

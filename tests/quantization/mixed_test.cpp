@@ -229,33 +229,24 @@ TEST(MixedCodec, AttentionAndMassMatchOracleOnEveryInstructionSet) {
 
 double error_against_full(double fraction, const std::vector<float>& keys, const std::vector<float>& values,
                           const std::vector<float>& queries, std::size_t tokens, std::size_t steps) {
-    const auto c = shape(4, 4, 128);
-    kvc::full_cache full(c);
-    mixed_cache cache(c, {}, {}, codec(fraction));
-    full.append(0, token_major(keys.data(), tokens, 4, 128), token_major(values.data(), tokens, 4, 128), 0);
-    cache.append(0, token_major(keys.data(), tokens, 4, 128), token_major(values.data(), tokens, 4, 128), 0);
     // Importance from the full-precision attention the steps will use: mass per token.
-    for (std::size_t h = 0; h < 4; ++h) {
-        std::vector<float> scores(tokens, 0.0f);
-        for (std::size_t s = 0; s < steps; ++s)
-            for (std::size_t g = 0; g < 4; ++g) {
-                const float* qv = queries.data() + s * 16 * 128 + (h * 4 + g) * 128;
-                for (std::size_t t = 0; t < tokens; ++t) {
-                    float dot = 0.0f;
-                    for (std::size_t d = 0; d < 128; ++d) dot += qv[d] * keys[t * 4 * 128 + h * 128 + d];
-                    scores[t] = std::max(scores[t], dot);
+    const auto assign_from_queries = [&](mixed_cache& cache) {
+        for (std::size_t h = 0; h < 4; ++h) {
+            std::vector<float> scores(tokens, 0.0f);
+            for (std::size_t s = 0; s < steps; ++s)
+                for (std::size_t g = 0; g < 4; ++g) {
+                    const float* qv = queries.data() + s * 16 * 128 + (h * 4 + g) * 128;
+                    for (std::size_t t = 0; t < tokens; ++t) {
+                        float dot = 0.0f;
+                        for (std::size_t d = 0; d < 128; ++d) dot += qv[d] * keys[t * 4 * 128 + h * 128 + d];
+                        scores[t] = std::max(scores[t], dot);
+                    }
                 }
-            }
-        cache.assign_precision(0, h, scores.data());
-    }
-    double total = 0.0;
-    for (std::size_t s = 0; s < steps; ++s) {
-        std::vector<float> a(c.query_heads * c.head_dim), b(a.size());
-        full.attend(0, queries.data() + s * a.size(), a.data());
-        cache.attend(0, queries.data() + s * a.size(), b.data());
-        total += kvc_test::relative_error(b, a);
-    }
-    return total / static_cast<double>(steps);
+            cache.assign_precision(0, h, scores.data());
+        }
+    };
+    return kvc_test::mean_error_against_full(mixed_cache(shape(4, 4, 128), {}, {}, codec(fraction)), keys, values,
+                                             queries, tokens, steps, assign_from_queries);
 }
 
 TEST(MixedCodec, ErrorLiesBetweenAllLowAndAllHigh) {

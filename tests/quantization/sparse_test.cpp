@@ -144,19 +144,8 @@ TEST(SparseCodec, ZeroSparsityStoresExactlyFp16) {
 
 double error_against_full(double sparsity, const std::vector<float>& keys, const std::vector<float>& values,
                           const std::vector<float>& queries, std::size_t tokens, std::size_t steps) {
-    const auto c = shape(4, 4, 128);
-    kvc::full_cache full(c);
-    sparse_cache cache(c, {}, {}, q::sparse(sparsity));
-    full.append(0, token_major(keys.data(), tokens, 4, 128), token_major(values.data(), tokens, 4, 128), 0);
-    cache.append(0, token_major(keys.data(), tokens, 4, 128), token_major(values.data(), tokens, 4, 128), 0);
-    double total = 0.0;
-    for (std::size_t s = 0; s < steps; ++s) {
-        std::vector<float> a(c.query_heads * c.head_dim), b(a.size());
-        full.attend(0, queries.data() + s * a.size(), a.data());
-        cache.attend(0, queries.data() + s * a.size(), b.data());
-        total += kvc_test::relative_error(b, a);
-    }
-    return total / static_cast<double>(steps);
+    return kvc_test::mean_error_against_full(sparse_cache(shape(4, 4, 128), {}, {}, q::sparse(sparsity)), keys, values,
+                                             queries, tokens, steps);
 }
 
 TEST(SparseCodec, ErrorAgainstFullCacheDecreasesWithSparsity) {

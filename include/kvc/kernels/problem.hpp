@@ -10,20 +10,15 @@
 
 namespace kvc::kernels {
 
-// Decode attention of one KV head for its group of query heads (GQA), over
-// `tokens` stored rows. Each key and value row is read from memory once for
-// the whole group.
-//
-// The kernel is a *partial*: it folds these tokens into a running softmax
-// state (flash-decoding style), so one attention can span several segments
-// (e.g. a quantized body and a full-precision window) before finalize().
-struct decode_problem {
-    const void* keys = nullptr;     // row t at keys + t * key_stride elements
-    const void* values = nullptr;   // row t at values + t * value_stride elements
-    std::size_t key_stride = 0;     // elements between consecutive key rows (>= dim)
-    std::size_t value_stride = 0;
-    std::size_t tokens = 0;
-    std::size_t dim = 0;
+// The query side of decode attention over one KV head, the same whatever form
+// its rows take: every decode problem (plain rows below; packed, KIVI,
+// KVQuant, CQ, sparse and GEAR rows in their own headers) is one of these plus
+// where its rows are, so the query fields are declared once, and a problem
+// hands them on to another with queries_of(other) = problem. Token indices of
+// bias and logits run over every row of the problem, in the order it attends
+// its segments.
+struct decode_queries {
+    std::size_t dim = 0;            // elements of a query, key and value row (the storage may ask for a multiple)
     std::size_t group = 1;          // query heads sharing this KV head
     const float* queries = nullptr; // query g at queries + g * query_stride
     std::size_t query_stride = 0;
@@ -31,6 +26,24 @@ struct decode_problem {
     const float* bias = nullptr;    // optional per-token additive logit (e.g. log count of merged slots)
     float* logits = nullptr;        // optional: logit of query g on token t stored at logits[g * logits_stride + t]
     std::size_t logits_stride = 0;
+};
+
+// The query block of any decode problem, to read or to overwrite as a whole.
+inline decode_queries& queries_of(decode_queries& p) noexcept { return p; }
+
+// Decode attention of one KV head for its group of query heads (GQA), over
+// `tokens` stored rows. Each key and value row is read from memory once for
+// the whole group.
+//
+// The kernel is a *partial*: it folds these tokens into a running softmax
+// state (flash-decoding style), so one attention can span several segments
+// (e.g. a quantized body and a full-precision window) before finalize().
+struct decode_problem : decode_queries {
+    const void* keys = nullptr;     // row t at keys + t * key_stride elements
+    const void* values = nullptr;   // row t at values + t * value_stride elements
+    std::size_t key_stride = 0;     // elements between consecutive key rows (>= dim)
+    std::size_t value_stride = 0;
+    std::size_t tokens = 0;
 };
 
 // Running softmax state per query head: max logit, sum of exp(logit - max),

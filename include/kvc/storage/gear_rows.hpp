@@ -284,14 +284,8 @@ private:
         g.recent.values = recent_.value_row(0);
         g.recent.stride = dim_;
         g.recent.tokens = visible > compressed ? visible - compressed : 0;
+        kernels::queries_of(g) = p;
         g.dim = dim_;
-        g.group = p.group;
-        g.queries = p.queries;
-        g.query_stride = p.query_stride;
-        g.scale = p.scale;
-        g.bias = p.bias;
-        g.logits = p.logits;
-        g.logits_stride = p.logits_stride;
         return g;
     }
 

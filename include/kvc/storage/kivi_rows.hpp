@@ -357,14 +357,8 @@ private:
         q.format = layout_.format;
         q.group_size = layout_.group_size;
         q.residual = segment(residual_, after_sinks - quantized);
+        kernels::queries_of(q) = p;
         q.dim = dim_;
-        q.group = p.group;
-        q.queries = p.queries;
-        q.query_stride = p.query_stride;
-        q.scale = p.scale;
-        q.bias = p.bias;
-        q.logits = p.logits;
-        q.logits_stride = p.logits_stride;
         return q;
     }
 

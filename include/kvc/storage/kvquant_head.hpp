@@ -443,14 +443,10 @@ private:
         kernels::kvquant_decode_problem q;
         q.rows = rows();
         q.tokens = n - sinks;
+        kernels::queries_of(q) = p;
         q.dim = dim_;
-        q.group = p.group;
-        q.queries = p.queries;
-        q.query_stride = p.query_stride;
-        q.scale = p.scale;
         q.bias = p.bias ? p.bias + sinks : nullptr;
         q.logits = p.logits ? p.logits + sinks : nullptr;
-        q.logits_stride = p.logits_stride;
         k.kvquant.attend_partial(q, state);
     }
 

@@ -319,11 +319,8 @@ private:
         q.rows.key_row_bytes = q.rows.value_row_bytes = bytes;
         q.rows.key_format = q.rows.value_format = l.key_format;
         q.rows.group_size = l.group_size;
+        kernels::queries_of(q) = p;
         q.dim = dim_;
-        q.group = p.group;
-        q.queries = p.queries;
-        q.query_stride = p.query_stride;
-        q.scale = p.scale;
         if (p.logits == nullptr && p.bias == nullptr) {
             q.tokens = rows;
             k.quant.attend_partial(q, state);

@@ -215,14 +215,8 @@ public:
         q.sink = sink_segment();
         q.rows = rows();
         q.tokens = packed_tokens();
+        kernels::queries_of(q) = p;
         q.dim = dim_;
-        q.group = p.group;
-        q.queries = p.queries;
-        q.query_stride = p.query_stride;
-        q.scale = p.scale;
-        q.bias = p.bias;
-        q.logits = p.logits;
-        q.logits_stride = p.logits_stride;
         k.quant.attend_partial(q, state);
     }
 

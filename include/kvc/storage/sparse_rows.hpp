@@ -155,14 +155,8 @@ private:
         s.rows.key_row_bytes = key_row_bytes_;
         s.rows.value_row_bytes = value_row_bytes_;
         s.tokens = count;
+        kernels::queries_of(s) = p;
         s.dim = dim_;
-        s.group = p.group;
-        s.queries = p.queries;
-        s.query_stride = p.query_stride;
-        s.scale = p.scale;
-        s.bias = p.bias;
-        s.logits = p.logits;
-        s.logits_stride = p.logits_stride;
         k.sparse.attend_partial(s, state);
     }
 

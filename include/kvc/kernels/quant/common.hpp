@@ -368,13 +368,7 @@ inline void prefill_by_rows(const quant_prefill_problem& p, float* workspace) no
             q.sink.tokens = visible < p.sink.tokens ? visible : p.sink.tokens;
             q.rows = p.rows;
             q.tokens = visible - q.sink.tokens;
-            q.dim = d.dim;
-            q.group = d.group;
-            q.queries = d.queries;
-            q.query_stride = d.query_stride;
-            q.scale = d.scale;
-            q.logits = d.logits;
-            q.logits_stride = d.logits_stride;
+            queries_of(q) = d;
             Partial(q, state);
         });
 }
@@ -388,14 +382,7 @@ inline decode_problem sink_problem(const quant_decode_problem& p) noexcept {
     d.key_stride = p.sink.stride;
     d.value_stride = p.sink.stride;
     d.tokens = p.sink.tokens;
-    d.dim = p.dim;
-    d.group = p.group;
-    d.queries = p.queries;
-    d.query_stride = p.query_stride;
-    d.scale = p.scale;
-    d.bias = p.bias;
-    d.logits = p.logits;
-    d.logits_stride = p.logits_stride;
+    queries_of(d) = p;
     return d;
 }
 

@@ -35,17 +35,10 @@ constexpr std::size_t cq_row_bytes(std::size_t groups, std::size_t bits) noexcep
 // Decode attention of one KV head for its query group over `tokens` CQ rows,
 // folded into `state` (which may already hold other segments: the kernels
 // combine through common::merge_state). bias and logits as decode_problem.
-struct cq_decode_problem {
+struct cq_decode_problem : decode_queries {
+    // Queries: bias [tokens].
     cq_rows rows;
     std::size_t tokens = 0;
-    std::size_t dim = 0;
-    std::size_t group = 1;
-    const float* queries = nullptr; // query g at queries + g * query_stride
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;    // optional [tokens]
-    float* logits = nullptr;        // optional: logit (g, t) at logits[g * logits_stride + t]
-    std::size_t logits_stride = 0;
     float* workspace = nullptr;     // cq_workspace_floats(dim, channels, bits) floats
 };
 

@@ -53,7 +53,8 @@ inline constexpr std::size_t gear_max_outliers_per_side = 16;
 // Decode attention of one KV head's query group over the first `tokens`
 // compressed tokens, then `recent.tokens` fp16 rows. bias and logits (optional)
 // index the whole sequence: compressed tokens first, then the fp16 rows.
-struct gear_decode_problem {
+struct gear_decode_problem : decode_queries {
+    // Queries: bias [tokens + recent.tokens].
     quant_rows rows;                         // Q(d_t) of the compressed tokens
     std::size_t tokens = 0;                  // compressed tokens attended (a prefix of the stored ones)
     // Token record t at extras + t * extras_stride (uint16 units):
@@ -69,14 +70,6 @@ struct gear_decode_problem {
     const std::uint16_t* value_factors = nullptr; // B_c of values at value_factors + c * factor_stride
     std::size_t factor_stride = 0;                // uint16 units from one chunk's factor to the next
     dense_segment recent;                    // fp16 rows after the compressed tokens
-    std::size_t dim = 0;
-    std::size_t group = 1;
-    const float* queries = nullptr;
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;             // optional [tokens + recent.tokens]
-    float* logits = nullptr;                 // optional: logit (g, t) at logits[g * logits_stride + t]
-    std::size_t logits_stride = 0;
 };
 
 // The GEAR section of a kernel_table.
@@ -171,14 +164,9 @@ void attend_partial(const gear_decode_problem& p, const decode_state& s) noexcep
         qp.sink = p.recent;
         qp.rows = p.rows;
         qp.tokens = 0;
-        qp.dim = dim;
-        qp.group = p.group;
-        qp.queries = p.queries;
-        qp.query_stride = p.query_stride;
-        qp.scale = p.scale;
+        queries_of(qp) = p;
         qp.bias = p.bias ? p.bias + p.tokens : nullptr;
         qp.logits = p.logits ? p.logits + p.tokens : nullptr;
-        qp.logits_stride = p.logits_stride;
         Quant(qp, s);
     }
 }

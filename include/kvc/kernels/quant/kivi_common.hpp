@@ -95,14 +95,9 @@ inline decode_problem segment_problem(const kivi_decode_problem& p, const dense_
     d.key_stride = segment.stride;
     d.value_stride = segment.stride;
     d.tokens = segment.tokens;
-    d.dim = p.dim;
-    d.group = p.group;
-    d.queries = p.queries;
-    d.query_stride = p.query_stride;
-    d.scale = p.scale;
+    queries_of(d) = p;
     d.bias = p.bias ? p.bias + first : nullptr;
     d.logits = p.logits ? p.logits + first : nullptr;
-    d.logits_stride = p.logits_stride;
     return d;
 }
 

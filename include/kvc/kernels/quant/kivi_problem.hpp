@@ -52,7 +52,8 @@ constexpr int kivi_slot(quant_format format) noexcept { return format == quant_f
 // rows, `quantized` packed tokens, then residual.tokens fp16 rows. Bias and
 // logits are indexed over that whole sequence in that order. `quantized` may
 // end inside a block (prefixes, for causal prefill).
-struct kivi_decode_problem {
+struct kivi_decode_problem : decode_queries {
+    // Queries: dim a multiple of group_size; bias [sink.tokens + quantized + residual.tokens].
     dense_segment sink;
     const void* key_blocks = nullptr;   // block b at key_blocks + b * key_block_bytes
     std::size_t key_block_bytes = 0;
@@ -62,14 +63,6 @@ struct kivi_decode_problem {
     quant_format format = quant_format::int4_asym; // int4_asym or int2_asym (keys and values)
     std::size_t group_size = 32;        // tokens per key block = channels per value group
     dense_segment residual;
-    std::size_t dim = 0;                // a multiple of group_size
-    std::size_t group = 1;
-    const float* queries = nullptr;     // query g at queries + g * query_stride
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;        // optional [sink.tokens + quantized + residual.tokens]
-    float* logits = nullptr;            // optional: logit (g, t) at logits[g * logits_stride + t]
-    std::size_t logits_stride = 0;
 };
 
 // The KIVI section of a kernel_table; per-format entries indexed by kivi_slot.

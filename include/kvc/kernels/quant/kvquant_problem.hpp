@@ -64,17 +64,10 @@ struct kvquant_rows {
 // Decode attention of one KV head for its query group over the first `tokens`
 // rows of `rows`. Queries (natural channel order) as decode_problem; bias and
 // logits are indexed from this problem's first token.
-struct kvquant_decode_problem {
+struct kvquant_decode_problem : decode_queries {
+    // Queries: dim a multiple of 8, at most kvquant_max_dim; bias [tokens].
     kvquant_rows rows;
     std::size_t tokens = 0;
-    std::size_t dim = 0; // a multiple of 8, at most kvquant_max_dim
-    std::size_t group = 1;
-    const float* queries = nullptr;
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;
-    float* logits = nullptr;
-    std::size_t logits_stride = 0;
 };
 
 // The KVQuant section of a kernel_table.

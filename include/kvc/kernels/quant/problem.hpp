@@ -37,18 +37,11 @@ struct dense_segment {
 // Decode attention of one KV head for its query group over sink.tokens fp16
 // rows followed by `tokens` packed rows. Token indices of bias and logits run
 // over the whole sequence: the sink rows first, then the packed rows.
-struct quant_decode_problem {
+struct quant_decode_problem : decode_queries {
+    // Queries: dim a multiple of rows.group_size, at most 1024 (quant_common::query_max_dim); bias [sink.tokens + tokens].
     dense_segment sink;
     quant_rows rows;
     std::size_t tokens = 0;         // packed rows
-    std::size_t dim = 0;            // a multiple of rows.group_size, at most 1024 (quant_common::query_max_dim)
-    std::size_t group = 1;          // query heads sharing this KV head
-    const float* queries = nullptr; // query g at queries + g * query_stride
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;    // optional [sink.tokens + tokens]
-    float* logits = nullptr;        // optional: logit (g, t) at logits[g * logits_stride + t]
-    std::size_t logits_stride = 0;
 };
 
 // Chunked causal prefill over the same storage: `chunk` queries, the last

@@ -7,7 +7,6 @@
 // <q slice, centroid> for every centroid -- the arithmetic CQ is built on.
 #pragma once
 
-#include <cmath>
 #include <cstddef>
 #include <limits>
 
@@ -58,17 +57,8 @@ inline void cq_attend_partial(const cq_decode_problem& p, const decode_state& s)
             const unsigned char* value = r.values + t * r.row_bytes;
             float dot = 0.0f;
             for (std::size_t g = 0; g < groups; ++g) dot += table[g * clusters + cq_common::code_at<A>(key, g, r.bits)];
-            float logit = p.scale * dot;
-            if (p.bias) logit += p.bias[t];
-            if (p.logits) p.logits[h * p.logits_stride + t] = logit;
-            if (logit > s.max[h]) {
-                const float rescale = std::exp(s.max[h] - logit);
-                s.sum[h] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[h] = logit;
-            }
-            const float weight = std::exp(logit - s.max[h]);
-            s.sum[h] += weight;
+            const float logit = token_logit(p, dot, h, t);
+            const float weight = online_softmax_step(logit, s.max[h], s.sum[h], acc, p.dim);
             for (std::size_t g = 0; g < groups; ++g) {
                 const unsigned k = cq_common::code_at<A>(value, g, r.bits);
                 for (std::size_t j = 0; j < c; ++j)

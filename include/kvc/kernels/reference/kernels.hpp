@@ -60,6 +60,39 @@ void to_f32(const void* src_row, float* dst, std::size_t n) noexcept {
     for (std::size_t i = 0; i < n; ++i) dst[i] = element<A, D>::load(src + i);
 }
 
+// The two halves of one token of decode attention for query head g, shared
+// by every reference (this one and those of the quantized and sparse rows),
+// so that all of them define the online softmax by the same operations in the
+// same order. Between the two the caller computes nothing; after the second it
+// adds weight * (the token's value row) to acc, decoding the row its own way.
+
+// The token's logit from its dot product with the query: scaled, plus the
+// token's additive bias, and written to the problem's logits when it asks for
+// them. `index` is the token's place in bias and logits (a segment after the
+// sink rows starts past them).
+inline float token_logit(const decode_queries& p, float dot, std::size_t g, std::size_t index) noexcept {
+    float logit = p.scale * dot;
+    if (p.bias) logit += p.bias[index];
+    if (p.logits) p.logits[g * p.logits_stride + index] = logit;
+    return logit;
+}
+
+// Folds `logit` into the running max and sum of one query head: when it
+// raises the max, the sum and the dim accumulators are first rescaled by
+// exp(old max - logit). Returns the token's weight exp(logit - max), already
+// added to the sum.
+inline float online_softmax_step(float logit, float& max, float& sum, float* acc, std::size_t dim) noexcept {
+    if (logit > max) {
+        const float rescale = std::exp(max - logit);
+        sum *= rescale;
+        for (std::size_t d = 0; d < dim; ++d) acc[d] *= rescale;
+        max = logit;
+    }
+    const float weight = std::exp(logit - max);
+    sum += weight;
+    return weight;
+}
+
 // Token by token online softmax: the definition of decode attention.
 template <dtype D>
 void attend_partial(const decode_problem& p, const decode_state& s) noexcept {
@@ -70,17 +103,8 @@ void attend_partial(const decode_problem& p, const decode_state& s) noexcept {
         const float* q = p.queries + g * p.query_stride;
         float* acc = s.acc + g * p.dim;
         for (std::size_t t = 0; t < p.tokens; ++t) {
-            float logit = p.scale * dot<D>(q, keys + t * p.key_stride, p.dim);
-            if (p.bias) logit += p.bias[t];
-            if (p.logits) p.logits[g * p.logits_stride + t] = logit;
-            if (logit > s.max[g]) {
-                const float rescale = std::exp(s.max[g] - logit);
-                s.sum[g] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[g] = logit;
-            }
-            const float weight = std::exp(logit - s.max[g]);
-            s.sum[g] += weight;
+            const float logit = token_logit(p, dot<D>(q, keys + t * p.key_stride, p.dim), g, t);
+            const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             axpy<D>(weight, values + t * p.value_stride, acc, p.dim);
         }
     }

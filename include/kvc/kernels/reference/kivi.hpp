@@ -6,7 +6,7 @@
 // into the running softmax token by token, then the fp16 residual rows.
 #pragma once
 
-#include <cmath>
+#include <cstdint>
 #include <cstddef>
 
 #include "kvc/kernels/common.hpp"
@@ -42,17 +42,8 @@ void kivi_packed_partial(const kivi_decode_problem& p, const decode_state& s) no
             float dot = 0.0f;
             for (std::size_t d = 0; d < p.dim; ++d)
                 dot += q[d] * kivi_common::key_element<A, F>(block, p.dim, t % p.group_size, d);
-            float logit = p.scale * dot;
-            if (p.bias) logit += p.bias[first + t];
-            if (p.logits) p.logits[g * p.logits_stride + first + t] = logit;
-            if (logit > s.max[g]) {
-                const float rescale = std::exp(s.max[g] - logit);
-                s.sum[g] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[g] = logit;
-            }
-            const float weight = std::exp(logit - s.max[g]);
-            s.sum[g] += weight;
+            const float logit = token_logit(p, dot, g, first + t);
+            const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             for (std::size_t d = 0; d < p.dim; ++d) acc[d] += weight * element_value<F>(v, d, p.group_size);
         }
     }

@@ -16,6 +16,7 @@
 
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/quant/kvquant_problem.hpp"
+#include "kvc/kernels/reference/kernels.hpp"
 
 namespace kvc::kernels::reference {
 
@@ -65,17 +66,8 @@ inline void kvquant_attend_partial(const kvquant_decode_problem& p, const decode
             float* acc = s.acc + g * p.dim;
             float dot = 0.0f;
             for (std::size_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
-            float logit = p.scale * dot;
-            if (p.bias) logit += p.bias[t];
-            if (p.logits) p.logits[g * p.logits_stride + t] = logit;
-            if (logit > s.max[g]) {
-                const float rescale = std::exp(s.max[g] - logit);
-                s.sum[g] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[g] = logit;
-            }
-            const float weight = std::exp(logit - s.max[g]);
-            s.sum[g] += weight;
+            const float logit = token_logit(p, dot, g, t);
+            const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             for (std::size_t d = 0; d < p.dim; ++d) acc[d] += weight * value[d];
         }
     }

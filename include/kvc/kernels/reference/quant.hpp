@@ -6,7 +6,6 @@
 // over those values. Every SIMD kernel is tested against these.
 #pragma once
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -167,17 +166,8 @@ inline void quant_attend_partial(const quant_decode_problem& p, const decode_sta
             } else {
                 for (std::size_t d = 0; d < p.dim; ++d) dot += q[d] * key_value(k, d, p.rows.group_size);
             }
-            float logit = p.scale * dot;
-            if (p.bias) logit += p.bias[first + t];
-            if (p.logits) p.logits[g * p.logits_stride + first + t] = logit;
-            if (logit > s.max[g]) {
-                const float rescale = std::exp(s.max[g] - logit);
-                s.sum[g] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[g] = logit;
-            }
-            const float weight = std::exp(logit - s.max[g]);
-            s.sum[g] += weight;
+            const float logit = token_logit(p, dot, g, first + t);
+            const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             for (std::size_t d = 0; d < p.dim; ++d) acc[d] += weight * value_value(v, d, p.rows.group_size);
         }
     }

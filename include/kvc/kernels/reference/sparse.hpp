@@ -5,7 +5,6 @@
 // kernel is tested against this.
 #pragma once
 
-#include <cmath>
 #include <cstddef>
 
 #include "kvc/kernels/common.hpp"
@@ -29,17 +28,8 @@ inline void sparse_attend_partial(const sparse_decode_problem& p, const decode_s
         for (std::size_t t = 0; t < p.tokens; ++t) {
             sparse_decode_row(keys + t * p.rows.key_row_bytes, k, p.dim);
             sparse_decode_row(values + t * p.rows.value_row_bytes, v, p.dim);
-            float logit = p.scale * dot<dtype::f32>(q, k, p.dim);
-            if (p.bias) logit += p.bias[t];
-            if (p.logits) p.logits[g * p.logits_stride + t] = logit;
-            if (logit > s.max[g]) {
-                const float rescale = std::exp(s.max[g] - logit);
-                s.sum[g] *= rescale;
-                for (std::size_t d = 0; d < p.dim; ++d) acc[d] *= rescale;
-                s.max[g] = logit;
-            }
-            const float weight = std::exp(logit - s.max[g]);
-            s.sum[g] += weight;
+            const float logit = token_logit(p, dot<dtype::f32>(q, k, p.dim), g, t);
+            const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             axpy<dtype::f32>(weight, v, acc, p.dim);
         }
     }

@@ -36,17 +36,10 @@ struct sparse_rows {
 // Decode attention of one KV head for its query group over `tokens` sparse
 // rows, folded into a running softmax state (a partial, as decode_problem).
 // bias and logits are indexed by token.
-struct sparse_decode_problem {
+struct sparse_decode_problem : decode_queries {
+    // Queries: dim a multiple of sparse_chunk_elements; bias [tokens].
     sparse_rows rows;
     std::size_t tokens = 0;
-    std::size_t dim = 0;            // a multiple of sparse_chunk_elements
-    std::size_t group = 1;
-    const float* queries = nullptr; // query g at queries + g * query_stride
-    std::size_t query_stride = 0;
-    float scale = 1.0f;
-    const float* bias = nullptr;    // optional [tokens]
-    float* logits = nullptr;        // optional: logit (g, t) at logits[g * logits_stride + t]
-    std::size_t logits_stride = 0;
 };
 
 // The sparse section of a kernel_table.

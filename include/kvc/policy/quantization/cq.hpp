@@ -213,15 +213,9 @@ private:
         q.rows.channels = channels_;
         q.rows.bits = bits_;
         q.tokens = count;
-        q.dim = dim_;
-        q.group = p.group;
-        q.queries = p.queries;
-        q.query_stride = p.query_stride;
-        q.scale = p.scale;
-        q.bias = p.bias;
-        q.logits = p.logits;
-        q.logits_stride = p.logits_stride;
+        kernels::queries_of(q) = p;
         q.workspace = lookup;
+        q.dim = dim_;
         k.cq.attend_partial(q, state);
     }
 
