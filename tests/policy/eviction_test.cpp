@@ -348,6 +348,29 @@ TEST(Eviction, QueryWindowIsStoredAtTheCachesPrecision) {
     }
 }
 
+// README "When compression runs": the after-prefill trigger takes a
+// one-token chunk for the first decode token and compresses the prompt
+// before that chunk is attended; with the trigger off (schedule{false, 0})
+// the engine's explicit compress after the last chunk sees the whole prompt.
+TEST(Eviction, AOneTokenLastChunkNeedsTheTriggerOff) {
+    const auto c = shape(2, 2, 16);
+    const auto keys = random_floats(64 * 2 * 16, 44), queries = random_floats(64 * 2 * 16, 45);
+    evicting_cache<evict::knorm> automatic(c, evict::knorm(evict::budget::ratio(0.25)));
+    evicting_cache<evict::knorm> explicit_only(c, evict::knorm(evict::budget::ratio(0.25), evict::schedule{false, 0}));
+    std::vector<float> out(63 * 2 * 16);
+    for (auto* cache : {&automatic, &explicit_only}) {
+        cache->append(0, token_major(keys.data(), 63, 2, 16), token_major(keys.data(), 63, 2, 16), 0);
+        cache->attend_chunk(0, queries.data(), 63, out.data());
+        cache->append(0, token_major(keys.data() + 63 * 32, 1, 2, 16), token_major(keys.data() + 63 * 32, 1, 2, 16), 63);
+    }
+    EXPECT_LT(automatic.tokens(0, 0), 64u) << "the one-token chunk was taken for a decode token";
+    EXPECT_EQ(explicit_only.tokens(0, 0), 64u);
+    explicit_only.attend_chunk(0, queries.data() + 63 * 32, 1, out.data());
+    explicit_only.compress(0);
+    // ceil(0.25 * 64) = 16 is below the 4 sinks + 16 recent tokens the budget always keeps.
+    for (std::size_t h = 0; h < 2; ++h) EXPECT_EQ(explicit_only.tokens(0, h), 20u);
+}
+
 TEST(Eviction, AfterPrefillTheFirstDecodeAppendCompresses) {
     const auto c = shape(2, 2, 16);
     const std::size_t prompt = 200;
