@@ -286,6 +286,55 @@ void BM_evict_decode(benchmark::State& state) {
     state.SetLabel(kvc::name_of(kvc::active_arch()));
 }
 
+// Issue 12 item 4: a merging policy's per-token logit bias (log counts) in
+// decode attention. A cache whose policy declares the bias column with every
+// count 1 (bias 0) against the same storage without the column: the same
+// outputs, and with_bias_vs_none is what reading one float per token more costs.
+struct zero_bias {
+    using family = kvc::merging_family;
+    static constexpr bool merges = false;
+    using columns = kvc::column_list<kvc::attention_bias_column>; // starts at 0 for every token
+};
+
+void BM_bias_decode(benchmark::State& state) {
+    constexpr std::size_t layers = 4;
+    const kvc::cache_config c = evict_shape(layers);
+    using plain_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>,
+                                              kvc::project::none>;
+    using biased_cache = kvc::compressed_cache<kvc::evict::none, zero_bias, kvc::quant::none<kvc::half>,
+                                               kvc::project::none>;
+    plain_cache plain(c);
+    biased_cache biased(c);
+    fill(plain, layers, evict_tokens);
+    fill(biased, layers, evict_tokens);
+    const auto q = queries();
+    std::vector<float> out(q.size()), check(q.size());
+    std::size_t layer = 0;
+    double biased_seconds = 0.0, plain_seconds = 0.0;
+    bool biased_first = true;
+    for (auto _ : state) {
+        for (int i = 0; i < 2; ++i) {
+            const bool with_bias = (i == 0) == biased_first;
+            const auto start = std::chrono::steady_clock::now();
+            if (with_bias) biased.attend(layer, q.data(), out.data());
+            else plain.attend(layer, q.data(), check.data());
+            (with_bias ? biased_seconds : plain_seconds) +=
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+        if (out != check) {
+            state.SkipWithError("a zero bias changed the attention output");
+            break;
+        }
+        layer = (layer + 1) % layers;
+        biased_first = !biased_first;
+    }
+    const double iterations = static_cast<double>(state.iterations());
+    state.counters["with_bias_ms"] = biased_seconds / iterations * 1e3;
+    state.counters["no_bias_ms"] = plain_seconds / iterations * 1e3;
+    state.counters["with_bias_vs_none"] = biased_seconds / plain_seconds;
+    state.SetLabel(kvc::name_of(kvc::active_arch()));
+}
+
 // The cost of the statistics attention-based scorers consume (issue 4: below
 // 10% of attention time). Four 32K-token layers, GQA 4, fp16, visited round
 // robin. Each iteration times one decode attend of an H2O cache (the fused
@@ -358,6 +407,7 @@ void register_eviction_benchmarks() {
         ->Unit(benchmark::kMillisecond)
         ->Iterations(10);
     benchmark::RegisterBenchmark("BM_evict_decode/knorm", BM_evict_decode<evict::knorm>)->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark("BM_bias_decode/f16", BM_bias_decode)->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_attention_stats/h2o", BM_attention_stats)->Unit(benchmark::kMillisecond)->MinTime(3.0);
 }
 

@@ -245,7 +245,7 @@ public:
                         "compressed_cache::attend: expected non-null queries and out");
         const statistics_space statistics = statistics_buffer(layer, mass, true);
         detail::attend_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
-                             queries, out, statistics.mass, statistics.logits);
+                             queries, out, statistics.mass, statistics.logits, bias_of(layer));
         observe(layer, statistics.mass, queries, 1, true);
     }
 
@@ -263,7 +263,7 @@ public:
                         "compressed_cache::attend_chunk: expected non-null queries and out");
         const statistics_space statistics = statistics_buffer(layer, mass, false);
         detail::attend_chunk_heads(config_, [&](std::size_t h) -> const head_storage& { return rows_at(layer, h); },
-                                   queries, chunk, out, statistics.mass);
+                                   queries, chunk, out, statistics.mass, bias_of(layer));
         observe(layer, statistics.mass, queries, chunk, false);
         layers_[layer].prefill_pending = true;
     }
@@ -460,6 +460,17 @@ private:
         std::size_t layer_;
     };
     layer_access access(std::size_t layer) const noexcept { return layer_access(*this, layer); }
+
+    // Each head's additive logits when a policy declared the bias column
+    // (merging's log counts), else no bias: attention then runs as before.
+    auto bias_of(std::size_t layer) const noexcept {
+        if constexpr (columns_type::template has<attention_bias_column>)
+            return [this, layer](std::size_t h) noexcept -> const float* {
+                return head_slot_at(layer, h).columns.template data<attention_bias_column>();
+            };
+        else
+            return (void)layer, detail::no_bias{};
+    }
 
     // The element type of the query ring: the codec's element type when it
     // stores rows as they are (quant::none<T>), else config.storage (fp16 by

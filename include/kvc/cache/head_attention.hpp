@@ -33,14 +33,20 @@ inline std::size_t decode_logits_floats(const cache_config& config, std::size_t 
     return config.group() * longest;
 }
 
+// Attention with no per-token bias (the default of the loops below).
+struct no_bias {
+    constexpr const float* operator()(std::size_t) const noexcept { return nullptr; }
+};
+
 // Decode: queries and out are [query_heads][head_dim]; mass (optional) gets,
 // head after head, tokens(h) floats of attention probability summed over the group.
 // Statistics need the logits kept: in `logits_workspace` when the caller lends
 // decode_logits_floats() of them (a cache that decodes with statistics every
 // step: no allocation per step), else in memory taken for the call.
-template <class HeadAt>
+// bias_at(h) is KV head h's additive logit per held token, or nullptr.
+template <class HeadAt, class BiasAt = no_bias>
 void attend_heads(const cache_config& config, HeadAt&& head_at, const float* queries, float* out, float* mass,
-                  float* logits_workspace = nullptr) {
+                  float* logits_workspace = nullptr, BiasAt&& bias_at = {}) {
     const kernels::kernel_table& k = kernels::active();
     const std::size_t group = config.group(), dim = config.head_dim;
     const bool own_logits = mass != nullptr && logits_workspace == nullptr;
@@ -56,6 +62,7 @@ void attend_heads(const cache_config& config, HeadAt&& head_at, const float* que
         p.queries = queries + h * group * dim;
         p.query_stride = dim;
         p.scale = config.logit_scale();
+        p.bias = bias_at(h);
         p.logits = logits;
         p.logits_stride = tokens;
         kernels::common::reset_state<kernels::reference_arch>(state, group, dim);
@@ -71,9 +78,9 @@ void attend_heads(const cache_config& config, HeadAt&& head_at, const float* que
 
 // Chunked prefill: queries and out are [chunk][query_heads][head_dim]; every
 // head must hold at least `chunk` rows, the chunk being the last ones.
-template <class HeadAt>
+template <class HeadAt, class BiasAt = no_bias>
 void attend_chunk_heads(const cache_config& config, HeadAt&& head_at, const float* queries, std::size_t chunk,
-                        float* out, float* mass) {
+                        float* out, float* mass, BiasAt&& bias_at = {}) {
     const kernels::kernel_table& k = kernels::active();
     const std::size_t group = config.group(), dim = config.head_dim;
     std::size_t workspace = 0;
@@ -97,6 +104,7 @@ void attend_chunk_heads(const cache_config& config, HeadAt&& head_at, const floa
         p.out_head_stride = dim;
         p.scale = config.logit_scale();
         p.mass = mass;
+        p.bias = bias_at(h);
         if (mass) {
             for (std::size_t t = 0; t < tokens; ++t) mass[t] = 0.0f;
             mass += tokens;

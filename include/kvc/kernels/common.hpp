@@ -210,6 +210,7 @@ inline void prefill_by_decode(const Problem& p, std::size_t tokens, float* works
         d.queries = p.queries + i * p.query_token_stride;
         d.query_stride = p.query_head_stride;
         d.scale = p.scale;
+        d.bias = p.bias; // indexed by row, like the logits: a query sees the first `visible`
         d.logits = logits;
         d.logits_stride = tokens;
         reset_state<A>(state, p.group, p.dim);

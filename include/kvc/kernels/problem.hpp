@@ -73,6 +73,7 @@ struct prefill_problem {
     std::size_t out_head_stride = 0;
     float scale = 1.0f;
     float* mass = nullptr;           // optional [tokens]: += attention probability summed over queries and group
+    const float* bias = nullptr;     // optional [tokens]: additive logit of each row (as decode_queries::bias)
 };
 
 // Floats of workspace prefill needs (state plus, with mass, one row of logits per query head).

@@ -237,6 +237,7 @@ public:
         q.out_head_stride = p.out_head_stride;
         q.scale = p.scale;
         q.mass = p.mass;
+        q.bias = p.bias;
         k.quant.prefill(q, workspace);
     }
 

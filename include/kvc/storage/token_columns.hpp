@@ -34,6 +34,15 @@ struct position_column {
     static constexpr value_type initial = 0; // the host writes the real position in the same append
 };
 
+// An additive logit per held token, applied by attention in decode and
+// prefill for every codec: a merging policy declares it and keeps log(count)
+// of each kept slot in it (a slot that stands for n tokens weighs as n).
+// New tokens start at 0: no bias. Declared by no policy, attention takes none.
+struct attention_bias_column {
+    using value_type = float;
+    static constexpr value_type initial = 0.0f;
+};
+
 namespace detail {
 template <class List, class Column>
 struct column_list_has;

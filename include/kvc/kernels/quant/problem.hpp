@@ -62,6 +62,7 @@ struct quant_prefill_problem {
     std::size_t out_head_stride = 0;
     float scale = 1.0f;
     float* mass = nullptr;          // optional [sink.tokens + tokens], accumulated into
+    const float* bias = nullptr;    // optional [sink.tokens + tokens]: additive logit of each row
 };
 
 // The quantization section of a kernel_table. Entries indexed by format are

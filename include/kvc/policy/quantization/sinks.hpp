@@ -231,8 +231,10 @@ public:
             [&](std::size_t visible, kernels::decode_problem d, const kernels::decode_state& state) {
                 attend_sinks(k, d, state, visible < sinks ? visible : sinks);
                 if (visible <= sinks) return;
-                for (; opened < visible - sinks; ++opened) mask[opened] = 0.0f;
-                d.bias = opened < inner ? mask : nullptr;
+                // The mask hides the inner rows this query must not see yet; the
+                // ones it sees carry the caller's bias (or none).
+                for (; opened < visible - sinks; ++opened) mask[opened] = p.bias ? p.bias[sinks + opened] : 0.0f;
+                d.bias = opened < inner ? mask : p.bias ? p.bias + sinks : nullptr;
                 d.logits = d.logits ? d.logits + sinks : nullptr;
                 inner_.attend(k, d, state);
             });
