@@ -1,7 +1,14 @@
 // Issue 12 item 4: a per-token additive logit, declared as a column by a
 // policy (merging keeps log(count) there), applied by every codec's attention
-// in decode and in chunked prefill. The oracle is double-precision attention
-// over the rows the cache stores (decoded), with the same biases.
+// in decode and in chunked prefill.
+//
+// The oracle does not recompute a codec's logits (integer formats score
+// against an int8-quantized query, rotated codecs in their own space): the
+// same cache without the bias gives each token's probability p_t (one query
+// head per KV head, so its attention mass is exactly that), and with biases
+// b_t the output must be sum_t p_t e^b_t v_t / sum_t p_t e^b_t over the values
+// the cache stores, computed in double; in prefill, query i's probabilities
+// renormalised over rows 0..i.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,10 +17,12 @@
 #include "cache_test_util.hpp"
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/policy/eviction/none.hpp"
+#include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/gear.hpp"
 #include "kvc/policy/quantization/kivi.hpp"
+#include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/quantization/rotated.hpp"
 #include "kvc/policy/quantization/sinks.hpp"
@@ -49,82 +58,111 @@ kvc::cache_config bias_shape() {
     kvc::cache_config c;
     c.layers = 1;
     c.kv_heads = 2;
-    c.query_heads = 6;
+    c.query_heads = 2; // group 1: a head's attention mass is its query's probabilities
     c.head_dim = 64;
     c.storage = kvc::dtype::f16;
     return c;
-}
-
-// Attention of one query head over the first `visible` stored rows of KV head h, in double.
-std::vector<double> oracle(const std::vector<float>& keys, const std::vector<float>& values, std::size_t visible,
-                           const float* query, const kvc::cache_config& c, bool with_bias) {
-    const std::size_t dim = c.head_dim;
-    std::vector<double> logits(visible), out(dim, 0.0);
-    double max = -INFINITY, sum = 0.0;
-    for (std::size_t t = 0; t < visible; ++t) {
-        double dot = 0.0;
-        for (std::size_t d = 0; d < dim; ++d) dot += double(query[d]) * keys[t * dim + d];
-        logits[t] = dot * c.logit_scale() + (with_bias ? bias_of_position(static_cast<std::int32_t>(t)) : 0.0);
-        max = std::max(max, logits[t]);
-    }
-    for (double& l : logits) sum += (l = std::exp(l - max));
-    for (std::size_t t = 0; t < visible; ++t)
-        for (std::size_t d = 0; d < dim; ++d) out[d] += logits[t] / sum * values[t * dim + d];
-    return out;
 }
 
 template <class Codec>
 class AttentionBias : public ::testing::Test {};
 using codecs = ::testing::Types<kvc::quant::none<kvc::half>, kvc::quant::q4_0, kvc::quant::kivi<4, 32, 16>,
                                 kvc::quant::with_sinks<kvc::quant::q8_0>, kvc::quant::rotated<kvc::quant::q8_0>,
-                                kvc::quant::gear, kvc::quant::sparse>;
+                                kvc::quant::gear, kvc::quant::sparse,
+                                kvc::quant::mixed<kvc::quant::int8_sym, kvc::quant::int4_sym, 32>>;
+
+// Mixed precision (Q6) attends its high rows, then its low rows: split them,
+// so biases must follow tokens through its token map.
+template <class Cache>
+void split_precision(Cache& cache) {
+    if constexpr (kvc::detail::has_assign_precision<typename Cache::head_storage>::value) {
+        for (std::size_t h = 0; h < cache.config().kv_heads; ++h) {
+            std::vector<float> scores(cache.tokens(0, h));
+            for (std::size_t t = 0; t < scores.size(); ++t) scores[t] = static_cast<float>((t * 7) % 5); // scattered
+            cache.assign_precision(0, h, scores.data());
+        }
+    }
+}
 TYPED_TEST_SUITE(AttentionBias, codecs);
 
 TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
-    using cache_type = kvc::compressed_cache<kvc::evict::none, bias_writer, TypeParam, kvc::project::none>;
-    static_assert(cache_type::columns_type::template has<kvc::attention_bias_column>);
+    using biased_cache = kvc::compressed_cache<kvc::evict::none, bias_writer, TypeParam, kvc::project::none>;
+    using plain_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, TypeParam, kvc::project::none>;
+    static_assert(biased_cache::columns_type::template has<kvc::attention_bias_column>);
     const kvc::cache_config c = bias_shape();
-    const std::size_t dim = c.head_dim, group = c.group(), prompt = 48, steps = 6, total = prompt + steps;
-    const std::size_t row = c.kv_heads * dim, qrow = c.query_heads * dim;
+    const std::size_t dim = c.head_dim, heads = c.kv_heads, prompt = 48, steps = 6, total = prompt + steps;
+    const std::size_t row = heads * dim;
     const auto keys = kvc_test::random_floats(total * row, 61), values = kvc_test::random_floats(total * row, 62);
-    const auto queries = kvc_test::random_floats(total * qrow, 63, 0.5f);
-    cache_type cache(c);
-    const auto& k = kvc::kernels::active();
-    double worst = 0.0, bias_effect = 0.0;
-    // Compares the cache's outputs for queries [first, first + n) (query i sees tokens 0..first + i) with the oracle.
-    auto check = [&](const std::vector<float>& got, std::size_t first, std::size_t n) {
-        for (std::size_t h = 0; h < c.kv_heads; ++h) {
-            const std::size_t held = cache.tokens(0, h);
-            std::vector<float> stored_keys(held * dim), stored_values(held * dim);
-            cache.head(0, h).decode_keys(k, 0, held, stored_keys.data());
-            cache.head(0, h).decode_values(k, 0, held, stored_values.data());
-            for (std::size_t i = 0; i < n; ++i)
-                for (std::size_t g = 0; g < group; ++g) {
-                    const std::size_t j = h * group + g;
-                    const float* q = queries.data() + (first + i) * qrow + j * dim;
-                    const auto expected = oracle(stored_keys, stored_values, first + i + 1, q, c, true);
-                    const auto unbiased = oracle(stored_keys, stored_values, first + i + 1, q, c, false);
-                    for (std::size_t d = 0; d < dim; ++d) {
-                        worst = std::max(worst, std::abs(got[i * qrow + j * dim + d] - expected[d]));
-                        bias_effect = std::max(bias_effect, std::abs(expected[d] - unbiased[d]));
-                    }
-                }
-        }
+    const auto queries = kvc_test::random_floats(total * row, 63, 0.5f);
+    const auto rows_of = [&](const std::vector<float>& data, std::size_t first, std::size_t n) {
+        return token_major(data.data() + first * row, n, heads, dim);
     };
-    cache.append(0, token_major(keys.data(), prompt, c.kv_heads, dim), token_major(values.data(), prompt, c.kv_heads, dim), 0);
-    std::vector<float> out(prompt * qrow);
-    cache.attend_chunk(0, queries.data(), prompt, out.data());
-    check(out, 0, prompt);
+    const auto& k = kvc::kernels::active();
+
+    // Decode against the oracle built from the unbiased cache's probabilities.
+    biased_cache biased(c);
+    plain_cache plain(c);
+    biased.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
+    plain.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
+    split_precision(biased);
+    split_precision(plain);
+    double worst = 0.0, bias_effect = 0.0;
     for (std::size_t t = prompt; t < total; ++t) {
-        cache.append(0, token_major(keys.data() + t * row, 1, c.kv_heads, dim),
-                     token_major(values.data() + t * row, 1, c.kv_heads, dim), static_cast<std::int64_t>(t));
-        std::vector<float> step(qrow);
-        cache.attend(0, queries.data() + t * qrow, step.data());
-        check(step, t, 1);
+        biased.append(0, rows_of(keys, t, 1), rows_of(values, t, 1), static_cast<std::int64_t>(t));
+        plain.append(0, rows_of(keys, t, 1), rows_of(values, t, 1), static_cast<std::int64_t>(t));
+        const std::size_t held = t + 1;
+        std::vector<float> with_bias(row), without(row), mass(heads * held);
+        biased.attend(0, queries.data() + t * row, with_bias.data());
+        plain.attend(0, queries.data() + t * row, without.data(), mass.data());
+        for (std::size_t h = 0; h < heads; ++h) {
+            std::vector<float> stored(held * dim);
+            plain.head(0, h).decode_values(k, 0, held, stored.data());
+            std::vector<double> expected(dim, 0.0);
+            double total_weight = 0.0;
+            for (std::size_t s = 0; s < held; ++s) {
+                const double w = double(mass[h * held + s]) * std::exp(bias_of_position(static_cast<std::int32_t>(s)));
+                total_weight += w;
+                for (std::size_t d = 0; d < dim; ++d) expected[d] += w * stored[s * dim + d];
+            }
+            for (std::size_t d = 0; d < dim; ++d) {
+                worst = std::max(worst, std::abs(with_bias[h * dim + d] - expected[d] / total_weight));
+                bias_effect = std::max(bias_effect, double(std::abs(with_bias[h * dim + d] - without[h * dim + d])));
+            }
+        }
     }
-    // fp32 arithmetic over the stored rows: far below what the bias moves (it changes outputs by ~0.1-1).
-    EXPECT_LT(worst, 2e-4);
+    EXPECT_LT(worst, 1e-4) << "decode: fp32 arithmetic over the same logits";
     EXPECT_GT(bias_effect, 0.05) << "the bias must matter for this test to mean anything";
+
+    // Chunked prefill over the same stored rows: query i sees rows 0..i. The
+    // unbiased probabilities of a prefix are those over every row,
+    // renormalised over the prefix (from a decode step of the plain cache).
+    biased_cache chunked(c);
+    plain_cache rows(c);
+    chunked.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
+    rows.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
+    split_precision(chunked);
+    split_precision(rows);
+    std::vector<float> out(prompt * row);
+    chunked.attend_chunk(0, queries.data(), prompt, out.data());
+    double prefill_worst = 0.0;
+    for (std::size_t i = 0; i < prompt; ++i) {
+        std::vector<float> ignored(row), mass(heads * prompt);
+        rows.attend(0, queries.data() + i * row, ignored.data(), mass.data());
+        for (std::size_t h = 0; h < heads; ++h) {
+            std::vector<float> stored(prompt * dim);
+            rows.head(0, h).decode_values(k, 0, prompt, stored.data());
+            std::vector<double> expected(dim, 0.0);
+            double total_weight = 0.0;
+            for (std::size_t s = 0; s <= i; ++s) {
+                const double w = double(mass[h * prompt + s]) * std::exp(bias_of_position(static_cast<std::int32_t>(s)));
+                total_weight += w;
+                for (std::size_t d = 0; d < dim; ++d) expected[d] += w * stored[s * dim + d];
+            }
+            for (std::size_t d = 0; d < dim; ++d)
+                prefill_worst = std::max(prefill_worst, std::abs(out[i * row + h * dim + d] - expected[d] / total_weight));
+        }
+    }
+    EXPECT_LT(prefill_worst, 1e-4) << "prefill: fp32 arithmetic over the same logits";
 }
 
 } // namespace
