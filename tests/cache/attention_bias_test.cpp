@@ -64,6 +64,21 @@ kvc::cache_config bias_shape() {
     return c;
 }
 
+// sum_s p_s e^(b_s) v_s / sum_s p_s e^(b_s) over rows 0..last of one head, in
+// double: p_s the unbiased probabilities, v_s the stored value rows.
+std::vector<double> biased_output(const float* probabilities, const std::vector<float>& stored, std::size_t last,
+                                  std::size_t dim) {
+    std::vector<double> out(dim, 0.0);
+    double total = 0.0;
+    for (std::size_t s = 0; s <= last; ++s) {
+        const double w = double(probabilities[s]) * std::exp(bias_of_position(static_cast<std::int32_t>(s)));
+        total += w;
+        for (std::size_t d = 0; d < dim; ++d) out[d] += w * stored[s * dim + d];
+    }
+    for (double& x : out) x /= total;
+    return out;
+}
+
 template <class Codec>
 class AttentionBias : public ::testing::Test {};
 using codecs = ::testing::Types<kvc::quant::none<kvc::half>, kvc::quant::q4_0, kvc::quant::kivi<4, 32, 16>,
@@ -117,15 +132,9 @@ TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
         for (std::size_t h = 0; h < heads; ++h) {
             std::vector<float> stored(held * dim);
             plain.head(0, h).decode_values(k, 0, held, stored.data());
-            std::vector<double> expected(dim, 0.0);
-            double total_weight = 0.0;
-            for (std::size_t s = 0; s < held; ++s) {
-                const double w = double(mass[h * held + s]) * std::exp(bias_of_position(static_cast<std::int32_t>(s)));
-                total_weight += w;
-                for (std::size_t d = 0; d < dim; ++d) expected[d] += w * stored[s * dim + d];
-            }
+            const auto expected = biased_output(mass.data() + h * held, stored, held - 1, dim);
             for (std::size_t d = 0; d < dim; ++d) {
-                worst = std::max(worst, std::abs(with_bias[h * dim + d] - expected[d] / total_weight));
+                worst = std::max(worst, std::abs(with_bias[h * dim + d] - expected[d]));
                 bias_effect = std::max(bias_effect, double(std::abs(with_bias[h * dim + d] - without[h * dim + d])));
             }
         }
@@ -151,15 +160,9 @@ TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
         for (std::size_t h = 0; h < heads; ++h) {
             std::vector<float> stored(prompt * dim);
             rows.head(0, h).decode_values(k, 0, prompt, stored.data());
-            std::vector<double> expected(dim, 0.0);
-            double total_weight = 0.0;
-            for (std::size_t s = 0; s <= i; ++s) {
-                const double w = double(mass[h * prompt + s]) * std::exp(bias_of_position(static_cast<std::int32_t>(s)));
-                total_weight += w;
-                for (std::size_t d = 0; d < dim; ++d) expected[d] += w * stored[s * dim + d];
-            }
+            const auto expected = biased_output(mass.data() + h * prompt, stored, i, dim);
             for (std::size_t d = 0; d < dim; ++d)
-                prefill_worst = std::max(prefill_worst, std::abs(out[i * row + h * dim + d] - expected[d] / total_weight));
+                prefill_worst = std::max(prefill_worst, std::abs(out[i * row + h * dim + d] - expected[d]));
         }
     }
     EXPECT_LT(prefill_worst, 1e-4) << "prefill: fp32 arithmetic over the same logits";
