@@ -100,7 +100,10 @@ void split_precision(Cache& cache) {
 }
 TYPED_TEST_SUITE(AttentionBias, codecs);
 
-TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
+// The check on the active instruction set (the bias reaches the decode
+// kernels of every set; prefill runs them prefix by prefix).
+template <class TypeParam>
+void check_bias_on_active_arch() {
     using biased_cache = kvc::compressed_cache<kvc::evict::none, bias_writer, TypeParam, kvc::project::none>;
     using plain_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, TypeParam, kvc::project::none>;
     static_assert(biased_cache::columns_type::template has<kvc::attention_bias_column>);
@@ -113,14 +116,17 @@ TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
         return token_major(data.data() + first * row, n, heads, dim);
     };
     const auto& k = kvc::kernels::active();
+    // A cache holding the prompt (mixed precision: split over both precisions).
+    const auto with_prompt = [&](auto& cache) {
+        cache.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
+        split_precision(cache);
+    };
 
     // Decode against the oracle built from the unbiased cache's probabilities.
     biased_cache biased(c);
     plain_cache plain(c);
-    biased.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
-    plain.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
-    split_precision(biased);
-    split_precision(plain);
+    with_prompt(biased);
+    with_prompt(plain);
     double worst = 0.0, bias_effect = 0.0;
     for (std::size_t t = prompt; t < total; ++t) {
         biased.append(0, rows_of(keys, t, 1), rows_of(values, t, 1), static_cast<std::int64_t>(t));
@@ -147,10 +153,8 @@ TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
     // renormalised over the prefix (from a decode step of the plain cache).
     biased_cache chunked(c);
     plain_cache rows(c);
-    chunked.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
-    rows.append(0, rows_of(keys, 0, prompt), rows_of(values, 0, prompt), 0);
-    split_precision(chunked);
-    split_precision(rows);
+    with_prompt(chunked);
+    with_prompt(rows);
     std::vector<float> out(prompt * row);
     chunked.attend_chunk(0, queries.data(), prompt, out.data());
     double prefill_worst = 0.0;
@@ -166,6 +170,18 @@ TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
         }
     }
     EXPECT_LT(prefill_worst, 1e-4) << "prefill: fp32 arithmetic over the same logits";
+}
+
+TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
+    kvc::arch_id archs[kvc::arch_count];
+    const int count = kvc::kernels::available_archs(archs);
+    const kvc::arch_id original = kvc::active_arch();
+    for (int a = 0; a < count; ++a) {
+        SCOPED_TRACE(kvc::name_of(archs[a]));
+        kvc::set_active_arch(archs[a]);
+        check_bias_on_active_arch<TypeParam>();
+    }
+    kvc::set_active_arch(original);
 }
 
 } // namespace

@@ -59,14 +59,6 @@
 
 namespace kvc {
 
-namespace detail {
-template <class P, class = void>
-struct declares_storage_dtype : std::false_type {};
-template <class P>
-struct declares_storage_dtype<P, std::void_t<decltype(P::storage)>>
-    : std::is_same<std::remove_cv_t<decltype(P::storage)>, dtype> {};
-} // namespace detail
-
 template <class Eviction, class Merging, class Quantization, class Projection>
 class compressed_cache {
     static_assert(is_eviction_policy_v<Eviction>,

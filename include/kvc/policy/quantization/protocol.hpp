@@ -11,6 +11,7 @@
 //   validate(const cache_config&) or validate()  parameter checks at cache construction (none)
 //   needs_attention_stats, needs_queries, needs_calibration   (false; policy/traits.hpp)
 //   static key_bits_per_value(), value_bits_per_value()      nominal bits (benchmarks and tables)
+//   static constexpr dtype storage             rows kept as they are in this type (query window's type)
 // Wrapping codecs (with_sinks, rotated) read their inner codec through these
 // traits and forward what it has, so a capability is never lost by wrapping.
 #pragma once
@@ -20,6 +21,7 @@
 #include <utility>
 
 #include "kvc/core/cache_config.hpp"
+#include "kvc/core/dtype.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/protocol.hpp"
 
@@ -48,6 +50,15 @@ struct has_bits_per_value : std::false_type {};
 template <class P>
 struct has_bits_per_value<P, std::void_t<decltype(P::key_bits_per_value()), decltype(P::value_bits_per_value())>>
     : std::true_type {};
+
+// Codecs that store rows as they are, in one element type, name it:
+// `static constexpr dtype storage` (quant::none<T>). The host keeps its query
+// window in that type (default: config.storage).
+template <class P, class = void>
+struct declares_storage_dtype : std::false_type {};
+template <class P>
+struct declares_storage_dtype<P, std::void_t<decltype(P::storage)>>
+    : std::is_same<std::remove_cv_t<decltype(P::storage)>, dtype> {};
 
 template <class P>
 constexpr bool check_codec() {
