@@ -108,11 +108,4 @@ inline unsigned popcount64(std::uint64_t x) noexcept {
 #endif
 }
 
-// Whether a base scorer reads engine-supplied scores (E18); wrappers forward it.
-template <class S, class = void>
-struct reads_external_scores : std::false_type {};
-template <class S>
-struct reads_external_scores<S, std::void_t<decltype(S::needs_external_scores)>>
-    : std::bool_constant<S::needs_external_scores> {};
-
 } // namespace kvc::evict::score_detail

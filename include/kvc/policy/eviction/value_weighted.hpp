@@ -54,7 +54,7 @@ struct value_weighted {
     static constexpr bool needs_attention_stats = Base::needs_attention_stats;
     static constexpr std::size_t query_window = Base::query_window;
     static constexpr bool needs_keys = Base::needs_keys, needs_values = true;
-    static constexpr bool needs_external_scores = score_detail::reads_external_scores<Base>::value;
+    static constexpr bool needs_external_scores = needs_external_scores_of<Base>::value;
     static constexpr bool scores_on_append = scores_on_append_of<Base>::value;
 
     Base base{};
