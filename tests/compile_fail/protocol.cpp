@@ -5,8 +5,10 @@
 #include "kvc/policy/eviction/h2o.hpp"
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/eviction/policy.hpp"
+#include "kvc/policy/merging/compensation.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/storage/dense_rows.hpp"
 
@@ -65,6 +67,13 @@ struct selector_without_select {
     static constexpr bool uses_target = true;
 };
 
+struct merger_without_fold {
+    using family = kvc::merging_family;
+    static constexpr bool merges = true;
+    template <class Columns>
+    void settle(const kvc::merge::merge_plan&, Columns&) const noexcept {}
+};
+
 struct undeclared_column {
     using value_type = float;
     static constexpr float initial = 0.0f;
@@ -85,8 +94,14 @@ using cache = kvc::compressed_cache<kvc::evict::none, M, Q, P>;
 inline float* read_undeclared(kvc::token_columns<kvc::column_list<kvc::position_column>>& c) {
     return c.data<undeclared_column>();
 }
+#elif KVC_CASE == 6
+using cache = kvc::compressed_cache<kvc::evict::h2o, merger_without_fold, Q, P>;
+#elif KVC_CASE == 7
+using cache = kvc::compressed_cache<kvc::evict::h2o, kvc::merge::compensation, kvc::quant::kivi<2>, P>;
 #else
-using cache = kvc::compressed_cache<kvc::evict::none, M, Q, P>; // the control: must compile
+using cache = kvc::compressed_cache<kvc::evict::none, M, Q, P>; // the controls: must compile
+using merged = kvc::compressed_cache<kvc::evict::h2o, kvc::merge::compensation, Q, P>;
+static_assert(sizeof(merged) > 0);
 #endif
 
 int main() { return sizeof(cache) > 0 ? 0 : 1; }

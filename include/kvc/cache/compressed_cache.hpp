@@ -9,7 +9,9 @@
 //   append(layer, k, v, pos)   -> [schedule: compress(layer)] -> codec -> storage
 //   attend(layer, q, out)      -> fused attention over the stored form, emitting
 //                                 the statistics the policies asked for
-// and compress(layer) is scorer -> selector -> compaction.
+// and compress(layer) is a pipeline: the eviction plan (scorer -> selector),
+// the merger's fold of what it drops into what it keeps, compaction, the
+// codec re-encoding merged rows, then one swap.
 //
 // config.storage is full_cache's; here the codec decides how rows are stored.
 // Policies are small value types given to the constructor (default-constructed
@@ -50,6 +52,7 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/eviction/policy.hpp"
+#include "kvc/policy/merging/protocol.hpp"
 #include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/protocol.hpp"
@@ -73,6 +76,11 @@ class compressed_cache {
                   "kvc::compressed_cache: the fourth parameter must be a projection policy "
                   "(family kvc::projection_family, e.g. kvc::project::none)");
     static_assert(detail::check_codec<Quantization>());
+    static_assert(detail::check_merger<Merging>());
+    static_assert(!detail::merges_of<Merging>::value || detail::has_store_row<typename Quantization::head_storage>::value,
+                  "kvc::compressed_cache: this merging policy rewrites rows, and the codec's head store cannot "
+                  "re-encode a row (no `store_row(kernels, t, key, value)`): pair it with a codec that can "
+                  "(quant::none, the block formats, their sinks and Hadamard wrappers)");
     static_assert(!needs_queries_v<Eviction> || query_window_v<Eviction> > 0,
                   "kvc::compressed_cache: the eviction policy sets needs_queries but no `static constexpr "
                   "std::size_t query_window`");
@@ -96,6 +104,7 @@ public:
                                                       columns_of_t<Projection>>>;
 
     static constexpr bool evicts = Eviction::evicts;
+    static constexpr bool merges = detail::merges_of<Merging>::value;
     // What the cache collects for its policies: nothing that none of them asks for.
     static constexpr bool collects_attention_stats = needs_attention_stats_v<Eviction> ||
                                                      needs_attention_stats_v<Merging> ||
@@ -260,9 +269,10 @@ public:
     }
 
     // Runs the eviction policy on `layer` now: scores every KV head, selects
-    // what the budget keeps, compacts, and returns the freed memory. Scoring
-    // and selection (the steps that allocate) finish for every head before any
-    // head changes, so a failure leaves the layer as it was.
+    // what the budget keeps, folds what it drops into what it keeps (a
+    // merging policy), compacts, and returns the freed memory. Every step
+    // that allocates finishes for every head before any head changes, so a
+    // failure leaves the layer as it was.
     void compress(std::size_t layer) {
         check_layer(layer, "compressed_cache::compress");
         compress_layer(layer, 0);
@@ -296,6 +306,14 @@ public:
     const std::int32_t* positions(std::size_t layer, std::size_t kv_head) const {
         detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::positions");
         return head_slot_at(layer, kv_head).columns.template data<position_column>();
+    }
+    // One head's elements of a column its policies declared (storage/token_columns.hpp),
+    // one per held token in the order of positions(): e.g. a merger's log counts
+    // (attention_bias_column). A column no policy declares does not compile.
+    template <class Column>
+    const typename Column::value_type* column(std::size_t layer, std::size_t kv_head) const {
+        detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::column");
+        return head_slot_at(layer, kv_head).columns.template data<Column>();
     }
     // E18: scores the engine computes itself (a reconstruction pass, a draft
     // model's attention), one float per token the head holds, in the order of
@@ -554,14 +572,19 @@ private:
                 if (!query_window_outlives_prompt()) release_query_window(state);
                 return;
             }
-            // Build every compacted head first (the only step that allocates),
-            // then swap them in: a failure leaves the layer as it was.
+            // Build every compacted head first (merging and compaction are the
+            // steps that allocate), then swap them in: a failure leaves the
+            // layer as it was.
             std::vector<std::size_t> changed;
             std::vector<head_slot> compacted;
+            const layer_access view = access(layer);
             for (std::size_t h = 0; h < heads; ++h) {
                 if (keep[h].size() == rows_at(layer, h).tokens()) continue;
+                merge::merge_plan merged(keep[h]);
+                if constexpr (merges) merging_.fold(view, h, merged);
                 changed.push_back(h);
                 compacted.push_back(compact(head_slot_at(layer, h), keep[h]));
+                if constexpr (merges) settle_merge(k, compacted.back(), merged);
             }
             for (std::size_t i = 0; i < changed.size(); ++i) {
                 head_slot& slot = mutable_head(layer, changed[i]);
@@ -576,6 +599,15 @@ private:
         } else {
             (void)layer, (void)incoming;
         }
+    }
+
+    // Writes a merger's folded rows into a compacted head (the codec encodes
+    // them) and lets it write its columns there; the head is not yet in the cache.
+    void settle_merge(const kernels::kernel_table& k, head_slot& slot, const merge::merge_plan& merged) const noexcept {
+        const std::size_t dim = config_.head_dim;
+        for (std::size_t i = 0; i < merged.rewritten.size(); ++i)
+            slot.rows.store_row(k, merged.rewritten[i], merged.keys.data() + i * dim, merged.values.data() + i * dim);
+        merging_.settle(merged, slot.columns);
     }
 
     static void release_query_window(layer_state& state) noexcept {

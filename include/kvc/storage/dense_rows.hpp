@@ -169,6 +169,11 @@ public:
     void store_key(const kernels::kernel_table& k, std::size_t t, const float* row) noexcept {
         detail::convert_row(k, dtype::f32, row, type_, key_row(t), dim_);
     }
+    // Overwrites token t's key and value (fp32, rounded to the storage format): a merged slot.
+    void store_row(const kernels::kernel_table& k, std::size_t t, const float* key, const float* value) noexcept {
+        detail::convert_row(k, dtype::f32, key, type_, key_row(t), dim_);
+        detail::convert_row(k, dtype::f32, value, type_, value_row(t), dim_);
+    }
 
     // Keeps the first `rows` rows.
     void truncate(std::size_t rows) noexcept {

@@ -144,6 +144,21 @@ public:
             value, values_.data() + t * value_row_bytes_, dim_, layout_.group_size);
     }
 
+    // Re-encodes token t from fp32 rows (a merged slot): an fp16 sink row, or
+    // a packed row quantized exactly as push_back would have.
+    void store_row(const kernels::kernel_table& k, std::size_t t, const float* key, const float* value) noexcept {
+        if (t < sink_.tokens()) {
+            sink_.store_row(k, t, key, value);
+            return;
+        }
+        const std::size_t r = t - sink_.tokens();
+        const int source = kernels::index_of(dtype::f32);
+        k.quant.quantize_row[kernels::index_of(layout_.key_format)][source](key, keys_.data() + r * key_row_bytes_,
+                                                                          dim_, layout_.group_size);
+        k.quant.quantize_row[kernels::index_of(layout_.value_format)][source](
+            value, values_.data() + r * value_row_bytes_, dim_, layout_.group_size);
+    }
+
     // A copy holding only the tokens at `indices` (ascending), in exactly the
     // memory they need; the rows' bytes are copied as they are (eviction never
     // re-quantizes). Old storage untouched; may throw bad_alloc.

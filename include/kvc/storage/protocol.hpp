@@ -24,6 +24,8 @@
 //   bytes_per_token()                          needed for byte budgets (default: none allowed)
 //   stored_bytes()                             the rows one attention reads (benchmarks)
 //   store_key(kernels, t, row)                 rewrite a key (key re-rotation; default: refused)
+//   store_row(kernels, t, key, value)          re-encode a token from fp32 rows (merged slots;
+//                                              default: merging refused)
 //   assign_precision(kernels, scores)          re-encode by importance (Q6; default: absent)
 //   prefill_workspace_floats(group, chunk, with_mass)
 //                                              scratch beyond the kernels' (default: theirs)
@@ -78,6 +80,8 @@ KVC_STORE_MEMBER(has_bytes_per_token, std::declval<const S&>().bytes_per_token()
 KVC_STORE_MEMBER(has_stored_bytes, std::declval<const S&>().stored_bytes())
 KVC_STORE_MEMBER(has_store_key, std::declval<S&>().store_key(std::declval<const kernels::kernel_table&>(), std::size_t{},
                                                              std::declval<const float*>()))
+KVC_STORE_MEMBER(has_store_row, std::declval<S&>().store_row(std::declval<const kernels::kernel_table&>(), std::size_t{},
+                                                             std::declval<const float*>(), std::declval<const float*>()))
 KVC_STORE_MEMBER(has_assign_precision, std::declval<S&>().assign_precision(std::declval<const kernels::kernel_table&>(),
                                                                            std::declval<const float*>()))
 KVC_STORE_MEMBER(has_prefill_workspace, std::declval<const S&>().prefill_workspace_floats(std::size_t{}, std::size_t{},

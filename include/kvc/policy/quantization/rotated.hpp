@@ -152,6 +152,14 @@ public:
         inner_.store_key(k, t, rotated);
     }
 
+    // A merged slot: `key` and `value` are in the original space, rotated here as push_back rotates.
+    template <class S = Inner, std::enable_if_t<detail::has_store_row<S>::value, int> = 0>
+    void store_row(const kernels::kernel_table& k, std::size_t t, const float* key, const float* value) noexcept {
+        alignas(64) float rows[2][max_head_dim];
+        rotate_in(k, dtype::f32, key, value, rows);
+        inner_.store_row(k, t, rows[0], rows[1]);
+    }
+
     // Rows in the original space: H^T of what the inner codec decodes.
     void decode_keys(const kernels::kernel_table& k, std::size_t first, std::size_t count, float* out) const noexcept {
         inner_.decode_keys(k, first, count, out);

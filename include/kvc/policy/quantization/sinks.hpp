@@ -178,6 +178,12 @@ public:
         else inner_.store_key(k, t - sink_.tokens(), row);
     }
 
+    template <class S = Inner, std::enable_if_t<detail::has_store_row<S>::value, int> = 0>
+    void store_row(const kernels::kernel_table& k, std::size_t t, const float* key, const float* value) noexcept {
+        if (t < sink_.tokens()) sink_.store_row(k, t, key, value);
+        else inner_.store_row(k, t - sink_.tokens(), key, value);
+    }
+
     // `scores` has one entry per token of the head; the inner store gets its own tokens'.
     template <class S = Inner, std::enable_if_t<detail::has_assign_precision<S>::value, int> = 0>
     void assign_precision(const kernels::kernel_table& k, const float* scores) {
