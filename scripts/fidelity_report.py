@@ -204,7 +204,11 @@ compress during decode: whenever a head holds 16 tokens more than a quarter
 of what it has seen, it goes back to that budget, so those caches stay at
 about 0.25 of full_cache through the scored tokens too. Rows named
 `SCORER+CODEC` evict from a quantized cache (a keep ratio of 0.25 on `q8_0`
-or `q4_0` rows): the two families composed. Cache bytes count everything the cache holds,
+or `q4_0` rows): the two families composed. Rows named `SCORER+compensation`
+(`--merge compensation`, M5) run the same eviction and fold everything it drops
+from a head into one extra slot holding the mean key and value of the dropped
+tokens, attended with log(count): against the same scorer's plain row, they
+show what merging recovers. Cache bytes count everything the cache holds,
 including the state a policy asks for (accumulated attention for H2O/A2SF, the
 window of recent queries SnapKV scores with), which is why equal budgets can
 differ in bytes.
@@ -239,7 +243,7 @@ build/fidelity/examples/engine/kvc-fidelity --model models/kvref/model.bin --cac
 ```
 
 A new policy appears here after one line in the registry of
-`examples/engine/cache_registry.hpp` (`codec_options()` or `eviction_options()`,
+`examples/engine/cache_registry.hpp` (`codec_options()`, `eviction_options()` or `merge_options()`,
 with the budgets to sweep) and a rerun of `scripts/fidelity.sh`.
 """.format(
         command=args.command,

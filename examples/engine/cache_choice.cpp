@@ -1,6 +1,8 @@
 // examples/engine/cache_choice.cpp -- the command line's cache spellings, read from the registry.
 #include "cache_choice.hpp"
 
+#include <algorithm>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 
@@ -23,6 +25,8 @@ constexpr full_option full_options[] = {
 constexpr std::string_view decode_time_sweep[] = {"streaming", "h2o", "tova", "snapkv", "knorm"};
 constexpr double decode_time_ratio = 0.25;
 constexpr std::size_t decode_time_every = 16;
+// Evictions FIDELITY.md also measures with each merging policy, at every keep ratio of their sweep.
+constexpr std::string_view merged_eviction_sweep[] = {"streaming", "h2o", "snapkv"};
 
 // Eviction on a quantized cache: these scorers at keep ratio 0.25 on each
 // codec that runs with eviction (besides the fp16 sweep codec).
@@ -45,6 +49,7 @@ bool cache_spec::is_full() const {
 std::string cache_spec::label() const {
     std::string text = evict == "none" ? cache : cache + " + " + evict;
     if (every != 0) text += " every " + std::to_string(every);
+    if (merge != "none") text += " + " + merge;
     return text;
 }
 
@@ -53,6 +58,7 @@ std::string cache_spec::method() const {
     const std::string codec_method = cache.substr(0, cache.find(':'));
     if (evict == "none") return codec_method;
     std::string evict_method = evict.substr(0, evict.find(':'));
+    if (merge != "none") evict_method += "+" + merge;
     if (every != 0) evict_method += " (decode)";
     return cache == registry::eviction_sweep_codec ? evict_method : evict_method + "+" + codec_method;
 }
@@ -93,6 +99,14 @@ std::string describe_options() {
         line(registry::spelling(option), std::string(option.summary));
     });
     text += "--evict-every N: also compress during decode, whenever a head holds N tokens over its budget\n";
+    std::string with_merging;
+    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
+        if (std::decay_t<decltype(option)>::with_merging) with_merging.append(" ").append(option.name);
+    });
+    text += "--merge (what folds the evicted tokens into the kept ones; with --evict and --cache" + with_merging + "):\n";
+    registry::for_each_option(registry::merge_options(), [&](const auto& option) {
+        line(registry::spelling(option), std::string(option.summary));
+    });
     return text;
 }
 
@@ -105,10 +119,13 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
                                         " is kvc::full_cache, which keeps every token; to evict, use a compressed "
                                         "cache such as --cache none:f16 --evict " + spec.evict);
         if (spec.every != 0) throw std::invalid_argument("--evict-every needs a compressed cache and --evict");
+        if (spec.merge != "none") throw std::invalid_argument("--merge needs a compressed cache and --evict");
         kvc::cache_config config = shape;
         config.storage = option.storage;
         return std::make_unique<kvc_cache<kvc::full_cache>>(config);
     }
+    if (spec.merge != "none" && spec.evict == "none")
+        throw std::invalid_argument("--merge " + spec.merge + " folds what eviction drops: it needs --evict");
     registry::lookup found;
     std::unique_ptr<kv_cache> cache;
     for (auto part : {&registry::make_compressed_part0, &registry::make_compressed_part1,
@@ -121,6 +138,12 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
         throw std::invalid_argument("unknown cache '" + spec.cache + "'; expected one of: " + cache_names());
     if (!found.eviction_found)
         throw std::invalid_argument("unknown --evict '" + spec.evict + "'; expected one of: " + eviction_names());
+    if (!found.merge_found && found.pair_offered && spec.evict != "none") {
+        std::string names;
+        registry::for_each_option(registry::merge_options(),
+                                  [&](const auto& option) { names.append(" ").append(option.name); });
+        throw std::invalid_argument("unknown --merge '" + spec.merge + "'; expected one of:" + names);
+    }
     if (!found.pair_offered) {
         std::string carriers;
         registry::for_each_option(registry::codec_options(), [&](const auto& option) {
@@ -129,6 +152,15 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
         throw std::invalid_argument("--cache " + spec.cache + " runs without eviction in this engine; evicting "
                                     "caches are built with --cache" + carriers +
                                     " (one flag in examples/engine/cache_registry.hpp adds more)");
+    }
+    if (!found.merge_offered) {
+        std::string carriers;
+        registry::for_each_option(registry::codec_options(), [&](const auto& option) {
+            if (std::decay_t<decltype(option)>::with_merging) carriers.append(" ").append(option.name);
+        });
+        throw std::invalid_argument("--merge " + spec.merge + " runs on --cache" + carriers + " in this engine, not " +
+                                    spec.cache + " (codecs that re-encode rows can be flagged with_merging in "
+                                    "examples/engine/cache_registry.hpp)");
     }
     return cache;
 }
@@ -142,6 +174,17 @@ std::vector<sweep_point> sweep_points() {
     registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
         for (double value : option.sweep)
             add({std::string(registry::eviction_sweep_codec), std::string(option.name) + ":" + format_number(value)});
+    });
+    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
+        if (std::find(std::begin(merged_eviction_sweep), std::end(merged_eviction_sweep), option.name) ==
+            std::end(merged_eviction_sweep))
+            return;
+        registry::for_each_option(registry::merge_options(), [&](const auto& merge_option) {
+            if (merge_option.name == "none") return;
+            for (double value : option.sweep)
+                add({std::string(registry::eviction_sweep_codec), std::string(option.name) + ":" + format_number(value),
+                     0, std::string(merge_option.name)});
+        });
     });
     for (std::string_view name : decode_time_sweep)
         add({std::string(registry::eviction_sweep_codec), std::string(name) + ":" + format_number(decode_time_ratio),

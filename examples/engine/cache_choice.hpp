@@ -18,6 +18,8 @@
 //                                             and head_roles learn from calibration text too)
 //   --evict-every N                           ... compressing during decode too, whenever a
 //                                             head is N tokens over its budget (B9)
+//   --merge NAME                              ... folding what it evicts into what it keeps
+//                                             (default none; e.g. compensation, M5)
 // The policies the names stand for are listed in cache_registry.hpp, which
 // only the engine's own .cpp files include: each (codec, eviction) pair is a
 // separate compressed_cache type, and instantiating them all once, in a few
@@ -251,9 +253,11 @@ struct cache_spec {
     std::string cache = "full:f32";
     std::string evict = "none";
     std::size_t every = 0; // --evict-every: decode-time compression interval (0: after the prompt only)
+    std::string merge = "none"; // --merge: what folds the evicted tokens into the kept ones
 
     bool is_full() const;
-    // "full:f16", "none:f16", "none:f16 + snapkv:0.25", "q4_0 + h2o:0.25 every 32".
+    // "full:f16", "none:f16", "none:f16 + snapkv:0.25", "q4_0 + h2o:0.25 every 32",
+    // "none:f16 + streaming:0.25 + compensation".
     std::string label() const;
     // The curve a configuration belongs to in docs/FIDELITY.md: full_cache,
     // the eviction method, or the codec's method (the spelling before ':').

@@ -10,6 +10,8 @@
 // Which pairs exist. Every codec runs alone (--evict none). A codec marked
 // `with_eviction` also runs under every eviction policy; the others would
 // multiply the build time for pairs nobody sweeps, and are one flag away.
+// A codec marked `with_merging` (it must re-encode rows: store_row) also
+// runs every (eviction, merging) triple.
 #pragma once
 
 #include <algorithm>
@@ -37,9 +39,10 @@
 namespace engine::registry {
 
 // A name the command line uses and how to build the policy.
-template <class Make, bool WithEviction = false>
+template <class Make, bool WithEviction = false, bool WithMerging = false>
 struct policy_option {
     static constexpr bool with_eviction = WithEviction;
+    static constexpr bool with_merging = WithMerging;
     std::string_view name;      // "none:f16", "q4_0", "snapkv"
     std::string_view parameter; // what follows "name:" on the command line ("keep_ratio"); empty: nothing
     std::vector<double> sweep;  // parameter values scripts/fidelity.sh measures
@@ -141,6 +144,11 @@ template <class Make>
 policy_option<Make, true> codec_with_eviction(std::string_view name, std::string_view summary, Make make) {
     return {name, {}, {}, summary, std::move(make)};
 }
+// A codec that also runs under every eviction policy with every merging policy.
+template <class Make>
+policy_option<Make, true, true> codec_with_merging(std::string_view name, std::string_view summary, Make make) {
+    return {name, {}, {}, summary, std::move(make)};
+}
 // An eviction policy without a parameter.
 template <class Make>
 policy_option<Make> eviction(std::string_view name, std::string_view summary, Make make) {
@@ -162,8 +170,8 @@ inline auto codec_options() {
     return std::make_tuple(
         codec_with_eviction("none:f32", "compressed_cache, rows as they are in fp32 (bit-identical to full:f32)",
                             [] { return q::none<float>{}; }),
-        codec_with_eviction("none:f16", "compressed_cache, rows as they are in fp16",
-                            [] { return q::none<kvc::half>{}; }),
+        codec_with_merging("none:f16", "compressed_cache, rows as they are in fp16",
+                           [] { return q::none<kvc::half>{}; }),
         codec("none:bf16", "compressed_cache, rows as they are in bf16", [] { return q::none<kvc::bfloat16>{}; }),
         codec_with_eviction("q8_0", "Q1 int8 symmetric, groups of 32 (ggml q8_0 bytes), 8.5 bits/value",
                             [] { return q::q8_0{}; }),
@@ -378,6 +386,24 @@ inline auto eviction_options() {
                  }));
 }
 
+// ===========================================================================
+// Merging: --merge NAME (with an evicting --evict, on codecs marked with_merging).
+// ===========================================================================
+
+// A merging policy (no parameter).
+template <class Make>
+policy_option<Make> merging(std::string_view name, std::string_view summary, Make make) {
+    return {name, {}, {}, summary, std::move(make)};
+}
+
+inline auto merge_options() {
+    namespace m = kvc::merge;
+    return std::make_tuple(
+        merging("none", "what eviction drops is gone", [] { return m::none{}; }),
+        merging("compensation", "M5: one slot per head, the count-weighted mean of everything dropped, "
+                "attended with log(count)", [] { return m::compensation{}; }));
+}
+
 // The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).
 inline constexpr std::string_view eviction_sweep_codec = "none:f16";
 
@@ -437,7 +463,9 @@ void visit_slice(const Tuple& options, Visit& visit, std::index_sequence<I...>) 
 struct lookup {
     bool codec_found = false;
     bool eviction_found = false;
+    bool merge_found = false;
     bool pair_offered = true;
+    bool merge_offered = true;
 };
 
 // The compressed cache for `spec` if its codec is one of codec_options()'s
@@ -471,10 +499,21 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
             found.eviction_found = true;
             if constexpr (codec_option_type::with_eviction) {
                 auto eviction = make_eviction(eviction_option, evict_argument, context);
-                using cache_type = kvc::compressed_cache<decltype(eviction), kvc::merge::none, quantization_type,
-                                                         kvc::project::none>;
-                cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), kvc::merge::none{},
-                                                                std::move(quantization), kvc::project::none{});
+                for_each_option(merge_options(), [&](const auto& merge_option) {
+                    if (merge_option.name != spec.merge) return;
+                    found.merge_found = true;
+                    auto merging = merge_option.make();
+                    using merging_type = decltype(merging);
+                    if constexpr (std::is_same_v<merging_type, kvc::merge::none> ||
+                                  codec_option_type::with_merging) {
+                        using cache_type =
+                            kvc::compressed_cache<decltype(eviction), merging_type, quantization_type, kvc::project::none>;
+                        cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), std::move(merging),
+                                                                        std::move(quantization), kvc::project::none{});
+                    } else {
+                        found.merge_offered = false;
+                    }
+                });
             } else {
                 found.pair_offered = false;
             }
