@@ -20,7 +20,7 @@ set_tests_properties(compile_fail.control_compiles PROPERTIES LABELS compile_fai
 
 # The protocols (storage/protocol.hpp, policy/*/protocol.hpp, token_columns.hpp):
 # a policy or store missing a required member fails with a message naming
-# the family and the member. Case 8 is the control that must compile.
+# the family and the member. Case 9 is the control that must compile.
 set(kvc_protocol_messages
     "kvc head store protocol: missing `void keep"
     "protocol: missing `head_storage make_head"
@@ -29,8 +29,9 @@ set(kvc_protocol_messages
     "kvc eviction selector protocol: missing"
     "this column is not declared by any policy of the cache"
     "kvc merging protocol: a policy with `merges = true` needs `template <class Layer> void fold"
-    "this merging policy rewrites rows, and the codec's head store cannot re-encode a row")
-foreach(case RANGE 0 7)
+    "this merging policy rewrites rows, and the codec's head store cannot re-encode a row"
+    "kvc projection protocol: a policy with `projects = true` needs `template <class Layer> std::optional<S> project")
+foreach(case RANGE 0 8)
   list(GET kvc_protocol_messages ${case} message)
   add_test(NAME compile_fail.protocol_${case}
            COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_CASE=${case}
@@ -38,5 +39,5 @@ foreach(case RANGE 0 7)
   set_tests_properties(compile_fail.protocol_${case} PROPERTIES PASS_REGULAR_EXPRESSION "${message}" LABELS compile_fail)
 endforeach()
 add_test(NAME compile_fail.protocol_control_compiles
-         COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_CASE=8 ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/protocol.cpp)
+         COMMAND ${CMAKE_CXX_COMPILER} ${kvc_compile_fail_flags} -DKVC_CASE=9 ${CMAKE_CURRENT_SOURCE_DIR}/compile_fail/protocol.cpp)
 set_tests_properties(compile_fail.protocol_control_compiles PROPERTIES LABELS compile_fail)

@@ -74,6 +74,15 @@ struct merger_without_fold {
     void settle(const kvc::merge::merge_plan&, Columns&) const noexcept {}
 };
 
+struct projection_without_project {
+    using family = kvc::projection_family;
+    static constexpr bool projects = true;
+    template <class Inner>
+    using head_storage = Inner;
+    template <class Inner>
+    Inner make_head(Inner inner, const kvc::cache_config&, std::size_t, std::size_t) const { return inner; }
+};
+
 struct undeclared_column {
     using value_type = float;
     static constexpr float initial = 0.0f;
@@ -98,6 +107,8 @@ inline float* read_undeclared(kvc::token_columns<kvc::column_list<kvc::position_
 using cache = kvc::compressed_cache<kvc::evict::h2o, merger_without_fold, Q, P>;
 #elif KVC_CASE == 7
 using cache = kvc::compressed_cache<kvc::evict::h2o, kvc::merge::compensation, kvc::quant::kivi<2>, P>;
+#elif KVC_CASE == 8
+using cache = kvc::compressed_cache<kvc::evict::none, M, Q, projection_without_project>;
 #else
 using cache = kvc::compressed_cache<kvc::evict::none, M, Q, P>; // the controls: must compile
 using merged = kvc::compressed_cache<kvc::evict::h2o, kvc::merge::compensation, Q, P>;

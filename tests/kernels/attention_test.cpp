@@ -53,6 +53,7 @@ struct decode_shape {
     std::size_t key_pad = 0, value_pad = 0, query_pad = 0, logits_pad = 0;
     bool bias = false, logits = true;
     float scale = 1.0f;
+    std::size_t key_dim = 0; // the problem's key_dim (0: keys as wide as values)
 };
 
 std::string describe_shape(const decode_shape& s) {
@@ -132,6 +133,7 @@ struct decode_case {
         p.query_stride = queries.stride;
         p.scale = shape.scale;
         p.bias = shape.bias ? bias.data() : nullptr;
+        p.key_dim = shape.key_dim;
         return p;
     }
 };
@@ -273,6 +275,45 @@ TEST(AttendPartial, MatchesOracleAndReferenceOnRandomShapes) {
                 if (failures_so_far() - before > 0) return; // one failing shape says enough
             }
         }
+}
+
+// Keys stored narrower than values (P3's pruned key channels): with key_dim
+// set, a logit reads the first key_dim elements of the query and the key row
+// and nothing past them (NaN there), while values keep every element. The
+// oracle sees the same keys with zeros past key_dim.
+TEST(AttendPartial, KeyDimReadsOnlyThatManyKeyElements) {
+    const auto tables = tables_under_test();
+    error_log log("decode, keys narrower than values");
+    rng_type rng(31);
+    std::size_t cases = 0;
+    for (dtype type : all_dtypes)
+        for (decode_shape shape : decode_shapes()) {
+            if (rng() % 3 != 0) continue; // a third of the shapes, on every format
+            shape.key_dim = 1 + rng() % shape.dim;
+            SCOPED_TRACE(std::string("dtype=") + kvc::name_of(type) + " " + describe_shape(shape) +
+                         " key_dim=" + std::to_string(shape.key_dim));
+            decode_case c(shape, type, rng);
+            for (std::size_t t = 0; t < shape.tokens; ++t)
+                for (std::size_t d = shape.key_dim; d < shape.dim; ++d) c.keys.set(t, d, 0.0f);
+            c.seq = sequence();
+            c.seq.append(c.keys, c.values, 0, shape.tokens, shape.bias ? c.bias.data() : nullptr);
+            c.compute_oracle();
+            for (std::size_t t = 0; t < shape.tokens; ++t)
+                for (std::size_t d = shape.key_dim; d < shape.dim; ++d)
+                    c.keys.set(t, d, std::numeric_limits<float>::quiet_NaN());
+            ++cases;
+            const int before = failures_so_far();
+            expect_matches_oracle(c.oracle, run_decode(reference(), c).out.data(), shape.dim, shape.dim, &log,
+                                  reference().arch);
+            for (const kk::kernel_table* table : tables) {
+                SCOPED_TRACE(std::string("arch=") + kvc::name_of(table->arch));
+                const decode_result got = run_decode(*table, c);
+                expect_matches_oracle(c.oracle, got.out.data(), shape.dim, shape.dim, &log, table->arch);
+                if (shape.logits) expect_logits_match(c.oracle, got.logits.data(), got.logits_stride, 0, shape.tokens);
+            }
+            if (failures_so_far() - before > 0) return;
+        }
+    EXPECT_GT(cases, 30u);
 }
 
 // Exact arithmetic: small integers in q and k, scale a power of two and biases

@@ -11,7 +11,7 @@
 //                                 the statistics the policies asked for
 // and compress(layer) is a pipeline: the eviction plan (scorer -> selector),
 // the merger's fold of what it drops into what it keeps, compaction, the
-// codec re-encoding merged rows, then one swap.
+// codec re-encoding merged rows, the projection's store, then one swap.
 //
 // config.storage is full_cache's; here the codec decides how rows are stored.
 // Policies are small value types given to the constructor (default-constructed
@@ -42,6 +42,7 @@
 #include <limits>
 #include <memory_resource>
 #include <new>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -53,6 +54,7 @@
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/eviction/policy.hpp"
 #include "kvc/policy/merging/protocol.hpp"
+#include "kvc/policy/projection/protocol.hpp"
 #include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/protocol.hpp"
@@ -77,7 +79,9 @@ class compressed_cache {
                   "(family kvc::projection_family, e.g. kvc::project::none)");
     static_assert(detail::check_codec<Quantization>());
     static_assert(detail::check_merger<Merging>());
-    static_assert(!detail::merges_of<Merging>::value || detail::has_store_row<typename Quantization::head_storage>::value,
+    static_assert(detail::check_projection<Projection, typename Quantization::head_storage>());
+    static_assert(!detail::merges_of<Merging>::value ||
+                      detail::has_store_row<detail::projected_store_t<Projection, typename Quantization::head_storage>>::value,
                   "kvc::compressed_cache: this merging policy rewrites rows, and the codec's head store cannot "
                   "re-encode a row (no `store_row(kernels, t, key, value)`): pair it with a codec that can "
                   "(quant::none, the block formats, their sinks and Hadamard wrappers)");
@@ -96,7 +100,8 @@ public:
     using merging_type = Merging;
     using quantization_type = Quantization;
     using projection_type = Projection;
-    using head_storage = typename Quantization::head_storage;
+    // The codec's store, inside the projection's when it projects.
+    using head_storage = detail::projected_store_t<Projection, typename Quantization::head_storage>;
     // Per-token state of one (layer, KV head): the host's positions and every
     // column a policy declares (storage/token_columns.hpp), each kept once.
     using columns_type = token_columns<column_union_t<column_list<position_column>, columns_of_t<Eviction>,
@@ -105,6 +110,9 @@ public:
 
     static constexpr bool evicts = Eviction::evicts;
     static constexpr bool merges = detail::merges_of<Merging>::value;
+    static constexpr bool projects = detail::projects_of<Projection>::value;
+    // Whether compress has a stage to run: eviction (with merging inside it) or projection.
+    static constexpr bool compresses = evicts || projects;
     // What the cache collects for its policies: nothing that none of them asks for.
     static constexpr bool collects_attention_stats = needs_attention_stats_v<Eviction> ||
                                                      needs_attention_stats_v<Merging> ||
@@ -121,7 +129,7 @@ public:
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                heads_.push_back(head_slot{detail::make_head_of(quantization_, config_, l, h), config_.resource});
+                heads_.push_back(head_slot{make_head(l, h), config_.resource});
             }
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
@@ -178,9 +186,11 @@ public:
                         first_position, " with ", count, " tokens");
         if (count == 0) return;
         bool compressed_for_decode = false;
-        if constexpr (evicts) {
+        if constexpr (compresses) {
             // The prompt is complete once decoding starts: compress it first.
-            if (eviction_.when.after_prefill && state.prefill_pending && count == 1) compress_layer(layer, 0);
+            if (compresses_after_prefill() && state.prefill_pending && count == 1) compress_layer(layer, 0);
+        }
+        if constexpr (evicts) {
             // Decode-time compression runs on decode appends (one token): a
             // prefill chunk must stay whole until attend_chunk has attended it.
             // It runs before the token is stored, making room for it (the
@@ -481,6 +491,23 @@ private:
             return (void)layer, detail::no_bias{};
     }
 
+    // One head's store: the codec's, wrapped by the projection when it projects.
+    head_storage make_head(std::size_t layer, std::size_t kv_head) const {
+        if constexpr (projects)
+            return projection_.make_head(detail::make_head_of(quantization_, config_, layer, kv_head), config_, layer,
+                                         kv_head);
+        else
+            return detail::make_head_of(quantization_, config_, layer, kv_head);
+    }
+
+    // Whether the first single-token append after attend_chunk compresses the
+    // prompt: the eviction schedule decides when there is one; a projection
+    // alone always projects the prompt.
+    bool compresses_after_prefill() const noexcept {
+        if constexpr (evicts) return eviction_.when.after_prefill;
+        else return true;
+    }
+
     // The element type of the query ring: the codec's element type when it
     // stores rows as they are (quant::none<T>), else config.storage (fp16 by
     // default; quantized codecs keep keys coarser still). No cache keeps its
@@ -560,45 +587,67 @@ private:
     // compress(layer), making room for `incoming` tokens about to be appended
     // (0 for compress()): each head keeps what the budget allows once they are
     // in, less them, with the recent window shortened by as many (they will
-    // be its newest tokens).
+    // be its newest tokens). Then the projection's stage, on every head.
     void compress_layer(std::size_t layer, std::size_t incoming) {
-        if constexpr (evicts) {
+        if constexpr (compresses) {
             layer_state& state = layers_[layer];
             const kernels::kernel_table& k = kernels::active();
             const std::size_t heads = config_.kv_heads;
+            const layer_access view = access(layer);
             std::vector<std::vector<std::uint32_t>> keep;
-            if (!eviction_.plan(access(layer), incoming, keep)) {
-                state.prefill_pending = false;
-                if (!query_window_outlives_prompt()) release_query_window(state);
+            bool planned = false;
+            if constexpr (evicts) planned = eviction_.plan(view, incoming, keep);
+            if (!planned && !projects) {
+                finish_compression(state);
                 return;
             }
-            // Build every compacted head first (merging and compaction are the
-            // steps that allocate), then swap them in: a failure leaves the
-            // layer as it was.
+            // Build every new head first (merging, compaction and projection
+            // are the steps that allocate), then swap them in: a failure
+            // leaves the layer as it was.
             std::vector<std::size_t> changed;
-            std::vector<head_slot> compacted;
-            const layer_access view = access(layer);
+            std::vector<head_slot> built;
             for (std::size_t h = 0; h < heads; ++h) {
-                if (keep[h].size() == rows_at(layer, h).tokens()) continue;
-                merge::merge_plan merged(keep[h]);
-                if constexpr (merges) merging_.fold(view, h, merged);
-                changed.push_back(h);
-                compacted.push_back(compact(head_slot_at(layer, h), keep[h]));
-                if constexpr (merges) settle_merge(k, compacted.back(), merged);
+                const bool drops = planned && keep[h].size() != rows_at(layer, h).tokens();
+                if (drops) {
+                    merge::merge_plan merged(keep[h]);
+                    if constexpr (merges) merging_.fold(view, h, merged);
+                    changed.push_back(h);
+                    built.push_back(compact(head_slot_at(layer, h), keep[h]));
+                    if constexpr (merges) settle_merge(k, built.back(), merged);
+                }
+                if constexpr (projects) {
+                    std::optional<head_storage> projected =
+                        projection_.project(view, h, drops ? built.back().rows : rows_at(layer, h));
+                    if (projected && drops) {
+                        built.back().rows = std::move(*projected);
+                    } else if (projected) {
+                        built.emplace_back(std::move(*projected), head_slot_at(layer, h).columns);
+                        changed.push_back(h);
+                    }
+                }
             }
             for (std::size_t i = 0; i < changed.size(); ++i) {
                 head_slot& slot = mutable_head(layer, changed[i]);
                 using std::swap;
-                swap(slot, compacted[i]);
-                if (eviction_.rerotate.enabled) rerotate(k, slot, state.first_position);
+                swap(slot, built[i]);
+                if constexpr (evicts)
+                    if (eviction_.rerotate.enabled) rerotate(k, slot, state.first_position);
             }
-            if (eviction_.rerotate.enabled && heads != 0)
-                state.last_position = state.first_position + static_cast<std::int64_t>(rows_at(layer, 0).tokens()) - 1;
-            state.prefill_pending = false;
-            if (!query_window_outlives_prompt()) release_query_window(state);
+            if constexpr (evicts)
+                if (eviction_.rerotate.enabled && heads != 0)
+                    state.last_position =
+                        state.first_position + static_cast<std::int64_t>(rows_at(layer, 0).tokens()) - 1;
+            finish_compression(state);
         } else {
             (void)layer, (void)incoming;
         }
+    }
+
+    // After a compression of the layer: the prompt is done, and the window of
+    // queries goes unless a later compression may still read it.
+    void finish_compression(layer_state& state) noexcept {
+        state.prefill_pending = false;
+        if (!query_window_outlives_prompt()) release_query_window(state);
     }
 
     // Writes a merger's folded rows into a compacted head (the codec encodes

@@ -19,6 +19,10 @@ namespace kvc::kernels {
 // its segments.
 struct decode_queries {
     std::size_t dim = 0;            // elements of a query, key and value row (the storage may ask for a multiple)
+    // Elements of a query and key row when keys are stored narrower than
+    // values (key channels pruned, P3): 0 means dim. Honoured by the plain-row
+    // kernels (attend_partial); the packed formats always use dim.
+    std::size_t key_dim = 0;
     std::size_t group = 1;          // query heads sharing this KV head
     const float* queries = nullptr; // query g at queries + g * query_stride
     std::size_t query_stride = 0;
@@ -30,6 +34,8 @@ struct decode_queries {
 
 // The query block of any decode problem, to read or to overwrite as a whole.
 inline decode_queries& queries_of(decode_queries& p) noexcept { return p; }
+// The elements one logit reads from the query and the key row.
+constexpr std::size_t key_width(const decode_queries& p) noexcept { return p.key_dim != 0 ? p.key_dim : p.dim; }
 
 // Decode attention of one KV head for its group of query heads (GQA), over
 // `tokens` stored rows. Each key and value row is read from memory once for

@@ -81,6 +81,7 @@ public:
 
     dtype type() const noexcept { return type_; }
     std::size_t dim() const noexcept { return dim_; }
+    memory_resource* resource() const noexcept { return keys_.resource(); }
     std::size_t tokens() const noexcept { return keys_.size() / row_bytes(); }
     std::size_t row_bytes() const noexcept { return dim_ * size_of(type_); }
 

@@ -103,7 +103,7 @@ void attend_partial(const decode_problem& p, const decode_state& s) noexcept {
         const float* q = p.queries + g * p.query_stride;
         float* acc = s.acc + g * p.dim;
         for (std::size_t t = 0; t < p.tokens; ++t) {
-            const float logit = token_logit(p, dot<D>(q, keys + t * p.key_stride, p.dim), g, t);
+            const float logit = token_logit(p, dot<D>(q, keys + t * p.key_stride, key_width(p)), g, t);
             const float weight = online_softmax_step(logit, s.max[g], s.sum[g], acc, p.dim);
             axpy<D>(weight, values + t * p.value_stride, acc, p.dim);
         }

@@ -362,7 +362,8 @@ void accumulate_mass(const float* logits, std::size_t logits_stride, std::size_t
 inline constexpr std::size_t decode_block = 64;
 
 // weights[h][i] = scale * <q_h, k_(first + i)> + bias for Tokens consecutive
-// key rows starting at `k`, H heads: H x Tokens accumulators in registers.
+// key rows starting at `k` (key_width(p) elements each, `full` of them in
+// whole batches), H heads: H x Tokens accumulators in registers.
 // `weights` points at weights[0][i0] of a [H][decode_block] array.
 template <class A, dtype D, std::size_t H, std::size_t Tokens>
 inline void key_logits(const decode_problem& p, const typename common::element<A, D>::storage* k,
@@ -387,7 +388,7 @@ inline void key_logits(const decode_problem& p, const typename common::element<A
         KVC_UNROLL
         for (std::size_t h = 0; h < H; ++h) {
             float logit = xsimd::hadd(acc[i][h]);
-            for (std::size_t d = full; d < p.dim; ++d)
+            for (std::size_t d = full; d < key_width(p); ++d)
                 logit += q[h][d] * common::element<A, D>::load(k + i * p.key_stride + d);
             weights[h * decode_block + i] = logit * p.scale + (p.bias ? p.bias[first + i] : 0.0f);
         }
@@ -480,7 +481,8 @@ void attend_heads(const decode_problem& p, const decode_state& s, std::size_t g0
     const auto* keys = static_cast<const storage*>(p.keys);
     const auto* values = static_cast<const storage*>(p.values);
     const std::size_t dim = p.dim;
-    const std::size_t full = dim - dim % lanes; // elements covered by whole batches
+    const std::size_t full = dim - dim % lanes; // value elements covered by whole batches
+    const std::size_t key_full = key_width(p) - key_width(p) % lanes;
     alignas(64) float weights[H][block];
     const float* q[H];
     for (std::size_t h = 0; h < H; ++h) q[h] = p.queries + (g0 + h) * p.query_stride;
@@ -493,8 +495,8 @@ void attend_heads(const decode_problem& p, const decode_state& s, std::size_t g0
         constexpr std::size_t tokens_per_step = H >= 3 ? 1 : 2;
         std::size_t t = 0;
         for (; t + tokens_per_step <= count; t += tokens_per_step)
-            key_logits<A, D, H, tokens_per_step>(p, keys + (t0 + t) * p.key_stride, q, full, t0 + t, &weights[0][t]);
-        for (; t < count; ++t) key_logits<A, D, H, 1>(p, keys + (t0 + t) * p.key_stride, q, full, t0 + t, &weights[0][t]);
+            key_logits<A, D, H, tokens_per_step>(p, keys + (t0 + t) * p.key_stride, q, key_full, t0 + t, &weights[0][t]);
+        for (; t < count; ++t) key_logits<A, D, H, 1>(p, keys + (t0 + t) * p.key_stride, q, key_full, t0 + t, &weights[0][t]);
 
         // Online softmax update; weights become exp(logit - new max).
         for (std::size_t h = 0; h < H; ++h) {
