@@ -48,6 +48,7 @@
 #include "kvc/policy/merging/compensation.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/projection/think.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/cq.hpp"
 #include "kvc/policy/quantization/gear.hpp"
