@@ -28,7 +28,7 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/core/config.hpp"
+#include "kvc/core/cache_config.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/memory.hpp"
 #include "kvc/kernels/common.hpp"
