@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "kvc/core/error.hpp"
+#include "kvc/kernels/channel_range.hpp"
 #include "kvc/policy/eviction/policy.hpp"
 
 namespace kvc::evict {
@@ -140,13 +141,9 @@ private:
         }
         for (std::size_t t = reference + 1; t < reference_end; ++t) {
             decode(in.rows->head, k, t, 1, row);
-            for (std::size_t d = 0; d < dim; ++d) low[d] = std::min(low[d], row[d]);
-            for (std::size_t d = 0; d < dim; ++d) inverse[d] = std::max(inverse[d], row[d]);
+            kernels::widen_channel_range(row, dim, low, inverse);
         }
-        for (std::size_t d = 0; d < dim; ++d) {
-            const float range = inverse[d] - low[d];
-            inverse[d] = range > 0.0f ? 1.0f / range : 0.0f;
-        }
+        kernels::invert_channel_range(low, inverse, dim);
         for (std::size_t i = 0; i < count; ++i) {
             if (dim < 2) {
                 out[i] = 0.0f;
@@ -156,9 +153,8 @@ private:
             // sum written as a loop is one long dependency chain the compiler
             // may not reorder, and it was most of LagKV's append cost.
             decode(in.rows->head, k, first + i, 1, row);
-            for (std::size_t d = 0; d < dim; ++d) row[d] = (row[d] - low[d]) * inverse[d];
-            const float mean = k.dot[f32](row, ones, dim) / static_cast<float>(dim);
-            for (std::size_t d = 0; d < dim; ++d) row[d] -= mean;
+            kernels::normalise_by_range(row, low, inverse, dim);
+            kernels::subtract(row, k.dot[f32](row, ones, dim) / static_cast<float>(dim), dim);
             out[i] = std::sqrt(k.dot[f32](row, row, dim) / static_cast<float>(dim - 1));
         }
         k.softmax(out, count);
