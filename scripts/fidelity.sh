@@ -65,12 +65,12 @@ echo "fidelity.sh: ${#sweep[@]} configurations on $model, $windows windows each"
 start=$(date +%s)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 for i in "${!sweep[@]}"; do
-  IFS=$'\t' read -r method cache evict every merge <<<"${sweep[$i]}"
+  IFS=$'\t' read -r method cache evict every merge project <<<"${sweep[$i]}"
   name=$(printf '%03d' "$i")
-  printf 'fidelity.sh: [%d/%d] %-12s --cache %s --evict %s --evict-every %s --merge %s\n' "$((i + 1))" \
-    "${#sweep[@]}" "$method" "$cache" "$evict" "$every" "$merge"
+  printf 'fidelity.sh: [%d/%d] %-12s --cache %s --evict %s --evict-every %s --merge %s --project %s\n' \
+    "$((i + 1))" "${#sweep[@]}" "$method" "$cache" "$evict" "$every" "$merge" "$project"
   "$fidelity" --model "$model" --cache "$cache" --evict "$evict" --evict-every "$every" --merge "$merge" \
-    --windows "$windows" \
+    --project "$project" --windows "$windows" \
     --json "$results/$name.json" --markdown >"$results/$name.md"
   sed 's/^/    /' "$results/$name.md"
 done

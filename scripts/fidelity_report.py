@@ -208,7 +208,10 @@ or `q4_0` rows): the two families composed. Rows named `SCORER+compensation`
 (`--merge compensation`, M5) run the same eviction and fold everything it drops
 from a head into one extra slot holding the mean key and value of the dropped
 tokens, attended with log(count): against the same scorer's plain row, they
-show what merging recovers. Cache bytes count everything the cache holds,
+show what merging recovers. Rows named `think` (`--project think:SHARE`, P3,
+no eviction) keep every token and drop that share of each head's key
+channels, those the newest 32 prompt queries use least, from all but the
+newest 128 tokens. Cache bytes count everything the cache holds,
 including the state a policy asks for (accumulated attention for H2O/A2SF, the
 window of recent queries SnapKV scores with), which is why equal budgets can
 differ in bytes.
@@ -243,7 +246,7 @@ build/fidelity/examples/engine/kvc-fidelity --model models/kvref/model.bin --cac
 ```
 
 A new policy appears here after one line in the registry of
-`examples/engine/cache_registry.hpp` (`codec_options()`, `eviction_options()` or `merge_options()`,
+`examples/engine/cache_registry.hpp` (`codec_options()`, `eviction_options()`, `merge_options()` or `project_options()`,
 with the budgets to sweep) and a rerun of `scripts/fidelity.sh`.
 """.format(
         command=args.command,

@@ -364,8 +364,8 @@ def measure_kvref(build):
     out = os.path.join(build, "kvref_attention_errors.jsonl")
     with open(out, "w", encoding="utf-8") as f:
         for line in listing.splitlines():
-            method, cache, evict = line.split("\t")[:3]
-            if evict != "none" or cache.startswith("full:"):
+            method, cache, evict, _every, merge, project = line.split("\t")[:6]
+            if evict != "none" or merge != "none" or project != "none" or cache.startswith("full:"):
                 continue
             row = subprocess.run([os.path.join(tools, "kvc-attention-error"), "--model", "models/kvref/model.bin",
                                   "--cache", cache, "--windows", "4"], check=True, capture_output=True, text=True)

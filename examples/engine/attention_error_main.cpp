@@ -31,6 +31,7 @@ const char* const usage = R"(usage: kvc-attention-error --model FILE [options]
   --evict SPEC         its eviction policy (default none)
   --evict-every N      decode-time compression interval (default 0)
   --merge NAME         fold what eviction drops into what it keeps (default none)
+  --project SPEC       store fewer key channels (default none; e.g. think:0.4)
   --eviction-sweep     instead: every eviction policy whose value is a share of the cache (a keep
                        ratio, head_roles' retrieval share), at 0.5, 0.25 and 0.125, on --cache
   --prompt N           prompt tokens per window (default 512)
@@ -62,6 +63,7 @@ options parse(int argc, char** argv) {
         else if (flag == "--evict") o.spec.evict = args.value(flag);
         else if (flag == "--evict-every") o.spec.every = args.count(flag, 0, 1 << 20);
         else if (flag == "--merge") o.spec.merge = args.value(flag);
+        else if (flag == "--project") o.spec.project = args.value(flag);
         else if (flag == "--eviction-sweep") o.sweep = true;
         else if (flag == "--prompt") o.prompt = args.count(flag, 1);
         else if (flag == "--steps") o.steps = args.count(flag, 1);
@@ -80,7 +82,7 @@ std::string json_row(const engine::cache_spec& spec, const engine::attention_err
     using engine::detail::number;
     return "{\"method\": " + json_string(spec.method()) + ", \"cache\": " + json_string(spec.cache) +
            ", \"evict\": " + json_string(spec.evict) + ", \"evict_every\": " + std::to_string(spec.every) +
-           ", \"merge\": " + json_string(spec.merge) +
+           ", \"merge\": " + json_string(spec.merge) + ", \"project\": " + json_string(spec.project) +
            ", \"error_mean\": " + number(e.mean) + ", \"error_max\": " + number(e.max) +
            ", \"rows_kept\": " + number(e.rows_kept) + ", \"samples\": " + std::to_string(e.samples) +
            ", \"windows\": " + std::to_string(o.windows) + ", \"prompt\": " + std::to_string(o.prompt) +

@@ -50,12 +50,17 @@ std::string cache_spec::label() const {
     std::string text = evict == "none" ? cache : cache + " + " + evict;
     if (every != 0) text += " every " + std::to_string(every);
     if (merge != "none") text += " + " + merge;
+    if (project != "none") text += " + " + project;
     return text;
 }
 
 std::string cache_spec::method() const {
     if (is_full()) return "full_cache";
     const std::string codec_method = cache.substr(0, cache.find(':'));
+    if (project != "none") {
+        const std::string project_method = project.substr(0, project.find(':'));
+        return cache == registry::eviction_sweep_codec ? project_method : project_method + "+" + codec_method;
+    }
     if (evict == "none") return codec_method;
     std::string evict_method = evict.substr(0, evict.find(':'));
     if (merge != "none") evict_method += "+" + merge;
@@ -107,6 +112,14 @@ std::string describe_options() {
     registry::for_each_option(registry::merge_options(), [&](const auto& option) {
         line(registry::spelling(option), std::string(option.summary));
     });
+    std::string with_projection;
+    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
+        if (std::decay_t<decltype(option)>::with_projection) with_projection.append(" ").append(option.name);
+    });
+    text += "--project (fewer stored channels per token; with --evict none and --cache" + with_projection + "):\n";
+    registry::for_each_option(registry::project_options(), [&](const auto& option) {
+        line(registry::spelling(option), std::string(option.summary));
+    });
     return text;
 }
 
@@ -120,12 +133,17 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
                                         "cache such as --cache none:f16 --evict " + spec.evict);
         if (spec.every != 0) throw std::invalid_argument("--evict-every needs a compressed cache and --evict");
         if (spec.merge != "none") throw std::invalid_argument("--merge needs a compressed cache and --evict");
+        if (spec.project != "none") throw std::invalid_argument("--project needs a compressed cache");
         kvc::cache_config config = shape;
         config.storage = option.storage;
         return std::make_unique<kvc_cache<kvc::full_cache>>(config);
     }
     if (spec.merge != "none" && spec.evict == "none")
         throw std::invalid_argument("--merge " + spec.merge + " folds what eviction drops: it needs --evict");
+    if (spec.project != "none" && spec.evict != "none")
+        throw std::invalid_argument("--project " + spec.project + " runs with --evict none in this engine (each "
+                                    "eviction pair is another cache type; add the pair in "
+                                    "examples/engine/cache_registry.hpp)");
     registry::lookup found;
     std::unique_ptr<kv_cache> cache;
     for (auto part : {&registry::make_compressed_part0, &registry::make_compressed_part1,
@@ -138,6 +156,20 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
         throw std::invalid_argument("unknown cache '" + spec.cache + "'; expected one of: " + cache_names());
     if (!found.eviction_found)
         throw std::invalid_argument("unknown --evict '" + spec.evict + "'; expected one of: " + eviction_names());
+    if (!found.project_found && spec.evict == "none") {
+        std::string names;
+        registry::for_each_option(registry::project_options(),
+                                  [&](const auto& option) { names.append(" ").append(registry::spelling(option)); });
+        throw std::invalid_argument("unknown --project '" + spec.project + "'; expected one of:" + names);
+    }
+    if (!found.project_offered) {
+        std::string carriers;
+        registry::for_each_option(registry::codec_options(), [&](const auto& option) {
+            if (std::decay_t<decltype(option)>::with_projection) carriers.append(" ").append(option.name);
+        });
+        throw std::invalid_argument("--project " + spec.project + " runs on --cache" + carriers +
+                                    " in this engine, not " + spec.cache);
+    }
     if (!found.merge_found && found.pair_offered && spec.evict != "none") {
         std::string names;
         registry::for_each_option(registry::merge_options(),
@@ -185,6 +217,13 @@ std::vector<sweep_point> sweep_points() {
                 add({std::string(registry::eviction_sweep_codec), std::string(option.name) + ":" + format_number(value),
                      0, std::string(merge_option.name)});
         });
+    });
+    registry::for_each_option(registry::project_options(), [&](const auto& option) {
+        for (double value : option.sweep) {
+            cache_spec spec{std::string(registry::eviction_sweep_codec), "none"};
+            spec.project = std::string(option.name) + ":" + format_number(value);
+            add(spec);
+        }
     });
     for (std::string_view name : decode_time_sweep)
         add({std::string(registry::eviction_sweep_codec), std::string(name) + ":" + format_number(decode_time_ratio),

@@ -20,6 +20,8 @@
 //                                             head is N tokens over its budget (B9)
 //   --merge NAME                              ... folding what it evicts into what it keeps
 //                                             (default none; e.g. compensation, M5)
+//   --project NAME:VALUE                      ... storing fewer key channels (default none;
+//                                             e.g. think:0.4, P3; with --evict none)
 // The policies the names stand for are listed in cache_registry.hpp, which
 // only the engine's own .cpp files include: each (codec, eviction) pair is a
 // separate compressed_cache type, and instantiating them all once, in a few
@@ -254,6 +256,7 @@ struct cache_spec {
     std::string evict = "none";
     std::size_t every = 0; // --evict-every: decode-time compression interval (0: after the prompt only)
     std::string merge = "none"; // --merge: what folds the evicted tokens into the kept ones
+    std::string project = "none"; // --project: fewer stored channels per key ("think:0.4")
 
     bool is_full() const;
     // "full:f16", "none:f16", "none:f16 + snapkv:0.25", "q4_0 + h2o:0.25 every 32",

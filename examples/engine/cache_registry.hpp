@@ -11,7 +11,9 @@
 // `with_eviction` also runs under every eviction policy; the others would
 // multiply the build time for pairs nobody sweeps, and are one flag away.
 // A codec marked `with_merging` (it must re-encode rows: store_row) also
-// runs every (eviction, merging) triple.
+// runs every (eviction, merging) triple; one marked `with_projection` (rows
+// stored as they are, which ThinK prunes) runs every projection, without
+// eviction (--evict none): pairs with eviction are one line away.
 #pragma once
 
 #include <algorithm>
@@ -39,10 +41,11 @@
 namespace engine::registry {
 
 // A name the command line uses and how to build the policy.
-template <class Make, bool WithEviction = false, bool WithMerging = false>
+template <class Make, bool WithEviction = false, bool WithMerging = false, bool WithProjection = false>
 struct policy_option {
     static constexpr bool with_eviction = WithEviction;
     static constexpr bool with_merging = WithMerging;
+    static constexpr bool with_projection = WithProjection;
     std::string_view name;      // "none:f16", "q4_0", "snapkv"
     std::string_view parameter; // what follows "name:" on the command line ("keep_ratio"); empty: nothing
     std::vector<double> sweep;  // parameter values scripts/fidelity.sh measures
@@ -144,9 +147,11 @@ template <class Make>
 policy_option<Make, true> codec_with_eviction(std::string_view name, std::string_view summary, Make make) {
     return {name, {}, {}, summary, std::move(make)};
 }
-// A codec that also runs under every eviction policy with every merging policy.
+// A codec that also runs under every eviction policy with every merging
+// policy, and with every projection.
 template <class Make>
-policy_option<Make, true, true> codec_with_merging(std::string_view name, std::string_view summary, Make make) {
+policy_option<Make, true, true, true> codec_with_every_family(std::string_view name, std::string_view summary,
+                                                              Make make) {
     return {name, {}, {}, summary, std::move(make)};
 }
 // An eviction policy without a parameter.
@@ -170,8 +175,8 @@ inline auto codec_options() {
     return std::make_tuple(
         codec_with_eviction("none:f32", "compressed_cache, rows as they are in fp32 (bit-identical to full:f32)",
                             [] { return q::none<float>{}; }),
-        codec_with_merging("none:f16", "compressed_cache, rows as they are in fp16",
-                           [] { return q::none<kvc::half>{}; }),
+        codec_with_every_family("none:f16", "compressed_cache, rows as they are in fp16",
+                                [] { return q::none<kvc::half>{}; }),
         codec("none:bf16", "compressed_cache, rows as they are in bf16", [] { return q::none<kvc::bfloat16>{}; }),
         codec_with_eviction("q8_0", "Q1 int8 symmetric, groups of 32 (ggml q8_0 bytes), 8.5 bits/value",
                             [] { return q::q8_0{}; }),
@@ -404,6 +409,49 @@ inline auto merge_options() {
                 "attended with log(count)", [] { return m::compensation{}; }));
 }
 
+// ===========================================================================
+// Projection: --project NAME:VALUE (with --evict none, on codecs marked with_projection).
+// ===========================================================================
+
+// A projection taking one number ("think:0.4"), swept over `sweep`.
+template <class Make>
+policy_option<Make> projection(std::string_view name, std::string_view parameter, std::vector<double> sweep,
+                               std::string_view summary, Make make) {
+    return {name, parameter, std::move(sweep), summary, std::move(make)};
+}
+
+inline auto project_options() {
+    namespace p = kvc::project;
+    return std::make_tuple(
+        projection("none", "", {}, "every channel of every key stored", [](double) { return p::none{}; }),
+        projection("think", "pruned_share", {0.25, 0.4, 0.5},
+                   "ThinK (P3): that share of each head's key channels, the least used by the newest 32 queries, "
+                   "dropped from all but the newest 128 tokens", [](double share) { return p::think(share); }));
+}
+
+// The projection a --project spelling builds ("none" or "NAME:VALUE").
+template <class Option>
+auto make_projection(const Option& option, const std::string& argument, const cache_spec& spec) {
+    if (option.parameter.empty()) {
+        if (!argument.empty())
+            throw std::invalid_argument("--project " + spec.project + ": '" + std::string(option.name) +
+                                        "' takes no value");
+        return option.make(0.0);
+    }
+    std::size_t used = 0;
+    double value = 0.0;
+    try {
+        value = std::stod(argument, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (argument.empty() || used != argument.size())
+        throw std::invalid_argument("--project " + spec.project + ": expected " + std::string(option.name) + ":" +
+                                    std::string(option.parameter) + " with a number, e.g. " +
+                                    std::string(option.name) + ":0.4");
+    return option.make(value);
+}
+
 // The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).
 inline constexpr std::string_view eviction_sweep_codec = "none:f16";
 
@@ -464,8 +512,10 @@ struct lookup {
     bool codec_found = false;
     bool eviction_found = false;
     bool merge_found = false;
+    bool project_found = false;
     bool pair_offered = true;
     bool merge_offered = true;
+    bool project_offered = true;
 };
 
 // The compressed cache for `spec` if its codec is one of codec_options()'s
@@ -484,14 +534,32 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
         found.codec_found = true;
         using codec_option_type = std::decay_t<decltype(codec_option)>;
         auto quantization = make_codec(codec_option, context);
-        using quantization_type = decltype(quantization);
+        // decay_t: GCC 12 names captured variables as references here when it
+        // checks std::apply's noexcept (nested generic lambdas), which made
+        // compressed_cache<evict::none&, ...> and failed its static_asserts.
+        using quantization_type = std::decay_t<decltype(quantization)>;
         if (evict_name == "none") {
             found.eviction_found = true;
             (void)make_eviction(std::get<0>(eviction_options()), evict_argument, context);
-            using cache_type =
-                kvc::compressed_cache<kvc::evict::none, kvc::merge::none, quantization_type, kvc::project::none>;
-            cache = std::make_unique<kvc_cache<cache_type>>(shape, kvc::evict::none{}, kvc::merge::none{},
-                                                            std::move(quantization), kvc::project::none{});
+            const std::size_t project_colon = spec.project.find(':');
+            const std::string project_name = spec.project.substr(0, project_colon);
+            const std::string project_argument =
+                project_colon == std::string::npos ? "" : spec.project.substr(project_colon + 1);
+            for_each_option(project_options(), [&](const auto& project_option) {
+                if (project_option.name != project_name) return;
+                found.project_found = true;
+                auto projection = make_projection(project_option, project_argument, spec);
+                using projection_type = std::decay_t<decltype(projection)>;
+                if constexpr (std::is_same_v<projection_type, kvc::project::none> ||
+                              codec_option_type::with_projection) {
+                    using cache_type =
+                        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, quantization_type, projection_type>;
+                    cache = std::make_unique<kvc_cache<cache_type>>(shape, kvc::evict::none{}, kvc::merge::none{},
+                                                                    std::move(quantization), std::move(projection));
+                } else {
+                    found.project_offered = false;
+                }
+            });
             return;
         }
         for_each_option(eviction_options(), [&](const auto& eviction_option) {
@@ -503,11 +571,11 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
                     if (merge_option.name != spec.merge) return;
                     found.merge_found = true;
                     auto merging = merge_option.make();
-                    using merging_type = decltype(merging);
+                    using merging_type = std::decay_t<decltype(merging)>;
                     if constexpr (std::is_same_v<merging_type, kvc::merge::none> ||
                                   codec_option_type::with_merging) {
-                        using cache_type =
-                            kvc::compressed_cache<decltype(eviction), merging_type, quantization_type, kvc::project::none>;
+                        using cache_type = kvc::compressed_cache<std::decay_t<decltype(eviction)>, merging_type,
+                                                                 quantization_type, kvc::project::none>;
                         cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), std::move(merging),
                                                                         std::move(quantization), kvc::project::none{});
                     } else {

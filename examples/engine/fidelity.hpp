@@ -265,6 +265,7 @@ inline std::string to_json(const fidelity_report& r) {
     field("evict", json_string(s.tested.evict));
     field("evict_every", std::to_string(s.tested.every));
     field("merge", json_string(s.tested.merge));
+    field("project", json_string(s.tested.project));
     field("reference", json_string(s.reference.label()));
     field("prompt_tokens", std::to_string(s.prompt));
     field("scored_tokens", std::to_string(s.scored));

@@ -47,6 +47,7 @@ const char* const usage = R"(usage: kvc-fidelity --model FILE [options]
   --evict SPEC         its eviction policy (default none)
   --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0: after the prompt only)
   --merge NAME         fold what eviction drops into what it keeps (default none; e.g. compensation)
+  --project SPEC       store fewer key channels (default none; e.g. think:0.4, with --evict none)
   --reference SPEC     reference cache (default full:f32)
   --prompt N           tokens prefilled per window (default: half the model's context)
   --tokens M           tokens decoded and scored per window (default: a quarter of the context)
@@ -57,7 +58,7 @@ const char* const usage = R"(usage: kvc-fidelity --model FILE [options]
   --json FILE          also write the JSON report to FILE
   --markdown           print a Markdown table row instead of JSON
   --markdown-header    print the header of that table and exit
-  --list               print every configuration of the sweep (method, cache, evict, evict-every, merge; tab-separated) and exit
+  --list               print every configuration of the sweep (method, cache, evict, evict-every, merge, project; tab-separated) and exit
   --help
 )";
 
@@ -81,8 +82,9 @@ options parse(int argc, char** argv) {
             std::exit(0);
         } else if (flag == "--list") {
             for (const engine::sweep_point& point : engine::sweep_points())
-                std::printf("%s\t%s\t%s\t%zu\t%s\n", point.method.c_str(), point.spec.cache.c_str(),
-                            point.spec.evict.c_str(), point.spec.every, point.spec.merge.c_str());
+                std::printf("%s\t%s\t%s\t%zu\t%s\t%s\n", point.method.c_str(), point.spec.cache.c_str(),
+                            point.spec.evict.c_str(), point.spec.every, point.spec.merge.c_str(),
+                            point.spec.project.c_str());
             std::exit(0);
         } else if (flag == "--markdown-header") {
             std::fputs(engine::markdown_header().c_str(), stdout);
@@ -94,6 +96,7 @@ options parse(int argc, char** argv) {
         else if (flag == "--evict") o.setup.tested.evict = args.value(flag);
         else if (flag == "--evict-every") o.setup.tested.every = args.count(flag, 0, 1 << 20);
         else if (flag == "--merge") o.setup.tested.merge = args.value(flag);
+        else if (flag == "--project") o.setup.tested.project = args.value(flag);
         else if (flag == "--reference") o.setup.reference.cache = args.value(flag);
         else if (flag == "--prompt") o.setup.prompt = args.count(flag, 1), o.prompt_given = true;
         else if (flag == "--tokens") o.setup.scored = args.count(flag, 1), o.tokens_given = true;

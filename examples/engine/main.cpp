@@ -48,6 +48,7 @@ const char* const usage = R"(usage: kvc_engine --model FILE [options]
   --evict SPEC         eviction policy of a compressed cache (default none)
   --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0)
   --merge NAME         fold what eviction drops into what it keeps (default none; e.g. compensation)
+  --project SPEC       store fewer key channels (default none; e.g. think:0.4, with --evict none)
   --compare SPEC       also run a reference cache (e.g. full:f32) over the same tokens and compare
   --quiet              do not print the generated text
   --list               list the cache and eviction choices
@@ -89,6 +90,7 @@ options parse(int argc, char** argv) {
         else if (flag == "--evict") o.cache.evict = args.value(flag);
         else if (flag == "--evict-every") o.cache.every = args.count(flag, 0, 1 << 20);
         else if (flag == "--merge") o.cache.merge = args.value(flag);
+        else if (flag == "--project") o.cache.project = args.value(flag);
         else if (flag == "--compare") o.compare = args.value(flag);
         else if (flag == "--quiet") o.quiet = true;
         else throw engine::usage_error("unknown option " + flag);

@@ -142,13 +142,15 @@ void expect_threads_match_one_thread(const kvc::cache_config& shape, const workl
 }
 
 // Every configuration the registry builds: every codec alone, every eviction
-// on every codec that carries eviction, and every eviction with a decode-time
-// schedule (compress during decode, every 4 tokens over budget).
+// on every codec that carries eviction, every eviction with a decode-time
+// schedule (compress during decode, every 4 tokens over budget), and every
+// swept merging and projection.
 std::vector<engine::cache_spec> every_registry_configuration() {
     std::vector<engine::cache_spec> specs;
     std::vector<std::string> codecs, carriers, evictions;
     for (const engine::sweep_point& point : engine::sweep_points()) {
-        if (point.spec.evict == "none") codecs.push_back(point.spec.cache);
+        if (point.spec.merge != "none" || point.spec.project != "none") specs.push_back(point.spec);
+        else if (point.spec.evict == "none") codecs.push_back(point.spec.cache);
         else if (point.spec.every == 0 && point.spec.cache == "none:f16") evictions.push_back(point.spec.evict);
     }
     for (const std::string& codec : codecs) {
