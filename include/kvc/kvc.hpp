@@ -47,6 +47,8 @@
 #include "kvc/policy/eviction/streaming.hpp"
 #include "kvc/policy/merging/compensation.hpp"
 #include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/merging/similarity.hpp"
+#include "kvc/policy/merging/zero_merge.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/cq.hpp"

@@ -6,13 +6,18 @@
 // into that token's value with weight w = s * ||v_e|| / (||v_e|| + ||v_t||),
 // v_t <- (v_t + sum_e w_e v_e) / (1 + sum_e w_e). The kept key is left as it
 // is, so its RoPE rotation (its position) stays valid.
-// Sources: Wang et al., "Model Tells You Where to Merge: Adaptive KV Cache
-// Merging for LLMs on Long-Context Tasks" (KVMerger), 2024, arXiv:2407.08454;
-// Wan et al., "D2O: Dynamic Discriminative Operations for Efficient
-// Generative Inference of Large Language Models", 2024, arXiv:2406.13035
-// (its similarity-gated merge of evicted into retained tokens); METHODS.md M2.
+// Sources: Wan et al., "D2O: Dynamic Discriminative Operations for Efficient
+// Long-Context Inference of Large Language Models", ICLR 2025, arXiv:2406.13035
+// (its token-level compensation: evicted tokens recalled and merged into
+// similar retained ones when similar enough); Wang et al., "Model Tells You
+// Where to Merge: Adaptive KV Cache Merging for LLMs on Long-Context Tasks"
+// (KVMerger), 2024, arXiv:2407.08454, for merging by key similarity;
+// METHODS.md M2 for the weight.
 //
 // Choices where the sources leave room:
+// - The weight is METHODS.md's, not KVMerger's Gaussian kernel over merging
+//   sets of consecutive similar tokens: kvc merges what any scorer drops,
+//   which need not be consecutive.
 // - One fixed similarity threshold (D2O keeps an exponential moving average
 //   of it): a dropped token merges only when s >= threshold. Validated in
 //   [-1, 1] (a cosine); since a weight w <= 0 would subtract a value (and could
