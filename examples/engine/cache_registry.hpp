@@ -488,7 +488,10 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
         found.codec_found = true;
         using codec_option_type = std::decay_t<decltype(codec_option)>;
         auto quantization = make_codec(codec_option, context);
-        using quantization_type = decltype(quantization);
+        // decay_t: GCC 12 names captured variables as references here when it
+        // checks std::apply's noexcept (nested generic lambdas), which made
+        // compressed_cache<evict::none&, ...> and failed its static_asserts.
+        using quantization_type = std::decay_t<decltype(quantization)>;
         if (evict_name == "none") {
             found.eviction_found = true;
             (void)make_eviction(std::get<0>(eviction_options()), evict_argument, context);
@@ -507,11 +510,11 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
                     if (merge_option.name != spec.merge) return;
                     found.merge_found = true;
                     auto merging = merge_option.make();
-                    using merging_type = decltype(merging);
+                    using merging_type = std::decay_t<decltype(merging)>;
                     if constexpr (std::is_same_v<merging_type, kvc::merge::none> ||
                                   codec_option_type::with_merging) {
-                        using cache_type =
-                            kvc::compressed_cache<decltype(eviction), merging_type, quantization_type, kvc::project::none>;
+                        using cache_type = kvc::compressed_cache<std::decay_t<decltype(eviction)>, merging_type,
+                                                                 quantization_type, kvc::project::none>;
                         cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), std::move(merging),
                                                                         std::move(quantization), kvc::project::none{});
                     } else {
