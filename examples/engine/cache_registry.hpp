@@ -405,7 +405,9 @@ inline auto merge_options() {
         merging("zero_merge", "M4: each dropped token joins its most similar kept key as a count-weighted mean, "
                 "attended with log(count)", [] { return m::zero_merge{}; }),
         merging("similarity", "M2 (KVMerger, D2O): dropped values blended into the most similar kept token, "
-                "keys untouched", [] { return m::similarity{}; }));
+                "keys untouched", [] { return m::similarity{}; }),
+        merging("cam", "M1 CaM: each dropped value spread over the next 32 kept tokens, scaled by its attention "
+                "relative to theirs", [] { return m::cam{}; }));
 }
 
 // The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).

@@ -45,6 +45,7 @@
 #include "kvc/policy/eviction/scissorhands.hpp"
 #include "kvc/policy/eviction/snapkv.hpp"
 #include "kvc/policy/eviction/streaming.hpp"
+#include "kvc/policy/merging/cam.hpp"
 #include "kvc/policy/merging/compensation.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/merging/similarity.hpp"

@@ -1,4 +1,4 @@
-// The merging family beyond M5 (M4 zero_merge, M2 similarity), each through
+// The merging family beyond M5 (M4 zero_merge, M2 similarity, M1 CaM), each through
 // the host's merge stage and checked against what it promises with double-
 // precision oracles built from the engine's rows, never from what the cache
 // stored: a simulation of the method in double follows every compression the
@@ -18,6 +18,7 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/policy/eviction/h2o.hpp"
 #include "kvc/policy/eviction/streaming.hpp"
+#include "kvc/policy/merging/cam.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/merging/similarity.hpp"
 #include "kvc/policy/merging/zero_merge.hpp"
@@ -82,6 +83,7 @@ struct sim_token {
     std::int32_t position;
     row key, value;
     double count;
+    double attention = 0.0; // the attention mass it has drawn (CaM's A)
 };
 double dot(const row& a, const row& b) {
     double s = 0.0;
@@ -90,21 +92,58 @@ double dot(const row& a, const row& b) {
 }
 double norm(const row& a) { return std::sqrt(dot(a, a)); }
 
-enum class method { zero_merge, similarity };
+enum class method { zero_merge, similarity, cam };
+struct simulated {
+    method m;
+    double threshold = 0.0;  // similarity
+    std::size_t window = 32; // cam
+};
 // What the run exercised, so a test can insist its cases happened.
 struct events {
     std::size_t merged = 0;              // dropped tokens that joined a kept one
     std::size_t below_threshold = 0;     // dropped tokens too dissimilar to join (similarity)
     std::size_t counted_slot_dropped = 0; // a slot with count > 1 dropped into another
     std::size_t counted_slot_joined = 0;  // a slot with count > 1 kept and joined again
+    std::size_t partial = 0;              // cam: a dropped value handed on with p < 1
+    std::size_t short_window = 0;         // cam: fewer than m kept tokens followed it
 };
+
+// CaM in double: each dropped value, times p = min(1, A_e / mean A of the next
+// `window` kept tokens), split over them.
+void simulate_cam(std::size_t window, std::vector<sim_token>& kept, const std::vector<sim_token>& dropped,
+                  events& seen) {
+    std::vector<row> additions(kept.size(), row(kept.front().value.size(), 0.0));
+    for (const sim_token& e : dropped) {
+        std::size_t first = 0;
+        while (first < kept.size() && kept[first].position < e.position) ++first;
+        const std::size_t n = std::min(window, kept.size() - first);
+        if (n == 0) continue;
+        if (n < window) ++seen.short_window;
+        double mean = 0.0;
+        for (std::size_t j = first; j < first + n; ++j) mean += kept[j].attention / double(n);
+        const double p = mean > 0.0 ? std::min(1.0, e.attention / mean) : 1.0;
+        ++seen.merged;
+        if (p < 1.0) ++seen.partial;
+        for (std::size_t j = first; j < first + n; ++j)
+            for (std::size_t d = 0; d < e.value.size(); ++d) additions[j][d] += p / double(n) * e.value[d];
+    }
+    for (std::size_t j = 0; j < kept.size(); ++j)
+        for (std::size_t d = 0; d < additions[j].size(); ++d) kept[j].value[d] += additions[j][d];
+}
 
 // Merges what the cache dropped (every simulated token whose position it no
 // longer holds) into what it kept, as `m` does.
-void simulate_merge(method m, double threshold, std::vector<sim_token>& held, const std::set<std::int32_t>& kept_positions,
+void simulate_merge(const simulated& how, std::vector<sim_token>& held, const std::set<std::int32_t>& kept_positions,
                     events& seen) {
+    const method m = how.m;
+    const double threshold = how.threshold;
     std::vector<sim_token> kept, dropped;
     for (sim_token& t : held) (kept_positions.count(t.position) ? kept : dropped).push_back(t);
+    if (m == method::cam) {
+        simulate_cam(how.window, kept, dropped, seen);
+        held = kept;
+        return;
+    }
     const std::size_t dim = held.front().key.size();
     std::vector<row> key_sums(kept.size(), row(dim, 0.0)), value_sums(kept.size(), row(dim, 0.0));
     std::vector<double> weights(kept.size(), 0.0);
@@ -150,24 +189,34 @@ void simulate_merge(method m, double threshold, std::vector<sim_token>& held, co
     held = kept;
 }
 
-// Decode attention in double over the simulated heads, each token's logit
-// raised by log(count).
-std::vector<double> oracle(const kvc::cache_config& c, const std::vector<std::vector<sim_token>>& heads,
-                           const float* queries) {
+// One query's attention weights in double over the first `tokens` of a
+// simulated head, each token's logit raised by log(count).
+std::vector<double> weights(const kvc::cache_config& c, const std::vector<sim_token>& head, const float* query,
+                            std::size_t tokens) {
+    const row q(query, query + c.head_dim);
+    std::vector<double> logits(tokens);
+    double max = -INFINITY, sum = 0.0;
+    for (std::size_t t = 0; t < tokens; ++t) {
+        logits[t] = dot(q, head[t].key) * c.logit_scale() + std::log(head[t].count);
+        max = std::max(max, logits[t]);
+    }
+    for (double& l : logits) sum += (l = std::exp(l - max));
+    for (double& l : logits) l /= sum;
+    return logits;
+}
+
+// Decode attention in double over the simulated heads; each token's drawn
+// attention grows by its weight for every query of its group.
+std::vector<double> oracle(const kvc::cache_config& c, std::vector<std::vector<sim_token>>& heads, const float* queries) {
     const std::size_t dim = c.head_dim;
     std::vector<double> out(c.query_heads * dim, 0.0);
     for (std::size_t j = 0; j < c.query_heads; ++j) {
-        const std::vector<sim_token>& head = heads[j / c.group()];
-        const row q(queries + j * dim, queries + (j + 1) * dim);
-        std::vector<double> logits(head.size());
-        double max = -INFINITY, sum = 0.0;
+        std::vector<sim_token>& head = heads[j / c.group()];
+        const std::vector<double> p = weights(c, head, queries + j * dim, head.size());
         for (std::size_t t = 0; t < head.size(); ++t) {
-            logits[t] = dot(q, head[t].key) * c.logit_scale() + std::log(head[t].count);
-            max = std::max(max, logits[t]);
+            head[t].attention += p[t];
+            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += p[t] * head[t].value[d];
         }
-        for (double& l : logits) sum += (l = std::exp(l - max));
-        for (std::size_t t = 0; t < head.size(); ++t)
-            for (std::size_t d = 0; d < dim; ++d) out[j * dim + d] += logits[t] / sum * head[t].value[d];
     }
     return out;
 }
@@ -186,8 +235,8 @@ void decoded(const Cache& cache, std::size_t h, std::vector<float>& keys, std::v
 // tokens; after every step each head matches the simulation: positions,
 // rows, counts (zero_merge) and attention output.
 template <class Merging, class Eviction>
-void check_through_decode(Eviction eviction, Merging merging, method m, double threshold, std::uint32_t seed,
-                          events& seen) {
+void check_through_decode(Eviction eviction, Merging merging, const simulated& how, std::uint32_t seed, events& seen) {
+    const method m = how.m;
     const kvc::cache_config c = shape();
     const std::size_t prompt = 40, steps = 30, total = prompt + steps, row_size = row_floats(), dim = c.head_dim;
     const auto keys = random_floats(total * row_size, seed), values = random_floats(total * row_size, seed + 1);
@@ -203,6 +252,13 @@ void check_through_decode(Eviction eviction, Merging merging, method m, double t
     for (std::size_t h = 0; h < c.kv_heads; ++h)
         for (std::size_t t = 0; t < prompt; ++t)
             heads[h].push_back({static_cast<std::int32_t>(t), engine_row(keys, t, h), engine_row(values, t, h), 1.0});
+    // The prompt's causal attention: query i sees tokens 0..i.
+    for (std::size_t i = 0; i < prompt; ++i)
+        for (std::size_t j = 0; j < c.query_heads; ++j) {
+            std::vector<sim_token>& head = heads[j / c.group()];
+            const std::vector<double> p = weights(c, head, queries.data() + (i * c.query_heads + j) * dim, i + 1);
+            for (std::size_t t = 0; t <= i; ++t) head[t].attention += p[t];
+        }
     std::size_t compressions = 0;
     for (std::size_t t = prompt; t < total; ++t) {
         SCOPED_TRACE(t);
@@ -215,7 +271,7 @@ void check_through_decode(Eviction eviction, Merging merging, method m, double t
                 // The budget exactly (merged slots are kept tokens): after the
                 // prompt all of it, at decode all of it but the arriving token.
                 ASSERT_EQ(held.size() - 1, t == prompt ? budget_tokens : budget_tokens - 1);
-                simulate_merge(m, threshold, heads[h], held, seen);
+                simulate_merge(how, heads[h], held, seen);
             }
             heads[h].push_back({static_cast<std::int32_t>(t), engine_row(keys, t, h), engine_row(values, t, h), 1.0});
             ASSERT_EQ(cache.tokens(0, h), heads[h].size());
@@ -238,6 +294,10 @@ void check_through_decode(Eviction eviction, Merging merging, method m, double t
                 EXPECT_NEAR(counted, double(t + 1), 1e-3) << "counts add up to the tokens seen";
             }
             EXPECT_LT(kvc_test::relative_error(stored_keys, want_keys), 1e-6);
+            if (m != method::zero_merge) { // keys untouched: bit for bit the engine's rows
+                for (std::size_t i = 0; i < stored_keys.size(); ++i)
+                    ASSERT_EQ(stored_keys[i], static_cast<float>(want_keys[i])) << "element " << i;
+            }
             EXPECT_LT(kvc_test::relative_error(stored_values, want_values), 1e-6);
         }
         const float* q = queries.data() + t * c.query_heads * dim;
@@ -298,13 +358,13 @@ TEST(ZeroMerge, TokensIdenticalToTheirSlotLoseNothing) {
 // (and joins another with its count); attention matches the double oracle.
 TEST(ZeroMerge, CountsSurviveLaterMergesStreaming) {
     events seen;
-    check_through_decode(streaming(every), merge::zero_merge{}, method::zero_merge, 0.0, 10, seen);
+    check_through_decode(streaming(every), merge::zero_merge{}, {method::zero_merge}, 10, seen);
     EXPECT_GT(seen.counted_slot_dropped, 0u);
     EXPECT_GT(seen.counted_slot_joined, 0u);
 }
 TEST(ZeroMerge, CountsSurviveLaterMergesH2O) {
     events seen;
-    check_through_decode(h2o(every), merge::zero_merge{}, method::zero_merge, 0.0, 20, seen);
+    check_through_decode(h2o(every), merge::zero_merge{}, {method::zero_merge}, 20, seen);
     EXPECT_GT(seen.counted_slot_dropped, 0u);
     EXPECT_GT(seen.counted_slot_joined, 0u);
 }
@@ -319,7 +379,7 @@ TEST(ZeroMerge, CountsSurviveLaterMergesH2O) {
 template <class Eviction>
 void check_similarity(Eviction eviction, std::uint32_t seed) {
     events seen;
-    check_through_decode(eviction, merge::similarity(0.2f), method::similarity, 0.2, seed, seen);
+    check_through_decode(eviction, merge::similarity(0.2f), {method::similarity, 0.2}, seed, seen);
     EXPECT_GT(seen.merged, 0u);
     EXPECT_GT(seen.below_threshold, 0u);
 }
@@ -367,31 +427,69 @@ TEST(Similarity, ThresholdOutsideACosineThrows) {
 }
 
 // ---------------------------------------------------------------------------
-// Both
+// M1 CaM
 // ---------------------------------------------------------------------------
 
-// bytes() is what the resource handed out; zero_merge costs its bias column
-// (4 bytes per held token) over plain eviction, similarity nothing.
+// Values follow CaM in double (its attention statistic replayed from the
+// queries), with a window shorter than the kept tokens (m = 4) and one longer
+// (the default 32: every dropped value reaches all kept tokens after it);
+// keys never change.
+template <class Eviction>
+void check_cam(Eviction eviction, std::size_t window, std::uint32_t seed) {
+    events seen;
+    check_through_decode(eviction, merge::cam(window), {method::cam, 0.0, window}, seed, seen);
+    EXPECT_GT(seen.merged, 0u);
+    EXPECT_GT(seen.partial, 0u) << "some dropped token drew less attention than its successors";
+    EXPECT_LT(seen.partial, seen.merged) << "some drew more (p clamped to 1)";
+    if (window >= budget_tokens) {
+        EXPECT_EQ(seen.short_window, seen.merged) << "fewer than m kept tokens follow any dropped one";
+    } else {
+        EXPECT_EQ(seen.short_window, 0u) << "the recent window alone holds m kept successors";
+    }
+}
+TEST(Cam, SpreadsValuesAsTheOracleStreaming) { check_cam(streaming(every), 4, 70); }
+TEST(Cam, SpreadsValuesAsTheOracleH2O) { check_cam(h2o(every), 4, 80); }
+TEST(Cam, SpreadsValuesAsTheOracleWholeWindow) { check_cam(h2o(every), 32, 90); }
+
+TEST(Cam, WindowZeroThrows) {
+    const std::string message = kvc_test::error_of(
+        [&] { cache_of<evict::streaming, merge::cam> cache(shape(), streaming(), merge::cam(0)); });
+    EXPECT_NE(message.find("expected a merge window m >= 1"), std::string::npos) << message;
+    EXPECT_NO_THROW((cache_of<evict::streaming, merge::cam>(shape(), streaming(), merge::cam(1))));
+}
+
+// ---------------------------------------------------------------------------
+// All
+// ---------------------------------------------------------------------------
+
+// bytes() is what the resource handed out; zero_merge and cam cost their
+// column (4 bytes per held token) over plain eviction, similarity nothing.
 TEST(MergingFamily, BytesAreTheLayoutsAndTheResources) {
-    kvc_test::counting_resource zero_memory, similarity_memory, none_memory;
+    kvc_test::counting_resource zero_memory, similarity_memory, cam_memory, none_memory;
     const std::size_t prompt = 40, row_size = row_floats();
     const auto keys = random_floats(prompt * row_size, 60), values = random_floats(prompt * row_size, 61);
     cache_of<evict::streaming, merge::zero_merge> zero(shape(&zero_memory), streaming());
     cache_of<evict::streaming, merge::similarity> similar(shape(&similarity_memory), streaming());
+    cache_of<evict::streaming, merge::cam> spread(shape(&cam_memory), streaming());
     cache_of<evict::streaming, merge::none> plain(shape(&none_memory), streaming());
-    const std::size_t zero_empty = zero.bytes(), similar_empty = similar.bytes(), plain_empty = plain.bytes();
+    const std::size_t zero_empty = zero.bytes(), similar_empty = similar.bytes(), spread_empty = spread.bytes(),
+                      plain_empty = plain.bytes();
     append_rows(zero, keys, values, 0, prompt);
     append_rows(similar, keys, values, 0, prompt);
+    append_rows(spread, keys, values, 0, prompt);
     append_rows(plain, keys, values, 0, prompt);
     zero.compress();
     similar.compress();
+    spread.compress();
     plain.compress();
     EXPECT_EQ(zero.bytes(), zero_memory.in_use);
     EXPECT_EQ(similar.bytes(), similarity_memory.in_use);
+    EXPECT_EQ(spread.bytes(), cam_memory.in_use);
     EXPECT_EQ(plain.bytes(), none_memory.in_use);
     const kvc::cache_config c = shape();
     EXPECT_EQ((zero.bytes() - zero_empty) - (plain.bytes() - plain_empty), c.kv_heads * budget_tokens * sizeof(float));
     EXPECT_EQ(similar.bytes() - similar_empty, plain.bytes() - plain_empty);
+    EXPECT_EQ((spread.bytes() - spread_empty) - (plain.bytes() - plain_empty), c.kv_heads * budget_tokens * sizeof(float));
 }
 
 } // namespace
