@@ -386,11 +386,18 @@ void check_similarity(Eviction eviction, std::uint32_t seed) {
 TEST(Similarity, BlendsValuesAsTheOracleStreaming) { check_similarity(streaming(every), 30); }
 TEST(Similarity, BlendsValuesAsTheOracleH2O) { check_similarity(h2o(every), 40); }
 
-TEST(Similarity, NeverChangesAStoredKey) {
-    const kvc::cache_config c = shape();
+// Under h2o with a decode-time schedule and every positively similar token
+// merged: after every step each held key is the engine's row at its position
+// as the codec stores it (fp32, and fp16 as the engine's none:f16 cache),
+// compared exactly, while values did change.
+template <class Element>
+void check_keys_never_change() {
+    kvc::cache_config c = shape();
+    c.storage = kvc::dtype_of_v<Element>;
     const std::size_t prompt = 40, total = 70, row_size = row_floats();
     const auto keys = random_floats(total * row_size, 50), values = random_floats(total * row_size, 51);
-    cache_of<evict::h2o, merge::similarity> cache(c, h2o(every), merge::similarity(-1.0f));
+    kvc::compressed_cache<evict::h2o, merge::similarity, kvc::quant::none<Element>, kvc::project::none> cache(
+        c, h2o(every), merge::similarity(-1.0f));
     append_rows(cache, keys, values, 0, prompt);
     std::vector<float> chunk_out(prompt * c.query_heads * c.head_dim);
     const auto queries = random_floats(total * c.query_heads * c.head_dim, 52);
@@ -404,14 +411,21 @@ TEST(Similarity, NeverChangesAStoredKey) {
             decoded(cache, h, stored_keys, stored_values);
             for (std::size_t i = 0; i < cache.tokens(0, h); ++i) {
                 const std::size_t at = (static_cast<std::size_t>(cache.positions(0, h)[i]) * c.kv_heads + h) * c.head_dim;
-                ASSERT_EQ(std::memcmp(stored_keys.data() + i * c.head_dim, keys.data() + at, c.head_dim * sizeof(float)), 0)
-                    << "step " << t << " head " << h << " token " << i;
-                values_changed += std::memcmp(stored_values.data() + i * c.head_dim, values.data() + at,
-                                              c.head_dim * sizeof(float)) != 0;
+                for (std::size_t d = 0; d < c.head_dim; ++d) {
+                    ASSERT_EQ(stored_keys[i * c.head_dim + d],
+                              static_cast<float>(kvc_test::stored_value(keys[at + d], c.storage)))
+                        << "step " << t << " head " << h << " token " << i;
+                    values_changed += stored_values[i * c.head_dim + d] !=
+                                      static_cast<float>(kvc_test::stored_value(values[at + d], c.storage));
+                }
             }
         }
     }
     EXPECT_GT(values_changed, 0u) << "the merges did rewrite rows";
+}
+TEST(Similarity, NeverChangesAStoredKey) {
+    check_keys_never_change<float>();
+    check_keys_never_change<kvc::half>();
 }
 
 // A threshold outside [-1, 1] (or NaN) is refused before the cache holds anything.
@@ -490,6 +504,48 @@ TEST(MergingFamily, BytesAreTheLayoutsAndTheResources) {
     EXPECT_EQ((zero.bytes() - zero_empty) - (plain.bytes() - plain_empty), c.kv_heads * budget_tokens * sizeof(float));
     EXPECT_EQ(similar.bytes() - similar_empty, plain.bytes() - plain_empty);
     EXPECT_EQ((spread.bytes() - spread_empty) - (plain.bytes() - plain_empty), c.kv_heads * budget_tokens * sizeof(float));
+}
+
+// The strong guarantee with each merger: an allocation failure at any point
+// of a compression that merges into earlier merges leaves every head, its
+// columns and its attention as they were, and the same compression then succeeds.
+template <class Merging>
+void check_failed_compress_changes_nothing() {
+    kvc_test::counting_resource memory;
+    const kvc::cache_config c = shape(&memory);
+    const std::size_t prompt = 40, row_size = row_floats();
+    const auto keys = random_floats(prompt * row_size, 100), values = random_floats(prompt * row_size, 101);
+    const auto queries = random_floats(c.query_heads * c.head_dim, 102);
+    cache_of<evict::streaming, Merging> cache(c, streaming());
+    append_rows(cache, keys, values, 0, 30);
+    attend(cache, queries.data());
+    cache.compress(); // merged rows exist: the next compression merges into (and drops) them
+    append_rows(cache, keys, values, 30, 10);
+    const std::vector<float> before = attend(cache, queries.data());
+    std::vector<float> keys_before, values_before;
+    decoded(cache, 0, keys_before, values_before);
+    const std::size_t held = cache.tokens(0, 0);
+    bool compressed = false;
+    const std::size_t failures = kvc_test::compress_through_failures(cache, memory, [&](std::size_t allowed) {
+        ASSERT_EQ(cache.tokens(0, 0), held);
+        ASSERT_EQ(cache.bytes(), memory.in_use);
+        std::vector<float> keys_after, values_after;
+        decoded(cache, 0, keys_after, values_after);
+        ASSERT_EQ(keys_after, keys_before) << allowed;
+        ASSERT_EQ(values_after, values_before) << allowed;
+        const std::vector<float> now = attend(cache, queries.data()); // rows, bias (counts) and all
+        ASSERT_EQ(std::memcmp(before.data(), now.data(), before.size() * sizeof(float)), 0) << allowed;
+    }, compressed);
+    EXPECT_TRUE(compressed);
+    EXPECT_GE(failures, 3u) << "the fold, the compaction and the columns each allocate";
+    EXPECT_EQ(cache.tokens(0, 0), budget_tokens);
+    const std::vector<float> after = attend(cache, queries.data());
+    EXPECT_NE(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << "the compression ran";
+}
+TEST(MergingFamily, FailedCompressLeavesTheCacheAsItWas) {
+    check_failed_compress_changes_nothing<merge::zero_merge>();
+    check_failed_compress_changes_nothing<merge::similarity>();
+    check_failed_compress_changes_nothing<merge::cam>();
 }
 
 } // namespace
