@@ -26,8 +26,8 @@
 // - No count and no attention bias: the method reweights values only. A kept
 //   token merged in an earlier compression is an ordinary token to the next.
 // - The kept key is re-stored as it was decoded (the protocol rewrites whole
-//   rows): exact for quant::none in f32, f16 and bf16 (decode then encode of a
-//   stored value is the identity); a block codec re-encodes its own dequantized
+//   rows): exact for quant::none (decode then encode of a stored f32, f16 or
+//   bf16 value is the identity; f32 and f16 are tested); a block codec re-encodes its own dequantized
 //   key, which may move it by its rounding.
 // - A dropped row that is not finite (or has a zero key) is just dropped; a
 //   kept row that is not finite receives nothing.
