@@ -406,7 +406,13 @@ inline auto merge_options() {
     return std::make_tuple(
         merging("none", "what eviction drops is gone", [] { return m::none{}; }),
         merging("compensation", "M5: one slot per head, the count-weighted mean of everything dropped, "
-                "attended with log(count)", [] { return m::compensation{}; }));
+                "attended with log(count)", [] { return m::compensation{}; }),
+        merging("zero_merge", "M4: each dropped token joins its most similar kept key as a count-weighted mean, "
+                "attended with log(count)", [] { return m::zero_merge{}; }),
+        merging("similarity", "M2 (KVMerger, D2O): dropped values blended into the most similar kept token, "
+                "keys untouched", [] { return m::similarity{}; }),
+        merging("cam", "M1 CaM: each dropped value spread over the next 32 kept tokens, scaled by its attention "
+                "relative to theirs", [] { return m::cam{}; }));
 }
 
 // ===========================================================================

@@ -131,4 +131,29 @@ private:
     bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
 };
 
+// Runs cache.compress() with `memory` refusing its allocations at every
+// successive point (the first, the second, ...) until a compression succeeds
+// or `attempts` have failed; after each failure, with allocations allowed
+// again, calls unchanged(attempt) (which asserts what must not have changed).
+// Returns the number of failures; `compressed` says whether one succeeded.
+template <class Cache, class Unchanged>
+std::size_t compress_through_failures(Cache& cache, counting_resource& memory, Unchanged&& unchanged, bool& compressed,
+                                      std::size_t attempts = 64) {
+    compressed = false;
+    std::size_t failures = 0;
+    for (std::size_t allowed = 0; !compressed && allowed < attempts; ++allowed) {
+        memory.fail_after = memory.allocations + allowed;
+        try {
+            cache.compress();
+            compressed = true;
+        } catch (const std::bad_alloc&) {
+            ++failures;
+            memory.fail_after = SIZE_MAX;
+            unchanged(allowed);
+        }
+        memory.fail_after = SIZE_MAX;
+    }
+    return failures;
+}
+
 } // namespace kvc_test

@@ -285,22 +285,12 @@ TEST(Compensation, FailedCompressLeavesTheCacheAsItWas) {
     const std::vector<float> before = attend(cache, queries.data());
     const std::size_t held = cache.tokens(0, 0);
     bool compressed = false;
-    std::size_t failures = 0;
-    for (std::size_t allowed = 0; !compressed && allowed < 64; ++allowed) {
-        memory.fail_after = memory.allocations + allowed;
-        try {
-            cache.compress();
-            compressed = true;
-        } catch (const std::bad_alloc&) {
-            ++failures;
-            memory.fail_after = SIZE_MAX;
-            ASSERT_EQ(cache.tokens(0, 0), held);
-            ASSERT_EQ(cache.bytes(), memory.in_use);
-            const std::vector<float> after = attend(cache, queries.data());
-            ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << allowed;
-        }
-        memory.fail_after = SIZE_MAX;
-    }
+    const std::size_t failures = kvc_test::compress_through_failures(cache, memory, [&](std::size_t allowed) {
+        ASSERT_EQ(cache.tokens(0, 0), held);
+        ASSERT_EQ(cache.bytes(), memory.in_use);
+        const std::vector<float> after = attend(cache, queries.data());
+        ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << allowed;
+    }, compressed);
     EXPECT_TRUE(compressed);
     EXPECT_GE(failures, 3u) << "the fold, the compaction and the columns each allocate";
     EXPECT_EQ(cache.tokens(0, 0), budget_tokens + 1);

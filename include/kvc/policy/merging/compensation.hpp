@@ -102,8 +102,7 @@ struct compensation {
 
     template <class Columns>
     void settle(const merge_plan& plan, Columns& columns) const noexcept {
-        float* bias = columns.template data<attention_bias_column>();
-        for (std::size_t i = 0; i < plan.rewritten.size(); ++i) bias[plan.rewritten[i]] = std::log(plan.counts[i]);
+        write_log_counts(plan, columns);
     }
 
 private:

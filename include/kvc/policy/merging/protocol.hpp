@@ -31,6 +31,7 @@
 // compile time otherwise.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -38,6 +39,7 @@
 #include <vector>
 
 #include "kvc/policy/traits.hpp"
+#include "kvc/storage/token_columns.hpp"
 
 namespace kvc::merge {
 
@@ -76,6 +78,14 @@ inline std::vector<std::uint32_t> dropped_of(const std::vector<std::uint32_t>& k
         else dropped.push_back(static_cast<std::uint32_t>(t));
     }
     return dropped;
+}
+
+// settle() of a merger whose counts live in the bias column alone: each
+// rewritten slot weighs log(count) (exp(bias) = count).
+template <class Columns>
+void write_log_counts(const merge_plan& plan, Columns& columns) noexcept {
+    float* bias = columns.template data<attention_bias_column>();
+    for (std::size_t i = 0; i < plan.rewritten.size(); ++i) bias[plan.rewritten[i]] = std::log(plan.counts[i]);
 }
 
 } // namespace kvc::merge
