@@ -77,6 +77,18 @@ std::string cache_names() {
     return names;
 }
 
+// Where --merge runs: "with --evict streaming|h2o|... on --cache none:f16".
+std::string merging_pairs() {
+    std::string evictions, codecs;
+    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
+        if (std::decay_t<decltype(option)>::with_merging) evictions.append(evictions.empty() ? "" : "|").append(option.name);
+    });
+    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
+        if (std::decay_t<decltype(option)>::with_merging) codecs.append(codecs.empty() ? "" : "|").append(option.name);
+    });
+    return "with --evict " + evictions + " on --cache " + codecs;
+}
+
 std::string eviction_names() {
     std::string names;
     registry::for_each_option(registry::eviction_options(),
@@ -104,11 +116,7 @@ std::string describe_options() {
         line(registry::spelling(option), std::string(option.summary));
     });
     text += "--evict-every N: also compress during decode, whenever a head holds N tokens over its budget\n";
-    std::string with_merging;
-    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-        if (std::decay_t<decltype(option)>::with_merging) with_merging.append(" ").append(option.name);
-    });
-    text += "--merge (what folds the evicted tokens into the kept ones; with --evict and --cache" + with_merging + "):\n";
+    text += "--merge (what folds the evicted tokens into the kept ones; " + merging_pairs() + "):\n";
     registry::for_each_option(registry::merge_options(), [&](const auto& option) {
         line(registry::spelling(option), std::string(option.summary));
     });
@@ -185,15 +193,10 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
                                     "caches are built with --cache" + carriers +
                                     " (one flag in examples/engine/cache_registry.hpp adds more)");
     }
-    if (!found.merge_offered) {
-        std::string carriers;
-        registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-            if (std::decay_t<decltype(option)>::with_merging) carriers.append(" ").append(option.name);
-        });
-        throw std::invalid_argument("--merge " + spec.merge + " runs on --cache" + carriers + " in this engine, not " +
-                                    spec.cache + " (codecs that re-encode rows can be flagged with_merging in "
-                                    "examples/engine/cache_registry.hpp)");
-    }
+    if (!found.merge_offered)
+        throw std::invalid_argument("--merge " + spec.merge + " runs " + merging_pairs() + " in this engine, not --cache " +
+                                    spec.cache + " --evict " + spec.evict +
+                                    " (a flag in examples/engine/cache_registry.hpp adds a codec or an eviction)");
     return cache;
 }
 

@@ -11,7 +11,8 @@
 // `with_eviction` also runs under every eviction policy; the others would
 // multiply the build time for pairs nobody sweeps, and are one flag away.
 // A codec marked `with_merging` (it must re-encode rows: store_row) also
-// runs every (eviction, merging) triple; one marked `with_projection` (rows
+// runs every merging policy under the evictions marked `with_merging` (each
+// triple is a cache type: four evictions, not all, keep the build quick); one marked `with_projection` (rows
 // stored as they are, which ThinK prunes) runs every projection, without
 // eviction (--evict none): pairs with eviction are one line away.
 #pragma once
@@ -159,10 +160,11 @@ template <class Make>
 policy_option<Make> eviction(std::string_view name, std::string_view summary, Make make) {
     return {name, {}, {}, summary, std::move(make)};
 }
-// An eviction policy taking one number ("snapkv:0.25"), swept over `sweep`.
-template <class Make>
-policy_option<Make> eviction(std::string_view name, std::string_view parameter, std::vector<double> sweep,
-                             std::string_view summary, Make make) {
+// An eviction policy taking one number ("snapkv:0.25"), swept over `sweep`;
+// WithMerging: it also runs under every merging policy.
+template <bool WithMerging = false, class Make>
+policy_option<Make, false, WithMerging> eviction(std::string_view name, std::string_view parameter,
+                                                 std::vector<double> sweep, std::string_view summary, Make make) {
     return {name, parameter, std::move(sweep), summary, std::move(make)};
 }
 
@@ -240,9 +242,9 @@ inline kvc::evict::schedule schedule_for(std::size_t every) { return kvc::evict:
 
 inline const std::vector<double> keep_ratio_sweep = {0.75, 0.5, 0.25, 0.125};
 
-template <class Policy>
+template <class Policy, bool WithMerging = false>
 auto keep_ratio_eviction(std::string_view name, std::string_view summary) {
-    return eviction(name, "keep_ratio", keep_ratio_sweep, summary, [](double keep_ratio, std::size_t every) {
+    return eviction<WithMerging>(name, "keep_ratio", keep_ratio_sweep, summary, [](double keep_ratio, std::size_t every) {
         return Policy(kvc::evict::budget::ratio(keep_ratio), schedule_for(every));
     });
 }
@@ -336,11 +338,11 @@ inline auto eviction_options() {
     namespace e = kvc::evict;
     return std::make_tuple(
         eviction("none", "keep every token", [] { return e::none{}; }),
-        keep_ratio_eviction<e::streaming>("streaming", "StreamingLLM (E1): attention sinks + newest tokens"),
-        keep_ratio_eviction<e::h2o>("h2o", "H2O (E2): attention accumulated over all queries"),
+        keep_ratio_eviction<e::streaming, true>("streaming", "StreamingLLM (E1): attention sinks + newest tokens"),
+        keep_ratio_eviction<e::h2o, true>("h2o", "H2O (E2): attention accumulated over all queries"),
         keep_ratio_eviction<e::a2sf>("a2sf", "A2SF (E3): accumulated attention with a forgetting factor"),
         keep_ratio_eviction<e::scissorhands>("scissorhands", "Scissorhands (E4): persistence of high attention"),
-        keep_ratio_eviction<e::snapkv>("snapkv", "SnapKV (E5): attention of the last 64 queries, pooled"),
+        keep_ratio_eviction<e::snapkv, true>("snapkv", "SnapKV (E5): attention of the last 64 queries, pooled"),
         keep_ratio_eviction<e::tova>("tova", "TOVA (E6): attention of the newest query"),
         keep_ratio_eviction<e::knorm>("knorm", "K-norm (E7): keep low-norm keys"),
         keep_ratio_eviction<e::keydiff>("keydiff", "KeyDiff (E8): keep keys unlike the mean key"),
@@ -383,7 +385,7 @@ inline auto eviction_options() {
                  [](double keep_ratio, std::size_t every, const calibration_context& c) {
                      return qfilter_policy(c, keep_ratio, every);
                  }),
-        eviction("head_roles", "retrieval_share", keep_ratio_sweep,
+        eviction<true>("head_roles", "retrieval_share", keep_ratio_sweep,
                  "Head roles (B6): that share of the KV heads, those attending farthest back on calibration text, "
                  "keep every token; the rest keep sinks + newest 16",
                  [](double share, std::size_t every, const calibration_context& c) {
@@ -415,6 +417,25 @@ inline auto merge_options() {
                 "relative to theirs", [] { return m::cam{}; }));
 }
 
+// The number after "NAME:" of an option taking one ("--evict snapkv:0.25"),
+// or an error naming the flag as spelled (`spelled`) and an example value.
+template <class Option>
+double option_value(const std::string& spelled, const Option& option, const std::string& argument,
+                    const char* example) {
+    std::size_t used = 0;
+    double value = 0.0;
+    try {
+        value = std::stod(argument, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (argument.empty() || used != argument.size())
+        throw std::invalid_argument(spelled + ": expected " + std::string(option.name) + ":" +
+                                    std::string(option.parameter) + " with a number, e.g. " +
+                                    std::string(option.name) + ":" + example);
+    return value;
+}
+
 // ===========================================================================
 // Projection: --project NAME:VALUE (with --evict none, on codecs marked with_projection).
 // ===========================================================================
@@ -444,18 +465,7 @@ auto make_projection(const Option& option, const std::string& argument, const ca
                                         "' takes no value");
         return option.make(0.0);
     }
-    std::size_t used = 0;
-    double value = 0.0;
-    try {
-        value = std::stod(argument, &used);
-    } catch (const std::exception&) {
-        used = 0;
-    }
-    if (argument.empty() || used != argument.size())
-        throw std::invalid_argument("--project " + spec.project + ": expected " + std::string(option.name) + ":" +
-                                    std::string(option.parameter) + " with a number, e.g. " +
-                                    std::string(option.name) + ":0.4");
-    return option.make(value);
+    return option.make(option_value("--project " + spec.project, option, argument, "0.4"));
 }
 
 // The codec eviction sweeps store their kept rows with (fp16, the usual engine cache).
@@ -489,17 +499,7 @@ auto make_eviction(const Option& option, const std::string& argument, const cali
             throw std::invalid_argument("--evict-every needs an evicting policy, not --evict " + spec.evict);
         return option.make();
     } else {
-        std::size_t used = 0;
-        double value = 0.0;
-        try {
-            value = std::stod(argument, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (argument.empty() || used != argument.size())
-            throw std::invalid_argument("--evict " + spec.evict + ": expected " + std::string(option.name) + ":" +
-                                        std::string(option.parameter) + " with a number, e.g. " +
-                                        std::string(option.name) + ":0.25");
+        const double value = option_value("--evict " + spec.evict, option, argument, "0.25");
         if constexpr (std::is_invocable_v<const decltype(option.make)&, double, std::size_t, const calibration_context&>)
             return option.make(value, spec.every, context);
         else
@@ -579,7 +579,8 @@ std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const 
                     auto merging = merge_option.make();
                     using merging_type = std::decay_t<decltype(merging)>;
                     if constexpr (std::is_same_v<merging_type, kvc::merge::none> ||
-                                  codec_option_type::with_merging) {
+                                  (codec_option_type::with_merging &&
+                                   std::decay_t<decltype(eviction_option)>::with_merging)) {
                         using cache_type = kvc::compressed_cache<std::decay_t<decltype(eviction)>, merging_type,
                                                                  quantization_type, kvc::project::none>;
                         cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), std::move(merging),

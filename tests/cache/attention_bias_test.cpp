@@ -173,15 +173,9 @@ void check_bias_on_active_arch() {
 }
 
 TYPED_TEST(AttentionBias, EveryCodecAddsItInDecodeAndPrefill) {
-    kvc::arch_id archs[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(archs);
-    const kvc::arch_id original = kvc::active_arch();
-    for (int a = 0; a < count; ++a) {
-        SCOPED_TRACE(kvc::name_of(archs[a]));
-        kvc::set_active_arch(archs[a]);
+    kvc_test::on_every_arch([] {
         check_bias_on_active_arch<TypeParam>();
-    }
-    kvc::set_active_arch(original);
+    });
 }
 
 } // namespace

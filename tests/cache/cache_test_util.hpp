@@ -12,9 +12,12 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "kvc/core/cache_config.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/float16.hpp"
+#include "kvc/kernels/dispatch.hpp"
 
 namespace kvc_test {
 
@@ -154,6 +157,21 @@ std::size_t compress_through_failures(Cache& cache, counting_resource& memory, U
         memory.fail_after = SIZE_MAX;
     }
     return failures;
+}
+
+// Runs check() with each instruction set this CPU and build support made
+// the active one (named in any failure), then restores the active set.
+template <class Check>
+void on_every_arch(Check&& check) {
+    kvc::arch_id archs[kvc::arch_count];
+    const int count = kvc::kernels::available_archs(archs);
+    const kvc::arch_id original = kvc::active_arch();
+    for (int a = 0; a < count; ++a) {
+        SCOPED_TRACE(kvc::name_of(archs[a]));
+        kvc::set_active_arch(archs[a]);
+        check();
+    }
+    kvc::set_active_arch(original);
 }
 
 } // namespace kvc_test

@@ -211,15 +211,9 @@ void check_slot_through_decode(Eviction eviction, Prepare before_append = {}) {
 }
 
 TEST(Compensation, SlotIsTheMeanOfEverythingDroppedStreaming) {
-    kvc::arch_id archs[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(archs);
-    const kvc::arch_id original = kvc::active_arch();
-    for (int a = 0; a < count; ++a) {
-        SCOPED_TRACE(kvc::name_of(archs[a]));
-        kvc::set_active_arch(archs[a]);
+    kvc_test::on_every_arch([] {
         check_slot_through_decode(streaming(3));
-    }
-    kvc::set_active_arch(original);
+    });
 }
 
 // H2O may keep the slot (it draws attention for many tokens): later drops
@@ -338,17 +332,11 @@ void check_codec_slot() {
 }
 
 TEST(Compensation, CodecsReencodeTheSlot) {
-    kvc::arch_id archs[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(archs);
-    const kvc::arch_id original = kvc::active_arch();
-    for (int a = 0; a < count; ++a) {
-        SCOPED_TRACE(kvc::name_of(archs[a]));
-        kvc::set_active_arch(archs[a]);
+    kvc_test::on_every_arch([] {
         check_codec_slot<kvc::quant::q8_0>();
         check_codec_slot<kvc::quant::block<kvc::quant::int8_sym, 32, 2>>(); // slot in the packed body, sinks in fp16
         check_codec_slot<kvc::quant::rotated<kvc::quant::q8_0>>();          // rotated before it is packed
-    }
-    kvc::set_active_arch(original);
+    });
 }
 
 // A dropped row with NaN stays out of the slot; the slot is the mean of the

@@ -131,15 +131,9 @@ void check_zero_energy_channels_on_active_arch() {
 }
 
 TEST(Think, PruningChannelsWithZeroQueryEnergyLeavesAttentionUnchanged) {
-    kvc::arch_id archs[kvc::arch_count];
-    const int count = kvc::kernels::available_archs(archs);
-    const kvc::arch_id original = kvc::active_arch();
-    for (int a = 0; a < count; ++a) {
-        SCOPED_TRACE(kvc::name_of(archs[a]));
-        kvc::set_active_arch(archs[a]);
+    kvc_test::on_every_arch([] {
         check_zero_energy_channels_on_active_arch();
-    }
-    kvc::set_active_arch(original);
+    });
 }
 
 // The pruned channels are really gone for queries that do use them: the
@@ -232,22 +226,12 @@ TEST(Think, FailedCompressLeavesTheCacheAsItWas) {
     std::vector<float> before(shape().query_heads * dim), after(before.size());
     cache.attend(0, data.query(prompt - 1), before.data());
     bool compressed = false;
-    std::size_t failures = 0;
-    for (std::size_t allowed = 0; !compressed && allowed < 64; ++allowed) {
-        memory.fail_after = memory.allocations + allowed;
-        try {
-            cache.compress();
-            compressed = true;
-        } catch (const std::bad_alloc&) {
-            ++failures;
-            memory.fail_after = SIZE_MAX;
-            ASSERT_EQ(cache.head(0, 0).body_tokens(), 0u);
-            ASSERT_EQ(cache.bytes(), memory.in_use);
-            cache.attend(0, data.query(prompt - 1), after.data());
-            ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << allowed;
-        }
-        memory.fail_after = SIZE_MAX;
-    }
+    const std::size_t failures = kvc_test::compress_through_failures(cache, memory, [&](std::size_t allowed) {
+        ASSERT_EQ(cache.head(0, 0).body_tokens(), 0u);
+        ASSERT_EQ(cache.bytes(), memory.in_use);
+        cache.attend(0, data.query(prompt - 1), after.data());
+        ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << allowed;
+    }, compressed);
     EXPECT_TRUE(compressed);
     EXPECT_GE(failures, 3u);
     EXPECT_EQ(cache.head(0, 0).body_tokens(), prompt - window);
