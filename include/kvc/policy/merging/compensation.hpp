@@ -35,6 +35,7 @@
 
 #include "kvc/core/dtype.hpp"
 #include "kvc/kernels/table.hpp"
+#include "kvc/policy/merging/nearest.hpp"
 #include "kvc/policy/merging/protocol.hpp"
 #include "kvc/policy/traits.hpp"
 #include "kvc/storage/token_columns.hpp"
@@ -61,34 +62,18 @@ struct compensation {
         const bool slot_kept =
             slot != held && std::binary_search(plan.kept.begin(), plan.kept.end(), static_cast<std::uint32_t>(slot));
 
+        // Sums of the rows weighted by their counts (a plain token counts 1).
         std::vector<float> key(dim, 0.0f), value(dim, 0.0f);
-        std::vector<float> keys(block * dim), values(block * dim);
         double count = 0.0;
         const int f32 = kernels::index_of(dtype::f32);
-        // Adds held tokens [first, first + n) (n <= block) to the sums, each weighted by its count.
-        auto add = [&](std::size_t first, std::size_t n) {
-            layer.rows(h).decode_keys(k, first, n, keys.data());
-            layer.rows(h).decode_values(k, first, n, values.data());
-            for (std::size_t i = 0; i < n; ++i) {
-                const float* key_row = keys.data() + i * dim;
-                const float* value_row = values.data() + i * dim;
-                if (!std::isfinite(k.dot[f32](key_row, key_row, dim)) ||
-                    !std::isfinite(k.dot[f32](value_row, value_row, dim)))
-                    continue;
-                const float weight = std::exp(bias[first + i]);
-                k.axpy[f32](weight, key_row, key.data(), dim);
-                k.axpy[f32](weight, value_row, value.data(), dim);
-                count += static_cast<double>(weight);
-            }
+        auto add = [&](std::uint32_t t, const float* key_row, const float* value_row, float, float) {
+            const float weight = std::exp(bias[t]);
+            k.axpy[f32](weight, key_row, key.data(), dim);
+            k.axpy[f32](weight, value_row, value.data(), dim);
+            count += static_cast<double>(weight);
         };
-        // Runs of consecutive dropped indices, decoded a block at a time.
-        for (std::size_t i = 0; i < dropped.size();) {
-            std::size_t n = 1;
-            while (i + n < dropped.size() && n < block && dropped[i + n] == dropped[i] + n) ++n;
-            add(dropped[i], n);
-            i += n;
-        }
-        if (slot_kept) add(slot, 1);
+        for_each_dropped(layer, h, dropped, add); // finite rows only
+        if (slot_kept) for_each_dropped(layer, h, std::vector<std::uint32_t>{static_cast<std::uint32_t>(slot)}, add);
         if (count == 0.0) return; // every dropped row was non-finite: nothing to stand for
 
         const float inverse = static_cast<float>(1.0 / count);
@@ -104,9 +89,6 @@ struct compensation {
     void settle(const merge_plan& plan, Columns& columns) const noexcept {
         write_log_counts(plan, columns);
     }
-
-private:
-    static constexpr std::size_t block = 64; // rows decoded at a time
 };
 
 } // namespace kvc::merge

@@ -1,7 +1,8 @@
-// kvc/policy/merging/nearest.hpp -- what the mergers that route each dropped
-// token to one kept token share (M2 similarity, M4 zero_merge): one head's
-// kept rows decoded once, each dropped row's most cosine-similar kept key,
-// and the dropped rows decoded a block at a time.
+// kvc/policy/merging/nearest.hpp -- what the mergers share: the dropped
+// rows decoded a block at a time, non-finite ones skipped (M1, M2, M4, M5),
+// and, for those that route each dropped token to one kept token (M2
+// similarity, M4 zero_merge), one head's kept rows decoded once and each
+// dropped row's most cosine-similar kept key.
 //
 // Row arithmetic goes through the kernel table (dot, axpy on fp32 rows), as
 // everywhere in the policies. A row whose squared norm is not finite (NaN,
