@@ -36,16 +36,16 @@ p.add_argument("--layers", type=int, default=4)
 p.add_argument("--heads", type=int, default=4)
 p.add_argument("--kv-heads", type=int, default=2)
 p.add_argument("--hidden", type=int, default=768)
-p.add_argument("--phases", default="256:8:1500,512:4:1500,1024:2:2000,2048:1:0",
+p.add_argument("--phases", default="32:64:2000,64:32:1000,128:16:1000,256:8:1500,512:4:1500,1024:2:2000,2048:1:0",
                help="length:batch:steps,...; the last phase (steps 0) lasts to the end")
-p.add_argument("--total-steps", type=int, default=10000)
+p.add_argument("--total-steps", type=int, default=15000)
 p.add_argument("--decay-steps", type=int, default=1500, help="linear decay to 0 over the last N steps")
 p.add_argument("--lr", type=float, default=1.5e-3)
 p.add_argument("--warmup", type=int, default=100)
 p.add_argument("--answer-weight", type=float, default=3.0, help="loss weight of answer bytes")
 p.add_argument("--mix", default="plain:0.05,repeat:0.05,copy:0.20,tasks:0.70",
                help="row kinds after the warm-up phase (plain, repeat, randrep, copy); tasks takes what the others leave")
-p.add_argument("--warm-steps", type=int, default=600,
+p.add_argument("--warm-steps", type=int, default=4000,
                help="steps from 0 that use --warm-mix: dense copying first, so that induction heads form")
 p.add_argument("--warm-mix", default="copy:0.90,plain:0.10", help="row kinds of the warm-up phase")
 p.add_argument("--ckpt-minutes", type=float, default=10)
@@ -124,6 +124,8 @@ def row(T, mix):
             kind = k
             break
         u -= mix.get(k, 0.0)
+    if kind == "tasks" and sum(v for k, v in mix.items() if k != "tasks") >= 1 - 1e-9:
+        kind = [k for k in KINDS if mix.get(k, 0.0) > 0][-1]  # rounding left u just past 1: no tasks in this mix
     if kind == "plain":
         b = tasks.filler(rng, train_text, T + 1)
         w = [1.0] * T
@@ -158,7 +160,9 @@ def evaluate_now(T):
            "eval_bits_per_byte": round(evaluate.bits_per_byte(model, eval_text, 1024, 4), 4)}
     c1, c2 = evaluate.copy_test(model, eval_text, erng, 4)
     rec["copy_first_bpb"], rec["copy_second_bpb"] = round(c1, 3), round(c2, 3)
-    rec["tasks"] = evaluate.task_accuracy(model, eval_text, erng, T, 4)
+    i1, i2 = evaluate.induction_probe(model, random.Random(777), T, 8)
+    rec["probe_first_bpb"], rec["probe_second_bpb"] = round(i1, 3), round(i2, 3)
+    rec["tasks"] = evaluate.task_accuracy(model, eval_text, erng, T, 4) if T >= 256 else {}  # tasks do not fit shorter rows
     model.train()
     return rec
 
