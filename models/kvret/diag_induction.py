@@ -1,14 +1,22 @@
 #!/usr/bin/python3
 """Induction diagnostic: does a small kvret-shaped model learn to copy, and how fast?
 
-Trains model.Model (same code as train_kvret.py: RoPE, GQA, mask, loss shift)
-on rows of one kind and prints, every --every steps, the loss (bits per byte)
-on the first and on the second occurrence of the repeated material, measured
-on fresh held-out rows of the same kind, plus evaluate.copy_test on held-out
-source. Kinds:
-  pure     a random string of T/2 letters and digits, then the same string again
-  randrep  tasks.random_repeat_row (source with random strings written 2-3 times)
-  repeat   tasks.repeat_row (source in which a span reappears later)
+Trains model.Model (the code train_kvret.py trains: RoPE, GQA, mask, loss
+shift) on rows of one kind and prints, every --every steps, bits per byte on
+the first and on the second occurrence of a repeated random string set at
+random offsets in a row of random bytes (all 256 values, and letters and
+digits only), plus evaluate.copy_test on held-out source. Kinds:
+  pure         a random string of T/2 letters and digits, then the same string
+               again: the repeat is always T/2 back, so a positional head copies
+  shift:A      random prefix, s (T/3), random gap, s: content-based copying;
+               A = 256 (any byte), print (printable) or alnum
+  period:A     a random string of random length repeated to fill the row
+  copy         tasks.copy_row (train_kvret.py's dense copying rows)
+  randrep      tasks.random_repeat_row
+  repeat       tasks.repeat_row
+--abspos (learned absolute positions instead of RoPE) and --qk-std (larger
+wq, wk initialisation) are controls. Findings: README.md, "Why the first run
+did not copy".
 """
 import argparse, glob, math, os, random, sys, time
 import torch
