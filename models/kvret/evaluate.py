@@ -45,6 +45,29 @@ def copy_test(model, text, rng, n=4, span=500, prefix=500):
 
 
 @torch.no_grad()
+def induction_probe(model, rng, length, n=8):
+    """Mean bits per byte of the first and of the second occurrence of a random printable
+    string of length/3 bytes set at random offsets in a row of random printable bytes
+    (length bytes): copying at the row length being trained, content-based (the offset
+    varies), where the copy test needs 1500 bytes of context."""
+    alpha = tasks.PRINTABLE
+    first = second = 0.0
+    for _ in range(n):
+        k = length // 3
+        pre, gap = rng.randint(0, length // 6), rng.randint(0, length // 6)
+        r = lambda m: bytes(rng.choice(alpha) for _ in range(m))
+        s = r(k)
+        b = r(pre) + s + r(gap) + s
+        b += r(length - len(b))
+        row = torch.tensor(list(b), dtype=torch.long)[None]
+        nll = F.cross_entropy(model(row[:, :-1])[0], row[0, 1:], reduction="none")
+        p1 = pre + k + gap  # target index t is nll[t - 1]; the first byte of each occurrence is unpredictable
+        first += nll[pre:pre + k - 1].mean().item()
+        second += nll[p1:p1 + k - 1].mean().item()
+    return first / n / math.log(2), second / n / math.log(2)
+
+
+@torch.no_grad()
 def task_accuracy(model, text, rng, length, n, names=tasks.TASKS):
     """Per task, the fraction of n samples at `length` bytes answered exactly (greedy)."""
     acc = {}

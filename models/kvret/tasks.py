@@ -135,3 +135,25 @@ def random_repeat_row(rng, text, length):
             at = rng.randrange(0, length - n)
             r[at:at + n] = s
     return bytes(r)
+
+
+PRINTABLE = bytes(range(32, 127)) + b"\n"
+
+
+def copy_row(rng, text, length):
+    """Dense copying: `length` bytes of segments, each a string s followed by s again,
+    directly or after a gap of source lines; s (8 to 512 bytes, at most length/4) is
+    random printable bytes (only copying predicts its repeat) or a source span (as in
+    evaluate.copy_test). About half of every row is predictable only by copying: the
+    signal that forms induction heads within a few hundred steps, which the sparser
+    random_repeat_row and repeat_row rows did not do in thousands (README.md)."""
+    out = bytearray()
+    while len(out) < length:
+        n = rng.randint(8, max(8, min(512, length // 4)))
+        if rng.random() < 0.5:
+            s = bytes(rng.choice(PRINTABLE) for _ in range(n))
+        else:
+            s = filler(rng, text, n)
+        gap = filler(rng, text, rng.randint(1, n)) if rng.random() < 0.5 else b""
+        out += s + gap + s
+    return bytes(out[:length])

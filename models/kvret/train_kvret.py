@@ -36,15 +36,18 @@ p.add_argument("--layers", type=int, default=4)
 p.add_argument("--heads", type=int, default=4)
 p.add_argument("--kv-heads", type=int, default=2)
 p.add_argument("--hidden", type=int, default=768)
-p.add_argument("--phases", default="256:8:1500,512:4:1500,1024:2:2000,2048:1:0",
+p.add_argument("--phases", default="32:64:2000,64:32:1000,128:16:1000,256:8:1500,512:4:1500,1024:2:2000,2048:1:0",
                help="length:batch:steps,...; the last phase (steps 0) lasts to the end")
-p.add_argument("--total-steps", type=int, default=10000)
+p.add_argument("--total-steps", type=int, default=15000)
 p.add_argument("--decay-steps", type=int, default=1500, help="linear decay to 0 over the last N steps")
 p.add_argument("--lr", type=float, default=1.5e-3)
 p.add_argument("--warmup", type=int, default=100)
 p.add_argument("--answer-weight", type=float, default=3.0, help="loss weight of answer bytes")
-p.add_argument("--mix", default="plain:0.10,repeat:0.10,randrep:0.15,tasks:0.65",
-               help="row kinds; tasks takes what the others leave")
+p.add_argument("--mix", default="plain:0.05,repeat:0.05,copy:0.20,tasks:0.70",
+               help="row kinds after the warm-up phase (plain, repeat, randrep, copy); tasks takes what the others leave")
+p.add_argument("--warm-steps", type=int, default=4000,
+               help="steps from 0 that use --warm-mix: dense copying first, so that induction heads form")
+p.add_argument("--warm-mix", default="copy:0.90,plain:0.10", help="row kinds of the warm-up phase")
 p.add_argument("--ckpt-minutes", type=float, default=10)
 p.add_argument("--first-ckpt-minutes", type=float, default=None, help="first checkpoint sooner (to test resuming)")
 p.add_argument("--max-minutes", type=float, default=1e9, help="stop after this many minutes of this run")
@@ -66,7 +69,12 @@ with open(os.path.join(args.out, "eval.txt"), "wb") as f:
     f.write(eval_text)
 
 phases = [tuple(int(x) for x in ph.split(":")) for ph in args.phases.split(",")]
-mix = {k: float(v) for k, v in (m.split(":") for m in args.mix.split(","))}
+parse_mix = lambda spec: {k: float(v) for k, v in (m.split(":") for m in spec.split(","))}
+mixes = (parse_mix(args.warm_mix), parse_mix(args.mix))
+KINDS = ("plain", "repeat", "randrep", "copy")
+for m_ in mixes:
+    assert set(m_) <= set(KINDS) | {"tasks"} and sum(v for k, v in m_.items() if k != "tasks") <= 1.0, f"bad mix {m_}"
+mix_at = lambda step: mixes[0] if step < args.warm_steps else mixes[1]
 def phase(step):
     s = step
     for T, B, n in phases:
@@ -81,7 +89,7 @@ model = Model(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 rng = random.Random(args.seed)
 torch.manual_seed(args.seed)
-state = {"step": 0, "minutes": 0.0, "tokens": 0, "rows": {"plain": 0, "repeat": 0, **{t: 0 for t in tasks.TASKS}},
+state = {"step": 0, "minutes": 0.0, "tokens": 0, "rows": {**{k: 0 for k in KINDS}, **{t: 0 for t in tasks.TASKS}},
          "longest": 0}
 ckpt_path = os.path.join(args.out, "ckpt.pt")
 if args.resume:
@@ -95,19 +103,29 @@ if args.resume:
     if "mix_history" not in state:  # checkpoints from before the record kept it
         state["mix_history"] = [[0, {k: float(v) for k, v in (m.split(":") for m in ck["args"]["mix"].split(","))}]]
     print(f"resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
-if state.setdefault("mix_history", [])[-1:] != [[state["step"], mix]]:
-    state["mix_history"].append([state["step"], mix])  # the record says which mix ran from which step
+
+
+def note_mix(step):
+    """The record says which mix ran from which step."""
+    h = state.setdefault("mix_history", [])
+    if not h or h[-1][1] != mix_at(step):
+        h.append([step, mix_at(step)])
+
+
+note_mix(state["step"])
 print(f"params {sum(p.numel() for p in model.parameters())}; train bytes {len(train_text)}, eval bytes {len(eval_text)}", flush=True)
 
 
-def row(T):
+def row(T, mix):
     """T+1 bytes and the per-target loss weights (answer bytes weigh more)."""
     u, kind = rng.random(), "tasks"
-    for k in ("plain", "repeat", "randrep"):
+    for k in KINDS:
         if u < mix.get(k, 0.0):
             kind = k
             break
         u -= mix.get(k, 0.0)
+    if kind == "tasks" and sum(v for k, v in mix.items() if k != "tasks") >= 1 - 1e-9:
+        kind = [k for k in KINDS if mix.get(k, 0.0) > 0][-1]  # rounding left u just past 1: no tasks in this mix
     if kind == "plain":
         b = tasks.filler(rng, train_text, T + 1)
         w = [1.0] * T
@@ -116,6 +134,9 @@ def row(T):
         w = [1.0] * T
     elif kind == "randrep":
         b = tasks.random_repeat_row(rng, train_text, T + 1)
+        w = [1.0] * T
+    elif kind == "copy":
+        b = tasks.copy_row(rng, train_text, T + 1)
         w = [1.0] * T
     else:
         kind = rng.choice(tasks.TASKS)
@@ -139,7 +160,9 @@ def evaluate_now(T):
            "eval_bits_per_byte": round(evaluate.bits_per_byte(model, eval_text, 1024, 4), 4)}
     c1, c2 = evaluate.copy_test(model, eval_text, erng, 4)
     rec["copy_first_bpb"], rec["copy_second_bpb"] = round(c1, 3), round(c2, 3)
-    rec["tasks"] = evaluate.task_accuracy(model, eval_text, erng, T, 4)
+    i1, i2 = evaluate.induction_probe(model, random.Random(777), T, 8)
+    rec["probe_first_bpb"], rec["probe_second_bpb"] = round(i1, 3), round(i2, 3)
+    rec["tasks"] = evaluate.task_accuracy(model, eval_text, erng, T, 4) if T >= 256 else {}  # tasks do not fit shorter rows
     model.train()
     return rec
 
@@ -153,6 +176,7 @@ def checkpoint(T, rec):
     export(model, os.path.join(args.out, "model.bin"), state["longest"])
     record = {**cfg, "steps": state["step"], "minutes": round(state["minutes"], 1), "tokens": state["tokens"],
               "rows_by_kind": state["rows"], "mix_history": state["mix_history"], "phases": args.phases, "lr": args.lr,
+              "warmup": args.warmup, "warm_steps": args.warm_steps,
               "total_steps": args.total_steps, "decay_steps": args.decay_steps,
               "answer_weight": args.answer_weight, "latest_eval": rec}
     with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
@@ -176,7 +200,8 @@ while state["step"] < args.total_steps:
     for g in opt.param_groups:
         g["lr"] = lr
     t0 = time.time()
-    rows = [row(T) for _ in range(B)]
+    note_mix(state["step"])
+    rows = [row(T, mix_at(state["step"])) for _ in range(B)]
     x = torch.tensor([r[0] for r in rows], dtype=torch.long)
     wt = torch.tensor([r[1] for r in rows])
     nll = F.cross_entropy(model(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1), reduction="none").view(B, T)
