@@ -278,11 +278,12 @@ public:
         layers_[layer].prefill_pending = true;
     }
 
-    // Runs the eviction policy on `layer` now: scores every KV head, selects
-    // what the budget keeps, folds what it drops into what it keeps (a
-    // merging policy), compacts, and returns the freed memory. Every step
-    // that allocates finishes for every head before any head changes, so a
-    // failure leaves the layer as it was.
+    // Runs the compress pipeline on `layer` now: the eviction policy scores
+    // every KV head and selects what the budget keeps, the merger folds what
+    // it drops into what it keeps, compaction returns the freed memory, and
+    // the projection (if any) builds its store. Every step that allocates
+    // finishes for every head before any head changes, so a failure leaves
+    // the layer as it was.
     void compress(std::size_t layer) {
         check_layer(layer, "compressed_cache::compress");
         compress_layer(layer, 0);
