@@ -369,6 +369,7 @@ template <class A, dtype D, std::size_t H, std::size_t Tokens>
 inline void key_logits(const decode_problem& p, const typename common::element<A, D>::storage* k,
                        const float* const* q, std::size_t full, std::size_t first, float* weights) noexcept {
     constexpr std::size_t lanes = floats<A>::size;
+    const std::size_t width = key_width(p);
     floats<A> acc[Tokens][H];
     KVC_UNROLL
     for (std::size_t i = 0; i < Tokens; ++i) {
@@ -388,7 +389,7 @@ inline void key_logits(const decode_problem& p, const typename common::element<A
         KVC_UNROLL
         for (std::size_t h = 0; h < H; ++h) {
             float logit = xsimd::hadd(acc[i][h]);
-            for (std::size_t d = full; d < key_width(p); ++d)
+            for (std::size_t d = full; d < width; ++d)
                 logit += q[h][d] * common::element<A, D>::load(k + i * p.key_stride + d);
             weights[h * decode_block + i] = logit * p.scale + (p.bias ? p.bias[first + i] : 0.0f);
         }
