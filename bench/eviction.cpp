@@ -56,8 +56,10 @@
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/recycling_resource.hpp"
 #include "kvc/policy/eviction/all.hpp"
+#include "kvc/policy/eviction/any.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/quantization/any.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/view/kv_view.hpp"
@@ -381,6 +383,69 @@ void BM_attention_stats(benchmark::State& state) {
 
 } // namespace
 
+// Issue 13: a cache composed at run time (quant::any holding the codec,
+// evict::any the scorer and selector) against the statically composed type,
+// at 32K tokens per head (four layers, visited round robin, the order of the
+// two rotating every iteration). Target: run_time_vs_static <= 1.03. The
+// outputs must be identical (checked every iteration).
+template <class StaticCache, class RunTimeCache>
+void time_run_time_against_static(benchmark::State& state, StaticCache& fixed, RunTimeCache& chosen) {
+    constexpr std::size_t layers = 4;
+    const auto q = queries();
+    std::vector<float> out(q.size()), check(q.size());
+    std::size_t layer = 0;
+    double chosen_seconds = 0.0, fixed_seconds = 0.0;
+    bool chosen_first = true;
+    for (auto _ : state) {
+        for (int i = 0; i < 2; ++i) {
+            const bool run_time = (i == 0) == chosen_first;
+            const auto start = std::chrono::steady_clock::now();
+            if (run_time) chosen.attend(layer, q.data(), out.data());
+            else fixed.attend(layer, q.data(), check.data());
+            (run_time ? chosen_seconds : fixed_seconds) +=
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+        if (out != check) {
+            state.SkipWithError("the run-time cache's output differs from the static cache's");
+            break;
+        }
+        layer = (layer + 1) % layers;
+        chosen_first = !chosen_first;
+    }
+    const double iterations = static_cast<double>(state.iterations());
+    state.counters["run_time_ms"] = chosen_seconds / iterations * 1e3;
+    state.counters["static_ms"] = fixed_seconds / iterations * 1e3;
+    state.counters["run_time_vs_static"] = chosen_seconds / fixed_seconds;
+    state.counters["tokens_per_head"] = static_cast<double>(chosen.tokens(0, 0));
+    state.SetLabel(kvc::name_of(kvc::active_arch()));
+}
+
+void BM_run_time_decode_f16(benchmark::State& state) {
+    constexpr std::size_t layers = 4;
+    const kvc::cache_config c = evict_shape(layers);
+    kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none> fixed(c);
+    kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none> chosen(
+        c, {}, {}, kvc::quant::any(kvc::quant::none<kvc::half>{}));
+    fill(fixed, layers, evict_tokens);
+    fill(chosen, layers, evict_tokens);
+    time_run_time_against_static(state, fixed, chosen);
+}
+
+void BM_run_time_decode_q4_0_snapkv(benchmark::State& state) {
+    constexpr std::size_t layers = 4;
+    const kvc::cache_config c = evict_shape(layers);
+    const kvc::evict::snapkv policy(kvc::evict::budget::ratio(evict_ratio));
+    kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q4_0, kvc::project::none> fixed(c, policy);
+    kvc::compressed_cache<kvc::evict::any, kvc::merge::none, kvc::quant::any, kvc::project::none> chosen(
+        c, kvc::evict::to_any(policy), {}, kvc::quant::any(kvc::quant::q4_0{}));
+    // 4 x 32K tokens, compressed to a quarter: what the cache attends over at 32K of context.
+    fill(fixed, layers, evict_tokens);
+    fill(chosen, layers, evict_tokens);
+    fixed.compress();
+    chosen.compress();
+    time_run_time_against_static(state, fixed, chosen);
+}
+
 void register_eviction_benchmarks() {
     namespace evict = kvc::evict;
     // The score-only policies of issue 4's cost target: E1, E7, E8, E11, E13.
@@ -408,6 +473,12 @@ void register_eviction_benchmarks() {
         ->Iterations(10);
     benchmark::RegisterBenchmark("BM_evict_decode/knorm", BM_evict_decode<evict::knorm>)->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_bias_decode/f16", BM_bias_decode)->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark("BM_run_time_decode/f16", BM_run_time_decode_f16)
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(1.0);
+    benchmark::RegisterBenchmark("BM_run_time_decode/q4_0+snapkv", BM_run_time_decode_q4_0_snapkv)
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(1.0);
     benchmark::RegisterBenchmark("BM_attention_stats/h2o", BM_attention_stats)->Unit(benchmark::kMillisecond)->MinTime(3.0);
 }
 

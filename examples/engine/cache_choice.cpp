@@ -154,12 +154,7 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
                                     "examples/engine/cache_registry.hpp)");
     registry::lookup found;
     std::unique_ptr<kv_cache> cache;
-    for (auto part : {&registry::make_compressed_part0, &registry::make_compressed_part1,
-                      &registry::make_compressed_part2, &registry::make_compressed_part3,
-                      &registry::make_compressed_part4}) {
-        cache = part(shape, spec, calibrated, found);
-        if (found.codec_found) break;
-    }
+    cache = registry::make_compressed(shape, spec, calibrated, found);
     if (!found.codec_found)
         throw std::invalid_argument("unknown cache '" + spec.cache + "'; expected one of: " + cache_names());
     if (!found.eviction_found)

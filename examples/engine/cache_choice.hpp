@@ -95,7 +95,20 @@ template <class Cache>
 struct keys_before_rope<Cache, std::void_t<typename Cache::head_storage>>
     : rotates_keys<typename Cache::head_storage> {};
 
-// Caches whose codec stores each token at a precision its importance calls for (Q6).
+// A cache that says at run time what its codec's stores offer (compressed_cache:
+// offers(), which answers for the codec quant::any holds).
+template <class Cache, class = void>
+struct reports_offers : std::false_type {};
+template <class Cache>
+struct reports_offers<Cache, std::void_t<decltype(std::declval<const Cache&>().offers(kvc::store_capability{}))>>
+    : std::true_type {};
+template <class Cache>
+bool offers(const Cache& cache, kvc::store_capability c, bool otherwise) {
+    if constexpr (reports_offers<Cache>::value) return (void)otherwise, cache.offers(c);
+    else return (void)cache, (void)c, otherwise;
+}
+
+// Caches whose codec may store each token at a precision its importance calls for (Q6).
 template <class Cache, class = void>
 struct assigns_precision : std::false_type {};
 template <class Cache>
@@ -123,7 +136,9 @@ class kvc_cache final : public kv_cache {
 public:
     template <class... Arguments>
     explicit kvc_cache(Arguments&&... arguments) : cache_(std::forward<Arguments>(arguments)...) {
-        if constexpr (detail::assigns_precision<Cache>::value) prompt_mass_.resize(cache_.config().layers);
+        assigns_precision_ = detail::assigns_precision<Cache>::value &&
+                             detail::offers(cache_, kvc::store_capability::assign_precision, true);
+        if (assigns_precision_) prompt_mass_.resize(cache_.config().layers);
     }
 
     void append(std::size_t layer, const view& keys, const view& values, std::int64_t first_position) override {
@@ -140,6 +155,7 @@ public:
     void attend(std::size_t layer, const float* queries, float* out) override { cache_.attend(layer, queries, out); }
     void attend_chunk(std::size_t layer, const float* queries, std::size_t chunk, float* out) override {
         if constexpr (detail::assigns_precision<Cache>::value) {
+            if (!assigns_precision_) return cache_.attend_chunk(layer, queries, chunk, out);
             // mass: [kv_heads][tokens held] (no eviction: every head holds the same tokens).
             std::vector<float>& mass = prompt_mass_[layer];
             mass.assign(cache_.config().kv_heads * cache_.tokens(layer, 0), 0.0f);
@@ -148,7 +164,9 @@ public:
             cache_.attend_chunk(layer, queries, chunk, out);
         }
     }
-    bool wants_keys_before_rope() const override { return detail::keys_before_rope<Cache>::value; }
+    bool wants_keys_before_rope() const override {
+        return detail::offers(cache_, kvc::store_capability::positions, detail::keys_before_rope<Cache>::value);
+    }
     std::size_t bytes() const override { return cache_.bytes(); }
     std::size_t query_window_bytes() const override {
         if constexpr (std::is_same_v<Cache, kvc::full_cache>) return 0;
@@ -172,6 +190,7 @@ private:
     // Mixed precision: once per layer, after its last prefill chunk.
     void assign_prompt_precision(std::size_t layer) {
         if constexpr (detail::assigns_precision<Cache>::value) {
+            if (!assigns_precision_) return;
             std::vector<float>& mass = prompt_mass_[layer];
             if (mass.empty()) return;
             const std::size_t held = cache_.tokens(layer, 0);
@@ -185,9 +204,21 @@ private:
     }
 
     Cache cache_;
+    bool assigns_precision_ = false; // the codec re-encodes by importance (Q6)
     // Mixed precision only: per layer, the last prefill chunk's attention mass ([kv_heads][tokens]).
     std::vector<std::vector<float>> prompt_mass_;
 };
+
+// The compressed cache types the engine builds (registry::make_compressed). Codec, scorer and selector are chosen
+// at run time (quant::any, evict::any: one type for all of them, outputs
+// bit-identical to the static types, tests/cache/dynamic_composition_test.cpp);
+// the merging policy is a type parameter, so there is one cache type per
+// merger; ThinK prunes dense rows only, so its cache holds the fp16 codec
+// itself. Seven compressed_cache types in all, where every (codec, eviction,
+// merger) triple used to be one.
+using codec_alone_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none>;
+template <class Merging>
+using evicting_cache = kvc::compressed_cache<kvc::evict::any, Merging, kvc::quant::any, kvc::project::none>;
 
 // The kvc cache behind `cache` when `cache` is a kvc_cache<Cache>, else null:
 // what a policy kept, per head, for tests and tools that inspect it.

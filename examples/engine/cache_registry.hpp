@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -507,12 +508,6 @@ auto make_eviction(const Option& option, const std::string& argument, const cali
     }
 }
 
-// visit(std::get<Begin + I>(options)) for each I: only that slice is instantiated.
-template <std::size_t Begin, class Tuple, class Visit, std::size_t... I>
-void visit_slice(const Tuple& options, Visit& visit, std::index_sequence<I...>) {
-    (visit(std::get<Begin + I>(options)), ...);
-}
-
 // What make_compressed found while looking for the spelled names.
 struct lookup {
     bool codec_found = false;
@@ -524,96 +519,10 @@ struct lookup {
     bool project_offered = true;
 };
 
-// The compressed cache for `spec` if its codec is one of codec_options()'s
-// entries [Begin, End); the cache_*.cpp files split the codecs between them.
-template <std::size_t Begin, std::size_t End>
+// The compressed cache `spec` names, or null when a name is unknown (`found`
+// says which, and which pairing is not offered). Defined in cache_compressed.cpp,
+// the one file that instantiates the engine's compressed_cache types.
 std::unique_ptr<kv_cache> make_compressed(const kvc::cache_config& shape, const cache_spec& spec,
-                                          const calibration& calibrated, lookup& found) {
-    const std::size_t colon = spec.evict.find(':');
-    const std::string evict_name = spec.evict.substr(0, colon);
-    const std::string evict_argument = colon == std::string::npos ? "" : spec.evict.substr(colon + 1);
-    std::unique_ptr<kv_cache> cache;
-    const auto codecs = codec_options();
-    const calibration_context context{shape, calibrated, spec};
-    auto build = [&](const auto& codec_option) {
-        if (codec_option.name != spec.cache) return;
-        found.codec_found = true;
-        using codec_option_type = std::decay_t<decltype(codec_option)>;
-        auto quantization = make_codec(codec_option, context);
-        // decay_t: GCC 12 names captured variables as references here when it
-        // checks std::apply's noexcept (nested generic lambdas), which made
-        // compressed_cache<evict::none&, ...> and failed its static_asserts.
-        using quantization_type = std::decay_t<decltype(quantization)>;
-        if (evict_name == "none") {
-            found.eviction_found = true;
-            (void)make_eviction(std::get<0>(eviction_options()), evict_argument, context);
-            const std::size_t project_colon = spec.project.find(':');
-            const std::string project_name = spec.project.substr(0, project_colon);
-            const std::string project_argument =
-                project_colon == std::string::npos ? "" : spec.project.substr(project_colon + 1);
-            for_each_option(project_options(), [&](const auto& project_option) {
-                if (project_option.name != project_name) return;
-                found.project_found = true;
-                auto projection = make_projection(project_option, project_argument, spec);
-                using projection_type = std::decay_t<decltype(projection)>;
-                if constexpr (std::is_same_v<projection_type, kvc::project::none> ||
-                              codec_option_type::with_projection) {
-                    using cache_type =
-                        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, quantization_type, projection_type>;
-                    cache = std::make_unique<kvc_cache<cache_type>>(shape, kvc::evict::none{}, kvc::merge::none{},
-                                                                    std::move(quantization), std::move(projection));
-                } else {
-                    found.project_offered = false;
-                }
-            });
-            return;
-        }
-        for_each_option(eviction_options(), [&](const auto& eviction_option) {
-            if (eviction_option.name != evict_name) return;
-            found.eviction_found = true;
-            if constexpr (codec_option_type::with_eviction) {
-                auto eviction = make_eviction(eviction_option, evict_argument, context);
-                for_each_option(merge_options(), [&](const auto& merge_option) {
-                    if (merge_option.name != spec.merge) return;
-                    found.merge_found = true;
-                    auto merging = merge_option.make();
-                    using merging_type = std::decay_t<decltype(merging)>;
-                    if constexpr (std::is_same_v<merging_type, kvc::merge::none> ||
-                                  (codec_option_type::with_merging &&
-                                   std::decay_t<decltype(eviction_option)>::with_merging)) {
-                        using cache_type = kvc::compressed_cache<std::decay_t<decltype(eviction)>, merging_type,
-                                                                 quantization_type, kvc::project::none>;
-                        cache = std::make_unique<kvc_cache<cache_type>>(shape, std::move(eviction), std::move(merging),
-                                                                        std::move(quantization), kvc::project::none{});
-                    } else {
-                        found.merge_offered = false;
-                    }
-                });
-            } else {
-                found.pair_offered = false;
-            }
-        });
-    };
-    visit_slice<Begin>(codecs, build, std::make_index_sequence<End - Begin>{});
-    return cache;
-}
-
-inline constexpr std::size_t codec_count = std::tuple_size_v<decltype(codec_options())>;
-
-// The library's translation units (cache_part*.cpp) each build a slice of
-// the codecs; together they cover [0, codec_count). A codec with eviction is
-// about 23 compressed_cache types, one without is one: parts 0 to 3 take
-// one or two of the former each and share the light ones with part 4.
-inline constexpr std::size_t part_bounds[] = {0, 2, 4, 9, 16, codec_count};
-std::unique_ptr<kv_cache> make_compressed_part0(const kvc::cache_config&, const cache_spec&, const calibration&,
-                                                lookup&);
-std::unique_ptr<kv_cache> make_compressed_part1(const kvc::cache_config&, const cache_spec&, const calibration&,
-                                                lookup&);
-std::unique_ptr<kv_cache> make_compressed_part2(const kvc::cache_config&, const cache_spec&, const calibration&,
-                                                lookup&);
-std::unique_ptr<kv_cache> make_compressed_part3(const kvc::cache_config&, const cache_spec&, const calibration&,
-                                                lookup&);
-std::unique_ptr<kv_cache> make_compressed_part4(const kvc::cache_config&, const cache_spec&, const calibration&,
-                                                lookup&);
+                                          const calibration& calibrated, lookup& found);
 
 } // namespace engine::registry

@@ -30,6 +30,7 @@
 
 #include "kvc/calibration/artifact.hpp"
 #include "kvc/calibration/kmeans.hpp"
+#include "kvc/policy/eviction/any.hpp"
 #include "kvc/policy/eviction/cur.hpp"
 #include "kvc/policy/eviction/external.hpp"
 #include "kvc/policy/eviction/global_local.hpp"
@@ -52,6 +53,7 @@
 #include "kvc/policy/merging/zero_merge.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/projection/think.hpp"
+#include "kvc/policy/quantization/any.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/cq.hpp"
 #include "kvc/policy/quantization/gear.hpp"

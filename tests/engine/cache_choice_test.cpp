@@ -37,10 +37,6 @@ const char* const calibrated_spellings[] = {"cq:c4b8", "cq:c8b8", "kvquant:3", "
 // The codecs every eviction policy runs on.
 const char* const eviction_carriers[] = {"none:f32", "none:f16", "q8_0", "q4_0", "kivi:2"};
 
-// The compressed cache --cache none:f32 --evict NAME builds, for policy `Eviction`.
-template <class Eviction>
-using f32_cache = kvc::compressed_cache<Eviction, kvc::merge::none, kvc::quant::none<float>, kvc::project::none>;
-
 std::string error_of(const engine::cache_spec& spec) {
     try {
         engine::make_cache(small_shape(), spec);
@@ -265,10 +261,11 @@ TEST(EngineCacheChoice, LagKVAtItsDefaultLagKeepsWhatStreamingKeeps) {
             for (std::size_t h = 0; h < 2; ++h) {
                 const std::int32_t* first = nullptr;
                 std::size_t count = 0;
-                if (auto* s = engine::kvc_cache_inside<f32_cache<kvc::evict::streaming>>(*cache))
-                    first = s->positions(layer, h), count = s->tokens(layer, h);
-                else if (auto* l = engine::kvc_cache_inside<f32_cache<kvc::evict::lagkv>>(*cache))
-                    first = l->positions(layer, h), count = l->tokens(layer, h);
+                if (auto* c = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache)) {
+                    EXPECT_TRUE(c->eviction().scorer.target<kvc::evict::score::streaming>() ||
+                                c->eviction().scorer.target<kvc::evict::score::lagkv>());
+                    first = c->positions(layer, h), count = c->tokens(layer, h);
+                }
                 EXPECT_NE(first, nullptr) << spelling;
                 if (first) positions.emplace_back(first, first + count);
             }

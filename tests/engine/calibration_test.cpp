@@ -105,9 +105,6 @@ engine::recorded_rows replay_prompt(kvref_setup& run, engine::kv_cache& cache, s
     return rows;
 }
 
-template <class Eviction>
-using f32_cache = kvc::compressed_cache<Eviction, kvc::merge::none, kvc::quant::none<float>, kvc::project::none>;
-
 double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
     double largest = 0.0;
     for (std::size_t i = 0; i < a.size(); ++i)
@@ -305,8 +302,9 @@ TEST(EngineCalibration, QFiltersLearnTheQueryDirectionAndKeepTheKeysAlongIt) {
 
     const std::size_t prompt = engine_test::scaled(256, 96);
     const engine::recorded_rows rows = replay_prompt(run, *cache, prompt);
-    auto* kept = engine::kvc_cache_inside<f32_cache<kvc::evict::qfilter>>(*cache);
+    auto* kept = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache);
     ASSERT_NE(kept, nullptr);
+    ASSERT_NE(kept->eviction().scorer.target<kvc::evict::score::qfilter>(), nullptr);
     const std::size_t target = (prompt + 1) / 2; // ceil(0.5 x prompt), above the 20 protected
     for (std::size_t layer = 0; layer < shape.layers; ++layer)
         for (std::size_t h = 0; h < shape.kv_heads; ++h) {
@@ -391,8 +389,9 @@ TEST(EngineCalibration, HeadRolesKeepEverythingInTheHeadsAttendingFarthestBack) 
 
     const std::size_t prompt = engine_test::scaled(256, 96);
     replay_prompt(run, *cache, prompt);
-    auto* kept = engine::kvc_cache_inside<f32_cache<kvc::evict::head_roles>>(*cache);
+    auto* kept = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache);
     ASSERT_NE(kept, nullptr);
+    ASSERT_NE(kept->eviction().selector.target<kvc::evict::by_head_role>(), nullptr);
     std::vector<std::int32_t> everything(prompt + 1), streaming = {0, 1, 2, 3};
     std::iota(everything.begin(), everything.end(), 0);
     for (std::size_t t = prompt - 16; t <= prompt; ++t) streaming.push_back(static_cast<std::int32_t>(t));

@@ -57,6 +57,7 @@
 #include "kvc/policy/projection/protocol.hpp"
 #include "kvc/policy/quantization/protocol.hpp"
 #include "kvc/policy/traits.hpp"
+#include "kvc/storage/any_store.hpp"
 #include "kvc/storage/protocol.hpp"
 #include "kvc/storage/query_ring.hpp"
 #include "kvc/storage/token_columns.hpp"
@@ -113,7 +114,10 @@ public:
     static constexpr bool projects = detail::projects_of<Projection>::value;
     // Whether compress has a stage to run: eviction (with merging inside it) or projection.
     static constexpr bool compresses = evicts || projects;
-    // What the cache collects for its policies: nothing that none of them asks for.
+    // What the cache may collect for its policies: nothing that none of them
+    // may ask for. (What it does collect is what they ask for at run time,
+    // requests_of: the same for policy types, the held method's for the
+    // run-time wrappers evict::any and quant::any.)
     static constexpr bool collects_attention_stats = needs_attention_stats_v<Eviction> ||
                                                      needs_attention_stats_v<Merging> ||
                                                      needs_attention_stats_v<Quantization>;
@@ -126,19 +130,30 @@ public:
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
           heads_(config_.resource), layers_(config_.resource) {
+        const policy_requests asked[] = {requests_of(eviction_), requests_of(merging_), requests_of(quantization_),
+                                         requests_of(projection_)};
+        stats_wanted_ = collects_attention_stats &&
+                        (asked[0].attention_stats || asked[1].attention_stats || asked[2].attention_stats);
+        if constexpr (collects_queries)
+            for (const policy_requests& r : asked) query_window_ = std::max(query_window_, r.query_window);
+        const std::uint32_t columns = column_mask();
         heads_.reserve(config_.layers * config_.kv_heads);
         for (std::size_t l = 0; l < config_.layers; ++l)
             for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                heads_.push_back(head_slot{make_head(l, h), config_.resource});
+                heads_.push_back(head_slot{make_head(l, h), config_.resource, columns});
             }
         layers_.reserve(config_.layers);
         for (std::size_t l = 0; l < config_.layers; ++l) layers_.emplace_back(config_.resource);
         byte_budget_tokens_ = tokens_for_bytes();
+        detail::require(!merges || offers(store_capability::store_row),
+                        "compressed_cache: this merging policy rewrites rows, and the codec's head store cannot "
+                        "re-encode a row (store_row): pair it with a codec that can (quant::none, the block "
+                        "formats, their sinks and Hadamard wrappers)");
         if constexpr (evicts) {
-            detail::require(!eviction_.rerotate.enabled || detail::has_store_key<head_storage>::value,
+            detail::require(!eviction_.rerotate.enabled || offers(store_capability::store_key),
                             "compressed_cache: key re-rotation needs a codec that can rewrite stored keys "
                             "(quant::none); this codec cannot");
-            detail::require(eviction_.keep.bytes == 0 || detail::has_bytes_per_token<head_storage>::value,
+            detail::require(eviction_.keep.bytes == 0 || offers(store_capability::bytes_per_token),
                             "compressed_cache: a byte budget needs a codec that reports bytes_per_token()");
             detail::require(eviction_.keep.bytes == 0 ||
                                 byte_budget_tokens_ >= eviction_.keep.protected_tokens(),
@@ -152,7 +167,8 @@ public:
         : config_(other.config_), eviction_(other.eviction_), merging_(other.merging_),
           quantization_(other.quantization_), projection_(other.projection_),
           heads_(other.heads_, other.config_.resource), layers_(other.layers_, other.config_.resource),
-          byte_budget_tokens_(other.byte_budget_tokens_) {}
+          byte_budget_tokens_(other.byte_budget_tokens_), stats_wanted_(other.stats_wanted_),
+          query_window_(other.query_window_) {}
     compressed_cache& operator=(const compressed_cache& other) {
         if (this != &other) {
             compressed_cache copy(other);
@@ -332,7 +348,7 @@ public:
     float* external_scores(std::size_t layer, std::size_t kv_head) {
         detail::validate_head(config_, layers_.size(), layer, kv_head, "compressed_cache::external_scores");
         if constexpr (collects_external)
-            return mutable_head(layer, kv_head).columns.template data<evict::column::external_score>();
+            return mutable_head(layer, kv_head).columns.template data<evict::column::external_score>(); // null when off
         else
             return nullptr;
     }
@@ -363,6 +379,12 @@ public:
         detail::require(scores != nullptr || head_slot_at(layer, kv_head).rows.tokens() == 0,
                         "compressed_cache::assign_precision: expected non-null scores");
         mutable_head(layer, kv_head).rows.assign_precision(kernels::active(), scores);
+    }
+
+    // Whether the codec's head stores have an optional member (storage/any_store.hpp):
+    // what the codec type says, or, for quant::any, the codec it holds.
+    bool offers(store_capability c) const noexcept {
+        return heads_.empty() || detail::store_offers(heads_[0].rows, c);
     }
 
     // The part of bytes() that holds recent queries for query-driven scorers
@@ -417,7 +439,8 @@ private:
     struct head_slot {
         head_storage rows;
         columns_type columns;
-        head_slot(head_storage rows_, memory_resource* resource) : rows(std::move(rows_)), columns(resource) {}
+        head_slot(head_storage rows_, memory_resource* resource, std::uint32_t active)
+            : rows(std::move(rows_)), columns(resource, active) {}
         head_slot(head_storage rows_, columns_type columns_) : rows(std::move(rows_)), columns(std::move(columns_)) {}
     };
     // Everything one layer owns besides its heads.
@@ -513,15 +536,29 @@ private:
     // stores rows as they are (quant::none<T>), else config.storage (fp16 by
     // default; quantized codecs keep keys coarser still). No cache keeps its
     // queries more precisely than its keys, and an fp32 cache keeps them exact.
-    dtype query_dtype() const noexcept {
-        if constexpr (detail::declares_storage_dtype<Quantization>::value) return Quantization::storage;
-        else return config_.storage;
-    }
+    dtype query_dtype() const noexcept { return detail::storage_dtype_or(quantization_, config_.storage); }
 
-    // The window of recent queries kept for the layer: the longest any family asked for.
-    static constexpr std::size_t query_window() noexcept {
-        return std::max({query_window_v<Eviction>, query_window_v<Merging>, query_window_v<Quantization>,
-                         query_window_v<Projection>});
+
+    // The columns the heads keep: positions, and each other column some
+    // family both declares and uses (a family chosen at run time declares
+    // every column it might use).
+    std::uint32_t column_mask() const noexcept {
+        return column_bits(typename columns_type::list{});
+    }
+    template <class... Columns>
+    std::uint32_t column_bits(column_list<Columns...>) const noexcept {
+        return (std::uint32_t{0} | ... | (column_used<Columns>() ? columns_type::template bit<Columns>() : 0u));
+    }
+    template <class Column>
+    bool column_used() const noexcept {
+        return std::is_same_v<Column, position_column> || declares_and_keeps<Column>(eviction_) ||
+               declares_and_keeps<Column>(merging_) || declares_and_keeps<Column>(quantization_) ||
+               declares_and_keeps<Column>(projection_);
+    }
+    template <class Column, class P>
+    static bool declares_and_keeps(const P& policy) noexcept {
+        if constexpr (detail::column_list_has<columns_of_t<P>, Column>::value) return keeps_column_of<Column>(policy);
+        else return (void)policy, false;
     }
 
     static cache_config checked(cache_config config) {
@@ -553,7 +590,7 @@ private:
         if constexpr (evicts && detail::has_bytes_per_token<head_storage>::value) {
             if (eviction_.keep.bytes == 0) return 0;
             const std::size_t per_token = heads_.empty() ? 1
-                                          : heads_[0].rows.bytes_per_token() + columns_type::bytes_per_token;
+                                          : heads_[0].rows.bytes_per_token() + heads_[0].columns.bytes_per_token();
             return eviction_.keep.tokens_for_bytes(config_.layers * config_.kv_heads, per_token);
         } else {
             return 0;
@@ -570,7 +607,7 @@ private:
         float* logits = nullptr;
     };
     statistics_space statistics_buffer(std::size_t layer, float* caller_mass, bool decode) {
-        if (!collects_attention_stats && caller_mass == nullptr) return {};
+        if (!stats_wanted_ && caller_mass == nullptr) return {};
         const std::size_t mass_floats = caller_mass ? 0 : held_tokens(layer);
         const std::size_t logits_floats =
             decode ? detail::decode_logits_floats(
@@ -691,17 +728,19 @@ private:
         // Each family that asked for attention statistics gets them (a
         // family that did not is never called: evict::none has no scorer).
         if constexpr (collects_attention_stats) {
-            const layer_access view = access(layer);
-            observe_with(eviction_, view, mass, query_tokens);
-            observe_with(merging_, view, mass, query_tokens);
-            observe_with(quantization_, view, mass, query_tokens);
-            observe_with(projection_, view, mass, query_tokens);
+            if (stats_wanted_) {
+                const layer_access view = access(layer);
+                observe_with(eviction_, view, mass, query_tokens);
+                observe_with(merging_, view, mass, query_tokens);
+                observe_with(quantization_, view, mass, query_tokens);
+                observe_with(projection_, view, mass, query_tokens);
+            }
         } else {
             (void)mass;
         }
         if constexpr (collects_queries) {
-            if (decode && !query_window_outlives_prompt()) return;
-            layers_[layer].queries.push(kernels::active(), query_dtype(), query_window(),
+            if (query_window_ == 0 || (decode && !query_window_outlives_prompt())) return;
+            layers_[layer].queries.push(kernels::active(), query_dtype(), query_window_,
                                         config_.query_heads * config_.head_dim, queries, query_tokens);
         } else {
             (void)layer, (void)queries, (void)query_tokens, (void)decode;
@@ -800,6 +839,8 @@ private:
     detail::emptied_by_move<head_slot> heads_;    // [layer][kv_head]
     detail::emptied_by_move<layer_state> layers_; // [layer]; empty once moved from
     std::size_t byte_budget_tokens_ = 0;   // tokens_for_bytes(), fixed by the codec and the budget
+    bool stats_wanted_ = false;            // some family asks for attention statistics (requests_of)
+    std::size_t query_window_ = 0;         // the longest window of recent queries a family asks for
 };
 
 } // namespace kvc

@@ -133,6 +133,50 @@ inline constexpr bool needs_calibration_v = detail::needs_calibration_of<P>::val
 template <class P>
 inline constexpr std::size_t query_window_v = detail::query_window_of<P>::value;
 
+// What a policy asks the host to collect, as values. The host reads them
+// once, at construction: a policy type's constants above answer for it; a
+// policy wrapping one chosen at run time (evict::policy over score::any)
+// provides `policy_requests requests() const` and answers for what it holds.
+// The constants stay what may be asked (the host compiles the collecting
+// code only when some policy may ask); these say what is.
+struct policy_requests {
+    bool attention_stats = false;
+    std::size_t query_window = 0;
+};
+
+namespace detail {
+template <class P, class = void>
+struct has_requests : std::false_type {};
+template <class P>
+struct has_requests<P, std::void_t<decltype(policy_requests{std::declval<const P&>().requests()})>> : std::true_type {};
+struct probe_column {};
+template <class P, class = void>
+struct has_keeps_column : std::false_type {};
+template <class P>
+struct has_keeps_column<P, std::void_t<decltype(bool{std::declval<const P&>().template keeps_column<probe_column>()})>>
+    : std::true_type {};
+} // namespace detail
+
+template <class P>
+policy_requests requests_of(const P& policy) noexcept {
+    if constexpr (detail::has_requests<P>::value) {
+        return policy.requests();
+    } else {
+        (void)policy;
+        policy_requests r;
+        r.attention_stats = needs_attention_stats_v<P>;
+        r.query_window = needs_queries_v<P> ? query_window_v<P> : 0;
+        return r;
+    }
+}
+// Whether a policy uses a column it declares: every one, unless it says
+// otherwise through `template <class Column> bool keeps_column() const`.
+template <class Column, class P>
+bool keeps_column_of(const P& policy) noexcept {
+    if constexpr (detail::has_keeps_column<P>::value) return policy.template keeps_column<Column>();
+    else return (void)policy, true;
+}
+
 #if KVC_HAS_CONCEPTS
 template <class P>
 concept eviction_policy = is_eviction_policy_v<P>;

@@ -13,6 +13,11 @@
 // and byte count is one loop over all of them, so a new column touches the
 // policy that declares it and nothing else. Every column holds exactly as
 // many elements as the head holds tokens.
+//
+// A policy chosen at run time (evict::any) declares every column it might
+// need; the host then switches off, at construction, the ones the chosen
+// method does not use (`active`): they hold nothing, cost nothing, and their
+// data() is null. A cache of policy types keeps every column on.
 #pragma once
 
 #include <cstddef>
@@ -99,10 +104,32 @@ public:
     using list = column_list<Columns...>;
     template <class Column>
     static constexpr bool has = detail::column_list_has<list, Column>::value;
-    // Bytes one token costs across every column (byte budgets count it).
-    static constexpr std::size_t bytes_per_token = (std::size_t{0} + ... + sizeof(typename Columns::value_type));
+    static_assert(sizeof...(Columns) <= 32, "kvc::token_columns: at most 32 columns");
+    // Every column on.
+    static constexpr std::uint32_t all = sizeof...(Columns) == 32 ? ~std::uint32_t{0}
+                                                                   : (std::uint32_t{1} << sizeof...(Columns)) - 1;
+    // The bit of `Column` in an `active` mask.
+    template <class Column>
+    static constexpr std::uint32_t bit() noexcept {
+        return std::uint32_t{1} << index_of<Column>();
+    }
 
-    explicit token_columns(memory_resource* resource) : buffers_(aligned_buffer<typename Columns::value_type>(resource)...) {}
+    // `active`: the columns kept, one bit each in declaration order (all by default).
+    explicit token_columns(memory_resource* resource, std::uint32_t active = all)
+        : buffers_(aligned_buffer<typename Columns::value_type>(resource)...), active_(active & all) {}
+
+    // Whether the column is kept (a switched-off column holds nothing, its data() is null).
+    template <class Column>
+    bool active() const noexcept {
+        return (active_ & bit<Column>()) != 0;
+    }
+    // Bytes one token costs across the kept columns (byte budgets count it).
+    std::size_t bytes_per_token() const noexcept {
+        std::size_t total = 0;
+        std::size_t i = 0;
+        ((total += (active_ >> i++ & 1u) ? sizeof(typename Columns::value_type) : 0), ...);
+        return total;
+    }
 
     // The column's elements, one per held token. A column the lists do not
     // declare is a compile error, not a null pointer.
@@ -154,7 +181,8 @@ private:
     struct empty_like {};
     token_columns(const token_columns& shape, empty_like)
         : buffers_(aligned_buffer<typename Columns::value_type>(
-              std::get<index_of<Columns>()>(shape.buffers_).resource())...) {}
+              std::get<index_of<Columns>()>(shape.buffers_).resource())...),
+          active_(shape.active_) {}
 
     template <class Column>
     static constexpr std::size_t index_of() noexcept {
@@ -164,12 +192,15 @@ private:
         while (i < sizeof...(Columns) && !matches[i]) ++i;
         return i < sizeof...(Columns) ? i : 0; // 0 only after the static_assert above has failed
     }
+    // f(buffer) for every kept column.
     template <class F>
     void for_each(F&& f) {
-        std::apply([&](auto&... buffer) { (f(buffer), ...); }, buffers_);
+        std::size_t i = 0;
+        std::apply([&](auto&... buffer) { ((active_ >> i++ & 1u ? f(buffer) : void()), ...); }, buffers_);
     }
     template <class Column>
     void append_initial_to(std::size_t count) noexcept {
+        if (!active<Column>()) return;
         auto& buffer = std::get<index_of<Column>()>(buffers_);
         const std::size_t old = buffer.size();
         buffer.resize_within_capacity(old + count);
@@ -178,7 +209,8 @@ private:
     template <std::size_t... I>
     void gather_into(token_columns& out, const std::uint32_t* indices, std::size_t count,
                      std::index_sequence<I...>) const {
-        (gather_one(std::get<I>(buffers_), std::get<I>(out.buffers_), indices, count), ...);
+        ((active_ >> I & 1u ? gather_one(std::get<I>(buffers_), std::get<I>(out.buffers_), indices, count) : void()),
+         ...);
     }
     template <class T>
     static void gather_one(const aligned_buffer<T>& from, aligned_buffer<T>& to, const std::uint32_t* indices,
@@ -190,6 +222,7 @@ private:
     }
 
     std::tuple<aligned_buffer<typename Columns::value_type>...> buffers_;
+    std::uint32_t active_ = all;
 };
 
 } // namespace kvc

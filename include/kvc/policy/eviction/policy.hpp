@@ -511,6 +511,20 @@ private:
     }
 };
 
+// Whether a selector keeps the same number of tokens in every head (key
+// re-rotation needs it): B1 per-head top-k does; a selector chosen at run
+// time (select::any) answers for the one it holds.
+template <class S, class = void>
+struct has_runtime_equal_lengths : std::false_type {};
+template <class S>
+struct has_runtime_equal_lengths<S, std::void_t<decltype(bool{std::declval<const S&>().equal_lengths()})>>
+    : std::true_type {};
+template <class S>
+bool keeps_equal_lengths(const S& selector) noexcept {
+    if constexpr (has_runtime_equal_lengths<S>::value) return selector.equal_lengths();
+    else return (void)selector, std::is_same_v<S, per_head_topk>;
+}
+
 // The policy type the eviction slot of compressed_cache takes.
 template <class Scorer, class Selector = per_head_topk>
 struct policy {
@@ -535,6 +549,26 @@ struct policy {
     explicit policy(budget keep_budget, schedule when_to = {}, Scorer scorer_ = {}, Selector selector_ = {})
         : keep(keep_budget), when(when_to), scorer(std::move(scorer_)), selector(std::move(selector_)) {}
 
+    // What the host must collect for the scorer, as values (policy/traits.hpp):
+    // the constants above for a scorer type, the held scorer's for score::any.
+    policy_requests requests() const noexcept {
+        const scorer_needs needs = needs_of(scorer);
+        policy_requests r;
+        r.attention_stats = needs.attention_stats;
+        r.query_window = needs.query_window;
+        return r;
+    }
+    // Whether the scorer uses one of the columns it declares (score::any
+    // declares every column a scorer may use; the host keeps only these).
+    template <class Column>
+    bool keeps_column() const noexcept {
+        const scorer_needs needs = needs_of(scorer);
+        if constexpr (std::is_same_v<Column, column::attention_state>) return needs.attention_stats;
+        else if constexpr (std::is_same_v<Column, column::external_score>) return needs.external_scores;
+        else if constexpr (std::is_same_v<Column, column::append_score>) return needs.scores_on_append;
+        else return true;
+    }
+
     // The eviction stage of compress: scores every KV head of the layer the
     // host lends (see "What the host lends a stage" in protocol.hpp) and
     // selects what the budget keeps, making room for `incoming` tokens about
@@ -548,6 +582,7 @@ struct policy {
         const cache_config& config = layer.config();
         const kernels::kernel_table& k = layer.kernels();
         const std::size_t heads = config.kv_heads, dim = config.head_dim;
+        const scorer_needs needs = needs_of(scorer);
         std::vector<std::vector<float>> scores(heads);
         std::vector<float> keys, values, recent;
         layer_candidates candidates;
@@ -570,7 +605,7 @@ struct policy {
             candidate.positions = layer.positions(h);
             candidate.held = held;
             candidate.target = target;
-            if (held == 0 || (Selector::uses_target && target >= held)) {
+            if (held == 0 || (uses_target_of(selector) && target >= held)) {
                 candidate.target = held; // nothing to drop
                 scores[h].assign(held, 0.0f);
                 candidate.scores = scores[h].data();
@@ -589,24 +624,31 @@ struct policy {
             in.group = config.group();
             const row_source rows = row_source::of(layer.rows(h));
             in.rows = &rows;
-            if constexpr (Scorer::needs_keys) {
-                keys.resize(held * dim);
-                layer.rows(h).decode_keys(k, 0, held, keys.data());
-                in.keys = keys.data();
-            }
-            if constexpr (Scorer::needs_values) {
-                values.resize(held * dim);
-                layer.rows(h).decode_values(k, 0, held, values.data());
-                in.values = values.data();
-            }
-            if constexpr (Scorer::needs_attention_stats) in.attention = layer.template column<column::attention_state>(h);
+            // Each `if constexpr` keeps out what a scorer type never asks for;
+            // the run-time test inside is true for it, and decides for score::any.
+            if constexpr (Scorer::needs_keys)
+                if (needs.keys) {
+                    keys.resize(held * dim);
+                    layer.rows(h).decode_keys(k, 0, held, keys.data());
+                    in.keys = keys.data();
+                }
+            if constexpr (Scorer::needs_values)
+                if (needs.values) {
+                    values.resize(held * dim);
+                    layer.rows(h).decode_values(k, 0, held, values.data());
+                    in.values = values.data();
+                }
+            if constexpr (Scorer::needs_attention_stats)
+                if (needs.attention_stats) in.attention = layer.template column<column::attention_state>(h);
             if constexpr (needs_external_scores_of<Scorer>::value)
-                in.external = layer.template column<column::external_score>(h);
-            if constexpr (scores_on_append_of<Scorer>::value) in.appended = layer.template column<column::append_score>(h);
-            if constexpr (query_window > 0) {
-                in.query_count = layer.queries(h, query_window, recent);
-                in.queries = recent.data();
-            }
+                if (needs.external_scores) in.external = layer.template column<column::external_score>(h);
+            if constexpr (scores_on_append_of<Scorer>::value)
+                if (needs.scores_on_append) in.appended = layer.template column<column::append_score>(h);
+            if constexpr (query_window > 0)
+                if (needs.query_window > 0) {
+                    in.query_count = layer.queries(h, needs.query_window, recent);
+                    in.queries = recent.data();
+                }
             scores[h].resize(held);
             scorer.score(in, scores[h].data());
             candidate.scores = scores[h].data();
@@ -623,31 +665,37 @@ struct policy {
     // engine's views of them. `scratch` holds append_scratch_floats(dim).
     static constexpr bool observes_append = scores_on_append_of<Scorer>::value;
     std::size_t append_scratch_floats(std::size_t dim) const noexcept {
-        if constexpr (scores_append_rows_of<Scorer>::value) return scorer.append_scratch(dim);
-        else return (void)dim, 0;
+        if constexpr (scores_append_rows_of<Scorer>::value)
+            if (needs_of(scorer).append_rows) return scorer.append_scratch(dim);
+        return (void)dim, 0;
     }
     template <class Layer, class KeyView, class ValueView>
     void on_append(const Layer& layer, std::size_t count, const KeyView& keys, const ValueView& values,
                    float* scratch) const noexcept {
+        const scorer_needs needs = needs_of(scorer);
+        if (!needs.scores_on_append) return;
         const std::size_t dim = layer.config().head_dim;
         const kernels::kernel_table& k = layer.kernels();
         for (std::size_t h = 0; h < layer.config().kv_heads; ++h) {
             float* appended = layer.template mutable_column<column::append_score>(h);
             const std::size_t held_before = layer.held(h) - count; // heads differ once eviction ran
-            if constexpr (scores_append_rows_of<Scorer>::value) {
-                const row_source rows = row_source::of(layer.rows(h));
-                append_inputs in;
-                in.held_before = held_before;
-                in.held = held_before + count;
-                in.dim = dim;
-                in.positions = layer.positions(h);
-                in.first_position = layer.first_position();
-                in.rows = &rows;
-                in.kernels = &k;
-                in.scratch = scratch;
-                scorer.on_append_rows(in, appended);
-            } else {
-                (void)scratch;
+            if constexpr (scores_append_rows_of<Scorer>::value)
+                if (needs.append_rows) {
+                    const row_source rows = row_source::of(layer.rows(h));
+                    append_inputs in;
+                    in.held_before = held_before;
+                    in.held = held_before + count;
+                    in.dim = dim;
+                    in.positions = layer.positions(h);
+                    in.first_position = layer.first_position();
+                    in.rows = &rows;
+                    in.kernels = &k;
+                    in.scratch = scratch;
+                    scorer.on_append_rows(in, appended);
+                    continue;
+                }
+            (void)scratch;
+            if constexpr (scores_each_append_of<Scorer>::value) {
                 float key_row[max_head_dim], value_row[max_head_dim];
                 for (std::size_t t = 0; t < count; ++t) {
                     const float* key = widened<KeyView>(k, keys.row(t, h), key_row, dim);
@@ -669,6 +717,7 @@ struct policy {
     template <class Layer>
     void observe(const Layer& layer, const float* mass, std::size_t query_tokens) const noexcept {
         if constexpr (Scorer::needs_attention_stats) {
+            if (!needs_of(scorer).attention_stats) return;
             std::size_t offset = 0;
             for (std::size_t h = 0; h < layer.config().kv_heads; ++h) {
                 const std::size_t held = layer.held(h);
@@ -687,7 +736,7 @@ struct policy {
         keep.validate(config.layers);
         detail::validate_part(scorer, config);
         detail::validate_part(selector, config);
-        detail::require(!rerotate.enabled || std::is_same_v<Selector, per_head_topk>,
+        detail::require(!rerotate.enabled || keeps_equal_lengths(selector),
                         "evict::policy: key re-rotation needs the same kept length in every head "
                         "(selector per_head_topk)");
         // rerotate decodes a key into a stack row of head_dim floats and rotates rotary_dims / 2 pairs of it.

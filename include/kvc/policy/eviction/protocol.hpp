@@ -162,6 +162,61 @@ using scorer_columns_t =
                    std::conditional_t<scores_on_append_of<Scorer>::value, column_list<column::append_score>,
                                       column_list<>>>;
 
+// A scorer that computes its append scores token by token (not by on_append_rows).
+template <class S, class = void>
+struct scores_each_append_of : std::false_type {};
+template <class S>
+struct scores_each_append_of<S, std::void_t<decltype(std::declval<const S&>().on_append(
+                                    std::declval<const kernels::kernel_table&>(), std::declval<const float*>(),
+                                    std::declval<const float*>(), std::size_t{}))>> : std::true_type {};
+
+// What a scorer asks for, as values. A scorer type's constants say it
+// (needs_of reads them, at compile time); a scorer chosen at run time
+// (score::any) declares every request possible and answers `needs()` with
+// those of the scorer it holds, which the eviction policy then follows.
+struct scorer_needs {
+    bool attention_stats = false;
+    std::size_t query_window = 0;
+    bool keys = false, values = false;
+    bool external_scores = false;
+    bool scores_on_append = false; // by on_append_rows when append_rows, else token by token
+    bool append_rows = false;
+};
+template <class S, class = void>
+struct has_runtime_needs : std::false_type {};
+template <class S>
+struct has_runtime_needs<S, std::void_t<decltype(scorer_needs{std::declval<const S&>().needs()})>> : std::true_type {};
+template <class S>
+constexpr scorer_needs needs_of(const S& scorer) noexcept {
+    if constexpr (has_runtime_needs<S>::value) {
+        return scorer.needs();
+    } else {
+        (void)scorer;
+        scorer_needs needs;
+        needs.attention_stats = S::needs_attention_stats;
+        needs.query_window = S::query_window;
+        needs.keys = S::needs_keys;
+        needs.values = S::needs_values;
+        needs.external_scores = needs_external_scores_of<S>::value;
+        needs.scores_on_append = scores_on_append_of<S>::value;
+        needs.append_rows = scores_on_append_of<S>::value && scores_append_rows_of<S>::value;
+        return needs;
+    }
+}
+
+// Whether a selector uses the budget's targets, and whether it keeps the
+// same length in every head (what key re-rotation needs): a selector type's
+// constants, or, for a selector chosen at run time (select::any), its answers.
+template <class S, class = void>
+struct has_runtime_targets : std::false_type {};
+template <class S>
+struct has_runtime_targets<S, std::void_t<decltype(bool{std::declval<const S&>().targets()})>> : std::true_type {};
+template <class S>
+constexpr bool uses_target_of(const S& selector) noexcept {
+    if constexpr (has_runtime_targets<S>::value) return selector.targets();
+    else return (void)selector, S::uses_target;
+}
+
 namespace protocol_detail {
 template <class S, class = void>
 struct has_score : std::false_type {};

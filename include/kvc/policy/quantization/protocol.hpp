@@ -60,6 +60,20 @@ template <class P>
 struct declares_storage_dtype<P, std::void_t<decltype(P::storage)>>
     : std::is_same<std::remove_cv_t<decltype(P::storage)>, dtype> {};
 
+// The element type a codec keeps rows in when it stores them as they are,
+// else `otherwise`: a codec type's `storage`, or a codec chosen at run time
+// (quant::any) asked through `storage_or`.
+template <class P, class = void>
+struct has_storage_or : std::false_type {};
+template <class P>
+struct has_storage_or<P, std::void_t<decltype(std::declval<const P&>().storage_or(dtype::f32))>> : std::true_type {};
+template <class P>
+dtype storage_dtype_or(const P& codec, dtype otherwise) noexcept {
+    if constexpr (declares_storage_dtype<P>::value) return (void)codec, (void)otherwise, P::storage;
+    else if constexpr (has_storage_or<P>::value) return codec.storage_or(otherwise);
+    else return (void)codec, otherwise;
+}
+
 template <class P>
 constexpr bool check_codec() {
     static_assert(is_quantization_policy_v<P>,

@@ -1,0 +1,286 @@
+// Run-time composition: one cache type, compressed_cache<evict::any,
+// merge::none, quant::any, project::none>, holds whatever codec, scorer and
+// selector it is given, and must produce exactly what the statically
+// composed type produces: every attention output bit for bit, the same
+// tokens and positions in every head after every compression, and bytes()
+// larger by exactly the blocks the run-time stores live in.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cache_test_util.hpp"
+#include "kvc/all.hpp"
+#include "kvc/cache/dynamic_cache.hpp"
+#include "kvc/policy/eviction/any.hpp"
+#include "kvc/policy/quantization/any.hpp"
+
+namespace {
+
+using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+using run_time_cache = kvc::compressed_cache<kvc::evict::any, kvc::merge::none, kvc::quant::any, kvc::project::none>;
+using run_time_codec_only = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none>;
+
+kvc::cache_config shape() {
+    kvc::cache_config c;
+    c.layers = 2;
+    c.kv_heads = 2;
+    c.query_heads = 4;
+    c.head_dim = 64; // a multiple of every codec's group (32, 64)
+    c.storage = kvc::dtype::f16;
+    return c;
+}
+
+// What one run of a cache produced: every output, then each head's tokens,
+// positions and store bytes at the end, and the cache's bytes.
+struct run_record {
+    std::vector<float> outputs;
+    std::vector<std::size_t> tokens, store_bytes;
+    std::vector<std::int32_t> positions;
+    std::size_t bytes = 0;
+};
+
+template <class Cache, class = void>
+struct exposes_heads : std::false_type {};
+template <class Cache>
+struct exposes_heads<Cache, std::void_t<decltype(std::declval<const Cache&>().head(0, 0))>> : std::true_type {};
+
+// A prompt of 96 tokens in two chunks, attended chunk by chunk, then 40
+// decode steps (append, attend); the policies' schedules compress after the
+// prompt and during decode.
+template <class Cache>
+run_record run(Cache& cache) {
+    const kvc::cache_config c = shape();
+    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
+    const std::size_t prompt = 96, chunk = 48, steps = 40;
+    const std::vector<float> keys = kvc_test::random_floats((prompt + steps) * row, 11);
+    const std::vector<float> values = kvc_test::random_floats((prompt + steps) * row, 12);
+    const std::vector<float> queries = kvc_test::random_floats((prompt + steps) * qrow, 13);
+    run_record r;
+    std::vector<float> out(chunk * qrow);
+    for (std::size_t first = 0; first < prompt; first += chunk)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, token_major(keys.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         token_major(values.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         static_cast<std::int64_t>(first));
+            cache.attend_chunk(l, queries.data() + first * qrow, chunk, out.data());
+            r.outputs.insert(r.outputs.end(), out.begin(), out.end());
+        }
+    for (std::size_t t = prompt; t < prompt + steps; ++t)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
+                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
+            cache.attend(l, queries.data() + t * qrow, out.data());
+            r.outputs.insert(r.outputs.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(qrow));
+        }
+    for (std::size_t l = 0; l < c.layers; ++l)
+        for (std::size_t h = 0; h < c.kv_heads; ++h) {
+            const std::size_t held = cache.tokens(l, h);
+            r.tokens.push_back(held);
+            if constexpr (exposes_heads<Cache>::value) r.store_bytes.push_back(cache.head(l, h).bytes());
+            const std::int32_t* p = cache.positions(l, h);
+            r.positions.insert(r.positions.end(), p, p + held);
+        }
+    r.bytes = cache.bytes();
+    return r;
+}
+
+// Outputs, tokens and positions identical.
+void expect_same_results(const run_record& a, const run_record& b, const std::string& what) {
+    ASSERT_EQ(a.outputs.size(), b.outputs.size()) << what;
+    EXPECT_EQ(0, std::memcmp(a.outputs.data(), b.outputs.data(), a.outputs.size() * sizeof(float)))
+        << what << ": attention outputs differ";
+    EXPECT_EQ(a.tokens, b.tokens) << what;
+    EXPECT_EQ(a.positions, b.positions) << what;
+}
+
+// The static cache's record against the run-time one's: identical, but for
+// the block each run-time store lives in (sizeof the codec's store).
+template <class Static, class Dynamic, class Store>
+void expect_same(Static& fixed, Dynamic& chosen, const Store*, const std::string& what) {
+    const run_record a = run(fixed), b = run(chosen);
+    expect_same_results(a, b, what);
+    for (std::size_t i = 0; i < a.store_bytes.size(); ++i)
+        EXPECT_EQ(a.store_bytes[i] + sizeof(Store), b.store_bytes[i]) << what << ": head " << i;
+    EXPECT_GT(b.bytes, a.bytes) << what;
+}
+
+template <class Codec>
+void codec_alone(Codec codec, const std::string& name) {
+    kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Codec, kvc::project::none> fixed(shape(), {}, {}, codec);
+    run_time_codec_only chosen(shape(), {}, {}, kvc::quant::any(codec));
+    expect_same(fixed, chosen, static_cast<const typename Codec::head_storage*>(nullptr), name);
+}
+
+template <class Codec, class Scorer, class Selector = kvc::evict::per_head_topk>
+void evicting(Codec codec, Scorer scorer, const std::string& name, Selector selector = {}, double keep = 0.3) {
+    using fixed_policy = kvc::evict::policy<Scorer, Selector>;
+    const kvc::evict::budget budget = kvc::evict::budget::ratio(keep);
+    const kvc::evict::schedule when{true, 8}; // after the prompt, and 8 tokens over budget in decode
+    kvc::compressed_cache<fixed_policy, kvc::merge::none, Codec, kvc::project::none> fixed(
+        shape(), fixed_policy(budget, when, scorer, selector), {}, codec);
+    run_time_cache chosen(shape(),
+                          kvc::evict::any(budget, when, kvc::evict::score::any(scorer), kvc::evict::select::any(selector)),
+                          {}, kvc::quant::any(codec));
+    expect_same(fixed, chosen, static_cast<const typename Codec::head_storage*>(nullptr), name);
+    // The comparison covered compressions: some head holds fewer tokens than were appended.
+    std::size_t fewest = fixed.tokens(0, 0);
+    for (std::size_t l = 0; l < shape().layers; ++l)
+        for (std::size_t h = 0; h < shape().kv_heads; ++h) fewest = std::min(fewest, fixed.tokens(l, h));
+    EXPECT_LT(fewest, fixed.tokens_seen(0)) << name << ": nothing was evicted";
+}
+
+namespace q = kvc::quant;
+namespace e = kvc::evict;
+
+TEST(RunTimeComposition, EveryCodecAloneMatchesItsStaticCache) {
+    codec_alone(q::none<float>{}, "none:f32");
+    codec_alone(q::none<kvc::half>{}, "none:f16");
+    codec_alone(q::none<kvc::bfloat16>{}, "none:bf16");
+    codec_alone(q::q8_0{}, "q8_0");
+    codec_alone(q::q4_0{}, "q4_0");
+    codec_alone(q::q4_1{}, "q4_1");
+    codec_alone(q::block<q::int2_asym, 32>{}, "int2:g32");
+    codec_alone(q::block<q::fp8_e4m3, 32>{}, "fp8:e4m3");
+    codec_alone(q::block_kv<q::int4_sym, q::int2_asym, 32>{}, "k4v2");
+    codec_alone(q::block<q::int4_sym, 32, 4>{}, "q4_0+sinks");
+    codec_alone(q::kivi<2>{}, "kivi:2");
+    codec_alone(q::gear{}, "gear");
+    codec_alone(q::rotated<q::q4_0>{}, "hadamard:q4_0");
+    codec_alone(q::sparse(0.5), "sparse:0.5");
+    codec_alone(q::mixed<q::int4_sym, q::int2_asym, 32>(0.2), "mixed");
+}
+
+TEST(RunTimeComposition, EveryScorerMatchesItsStaticPolicy) {
+    const q::none<kvc::half> f16;
+    evicting(f16, e::score::streaming{}, "streaming");
+    evicting(f16, e::score::h2o{}, "h2o");
+    evicting(f16, e::score::a2sf{}, "a2sf");
+    evicting(f16, e::score::scissorhands{}, "scissorhands");
+    evicting(f16, e::score::snapkv{}, "snapkv");
+    evicting(f16, e::score::tova{}, "tova");
+    evicting(f16, e::score::knorm{}, "knorm");
+    evicting(f16, e::score::keydiff{}, "keydiff");
+    evicting(f16, e::score::expected_attention{}, "expected_attention");
+    e::score::lagkv lag16;
+    lag16.lag = 16;
+    evicting(f16, lag16, "lagkv16");
+    evicting(f16, e::score::leverage{}, "leverage");
+    evicting(f16, e::score::cur{}, "cur");
+    evicting(f16, e::score::value_weighted<>{}, "value_weighted");
+    evicting(f16, e::score::hash_evict{}, "hash_evict");
+    evicting(f16, e::score::global_local{}, "global_local");
+    evicting(f16, e::score::random{}, "random");
+}
+
+TEST(RunTimeComposition, EverySelectorMatchesItsStaticPolicy) {
+    const q::none<kvc::half> f16;
+    evicting(f16, e::score::snapkv{}, "adakv", e::adakv{});
+    evicting(f16, e::score::h2o{}, "top_p", e::top_p{});
+    evicting(f16, e::score::knorm{}, "threshold", e::threshold{});
+    evicting(f16, e::score::snapkv{}, "chunkkv", e::chunkkv{});
+}
+
+TEST(RunTimeComposition, CodecsUnderEvictionMatchTheirStaticCache) {
+    evicting(q::q4_0{}, e::score::snapkv{}, "q4_0 + snapkv");
+    evicting(q::kivi<2>{}, e::score::h2o{}, "kivi:2 + h2o");
+    evicting(q::rotated<q::q4_0>{}, e::score::knorm{}, "hadamard:q4_0 + knorm");
+    evicting(q::none<float>{}, e::score::keydiff{}, "none:f32 + keydiff");
+}
+
+TEST(RunTimeComposition, ColumnsTheHeldScorerDoesNotUseHoldNothing) {
+    // streaming uses no column: the run-time cache keeps none of the three
+    // a scorer may declare, so it holds what the static cache holds but for
+    // the store blocks, also per token.
+    const e::budget budget = e::budget::ratio(0.5);
+    run_time_cache chosen(shape(), e::any(budget, {}, e::score::any(e::score::streaming{})), {},
+                          q::any(q::none<kvc::half>{}));
+    EXPECT_EQ(nullptr, chosen.attention_statistic(0, 0));
+    EXPECT_EQ(nullptr, chosen.external_scores(0, 0));
+    run_time_cache heavy(shape(), e::any(budget, {}, e::score::any(e::score::h2o{})), {}, q::any(q::none<kvc::half>{}));
+    const kvc::cache_config c = shape();
+    std::vector<float> rows = kvc_test::random_floats(8 * c.kv_heads * c.head_dim, 3);
+    chosen.append(0, token_major(rows.data(), 8, c.kv_heads, c.head_dim), token_major(rows.data(), 8, c.kv_heads, c.head_dim), 0);
+    heavy.append(0, token_major(rows.data(), 8, c.kv_heads, c.head_dim), token_major(rows.data(), 8, c.kv_heads, c.head_dim), 0);
+    EXPECT_NE(nullptr, heavy.attention_statistic(0, 0));
+    // h2o's running attention: one float per token per head more.
+    EXPECT_EQ(heavy.bytes() - chosen.bytes(), 8 * c.kv_heads * sizeof(float));
+}
+
+TEST(RunTimeComposition, WhatTheHeldCodecCannotDoIsRefusedAtConstruction) {
+    e::any rerotating(e::budget::ratio(0.5), {}, e::score::any(e::score::streaming{}));
+    rerotating.rerotate.enabled = true;
+    const std::string message = kvc_test::error_of([&] { run_time_cache(shape(), rerotating, {}, q::any(q::q4_0{})); });
+    EXPECT_NE(std::string::npos, message.find("re-rotation")) << message;
+    EXPECT_EQ("(no kvc::error)",
+              kvc_test::error_of([&] { run_time_cache(shape(), rerotating, {}, q::any(q::none<kvc::half>{})); }));
+    e::any adaptive(e::budget::ratio(0.5), {}, e::score::any(e::score::snapkv{}), e::select::any(e::adakv{}));
+    adaptive.rerotate.enabled = true;
+    EXPECT_NE(std::string::npos,
+              kvc_test::error_of([&] { run_time_cache(shape(), adaptive, {}, q::any(q::none<kvc::half>{})); })
+                  .find("same kept length"));
+}
+
+// kvc::dynamic_cache: the same results as the static composition for a
+// codec alone, eviction with a merger, and a projection; copies continue as
+// the original; unsupported pairings and moved-from caches are errors.
+TEST(DynamicCache, MatchesTheStaticCompositions) {
+    {
+        kvc::compressed_cache<e::none, kvc::merge::none, q::kivi<2>, kvc::project::none> fixed(shape());
+        kvc::dynamic_cache chosen(shape(), q::any(q::kivi<2>{}));
+        expect_same_results(run(fixed), run(chosen), "kivi:2");
+    }
+    {
+        const e::streaming policy(e::budget::ratio(0.3), e::schedule{true, 8});
+        kvc::compressed_cache<e::streaming, kvc::merge::compensation, q::none<kvc::half>, kvc::project::none> fixed(
+            shape(), policy);
+        kvc::dynamic_cache chosen(shape(), q::any(q::none<kvc::half>{}), e::to_any(policy), kvc::merge::compensation{});
+        expect_same_results(run(fixed), run(chosen), "streaming + compensation");
+        EXPECT_NE(nullptr, chosen.target<kvc::compressed_cache<e::any, kvc::merge::compensation, q::any,
+                                                               kvc::project::none>>());
+    }
+    {
+        kvc::compressed_cache<e::none, kvc::merge::none, q::none<kvc::half>, kvc::project::think> fixed(
+            shape(), {}, {}, {}, kvc::project::think(0.4, 32));
+        kvc::dynamic_cache chosen(shape(), q::any(q::none<kvc::half>{}), std::nullopt, kvc::merge::none{},
+                                  kvc::project::think(0.4, 32));
+        const run_record a = run(fixed), b = run(chosen);
+        expect_same_results(a, b, "think:0.4");
+        EXPECT_EQ(a.bytes, b.bytes) << "the same cache type inside: the same bytes";
+    }
+}
+
+TEST(DynamicCache, ACopyContinuesAsTheOriginal) {
+    const e::snapkv policy(e::budget::ratio(0.3), e::schedule{true, 8});
+    kvc::dynamic_cache original(shape(), q::any(q::q4_0{}), e::to_any(policy));
+    kvc::dynamic_cache fork = original;
+    expect_same_results(run(original), run(fork), "fork");
+    EXPECT_EQ(original.bytes(), fork.bytes());
+    kvc::dynamic_cache moved = std::move(original);
+    EXPECT_NE(std::string::npos, kvc_test::error_of([&] { (void)original.tokens(0); }).find("moved-from"));
+    EXPECT_EQ(0u, original.bytes());
+}
+
+TEST(DynamicCache, UnsupportedPairingsAreRefused) {
+    EXPECT_NE(std::string::npos,
+              kvc_test::error_of([&] {
+                  kvc::dynamic_cache(shape(), q::any(q::q4_0{}), std::nullopt, kvc::merge::compensation{});
+              }).find("expected an eviction policy"));
+    EXPECT_NE(std::string::npos,
+              kvc_test::error_of([&] {
+                  kvc::dynamic_cache(shape(), q::any(q::q4_0{}), std::nullopt, kvc::merge::none{},
+                                     kvc::project::think(0.4));
+              }).find("expected the codec none:f32, none:f16 or none:bf16"));
+    EXPECT_NE(std::string::npos,
+              kvc_test::error_of([&] {
+                  kvc::dynamic_cache(shape(), q::any(q::kivi<2>{}), e::to_any(e::h2o(e::budget::ratio(0.5))),
+                                     kvc::merge::compensation{});
+              }).find("re-encode a row"))
+        << "KIVI's store has no store_row; the merger needs it";
+}
+
+} // namespace

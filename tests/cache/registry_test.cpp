@@ -1,0 +1,155 @@
+// The library's registry (kvc/registry.hpp): every method by name, caches
+// built from a spec, and specs refused with messages that say what was
+// expected, what was given and which names are close.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cache_test_util.hpp"
+#include "kvc/all.hpp"
+#include "kvc/registry.hpp"
+
+namespace {
+
+using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
+
+kvc::cache_config shape() {
+    kvc::cache_config c;
+    c.layers = 2;
+    c.kv_heads = 2;
+    c.query_heads = 4;
+    c.head_dim = 64;
+    c.storage = kvc::dtype::f16;
+    return c;
+}
+
+// A 96-token prompt in two chunks then 24 decode steps; every output, in order.
+template <class Cache>
+std::vector<float> outputs_of(Cache& cache) {
+    const kvc::cache_config c = shape();
+    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
+    const std::size_t prompt = 96, chunk = 48, steps = 24;
+    const std::vector<float> keys = kvc_test::random_floats((prompt + steps) * row, 21);
+    const std::vector<float> values = kvc_test::random_floats((prompt + steps) * row, 22);
+    const std::vector<float> queries = kvc_test::random_floats((prompt + steps) * qrow, 23);
+    std::vector<float> all, out(chunk * qrow);
+    for (std::size_t first = 0; first < prompt; first += chunk)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, token_major(keys.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         token_major(values.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         static_cast<std::int64_t>(first));
+            cache.attend_chunk(l, queries.data() + first * qrow, chunk, out.data());
+            all.insert(all.end(), out.begin(), out.end());
+        }
+    for (std::size_t t = prompt; t < prompt + steps; ++t)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
+                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
+            cache.attend(l, queries.data() + t * qrow, out.data());
+            all.insert(all.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(qrow));
+        }
+    return all;
+}
+
+TEST(Registry, ListsEveryFamilyWithUniqueNamesAndSummaries) {
+    std::set<std::string> names;
+    std::set<kvc::method_family> families;
+    for (const kvc::method_info& m : kvc::methods()) {
+        EXPECT_TRUE(names.insert(m.name).second) << "duplicate name " << m.name;
+        families.insert(m.family);
+        EXPECT_FALSE(m.summary.empty()) << m.name;
+        EXPECT_TRUE(m.parameter.empty() || !m.default_value.empty()) << m.name << ": a parameter without a default";
+    }
+    EXPECT_EQ(4u, families.size());
+    for (const char* name : {"q4_0", "kivi", "snapkv", "h2o", "compensation", "think", "head_roles", "cq:c4b8"})
+        EXPECT_EQ(1u, names.count(name)) << name;
+}
+
+// Every method that needs no calibration builds a cache from its name alone
+// (with eviction, for the mergers) and runs a prompt and decode steps.
+TEST(Registry, EveryUncalibratedMethodRunsFromItsName) {
+    for (const kvc::method_info& m : kvc::methods()) {
+        if (m.calibrated) continue;
+        std::string spec = m.name;
+        if (m.family == kvc::method_family::merging) spec = "h2o:0.3 + " + spec;
+        SCOPED_TRACE(spec);
+        kvc::dynamic_cache cache = kvc::make_cache(shape(), spec);
+        const std::vector<float> out = outputs_of(cache);
+        for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    }
+}
+
+// A spec's cache is the static composition it names, bit for bit.
+TEST(Registry, ASpecBuildsTheCompositionItNames) {
+    {
+        kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q4_0, kvc::project::none> fixed(
+            shape(), kvc::evict::snapkv(kvc::evict::budget::ratio(0.25)));
+        kvc::dynamic_cache chosen = kvc::make_cache(shape(), "q4_0 + snapkv:0.25");
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        ASSERT_EQ(a.size(), b.size());
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        EXPECT_EQ(fixed.tokens(0), chosen.tokens(0));
+    }
+    {
+        // Order does not matter; q4_0+sinks is one codec although it holds a '+'.
+        kvc::compressed_cache<kvc::evict::h2o, kvc::merge::compensation, kvc::quant::block<kvc::quant::int4_sym, 32, 4>,
+                              kvc::project::none>
+            fixed(shape(), kvc::evict::h2o(kvc::evict::budget::ratio(0.5)));
+        kvc::dynamic_cache chosen = kvc::make_cache(shape(), " compensation+ h2o:0.5 + q4_0+sinks ");
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+    }
+    {
+        // No codec: the rows as they are, in config.storage (fp16 here); defaults fill missing values.
+        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::kivi<2>, kvc::project::none> fixed(shape());
+        kvc::dynamic_cache chosen = kvc::make_cache(shape(), "kivi");
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        kvc::full_cache full(shape());
+        kvc::dynamic_cache plain = kvc::make_cache(shape(), "");
+        const std::vector<float> c = outputs_of(full), d = outputs_of(plain);
+        EXPECT_EQ(0, std::memcmp(c.data(), d.data(), c.size() * sizeof(float)));
+    }
+}
+
+TEST(Registry, BadSpecsNameWhatWasExpectedAndWhatIsClose) {
+    const auto error = [](const char* spec) {
+        return kvc_test::error_of([&] { (void)kvc::make_cache(shape(), spec); });
+    };
+    const std::string typo = error("q4_0 + snapvk:0.25");
+    EXPECT_NE(std::string::npos, typo.find("unknown method 'snapvk:0.25'")) << typo;
+    EXPECT_NE(std::string::npos, typo.find("snapkv")) << typo;
+    const std::string range = error("snapkv:1.5");
+    EXPECT_NE(std::string::npos, range.find("keep_ratio with a number in (0, 1], got '1.5'")) << range;
+    const std::string two = error("q4_0 + q8_0");
+    EXPECT_NE(std::string::npos, two.find("expected one quantization method, got 'q4_0' and 'q8_0'")) << two;
+    const std::string empty = error("q4_0 + ");
+    EXPECT_NE(std::string::npos, empty.find("empty term")) << empty;
+    const std::string kivi = error("kivi:3");
+    EXPECT_NE(std::string::npos, kivi.find("expected kivi:2 or kivi:4")) << kivi;
+    const std::string learnt = error("cq:c4b8");
+    EXPECT_NE(std::string::npos, learnt.find("cache_options::artifacts[\"cq:c4b8\"]")) << learnt;
+    const std::string merge_alone = error("compensation");
+    EXPECT_NE(std::string::npos, merge_alone.find("expected an eviction policy")) << merge_alone;
+}
+
+TEST(Registry, HeadRolesPicksTheHeadsAttendingFarthestBack) {
+    // 2 layers x 2 heads; far mass ranks (1, 0) then (0, 1): a share of 0.5 makes those two retrieval heads.
+    kvc::calibration::artifact profile;
+    profile.kind = "head_roles";
+    profile.tensors.push_back({"far_mass", {2, 2}, {0.1f, 0.2f, 0.9f, 0.5f}});
+    kvc::cache_options options;
+    options.artifacts["head_roles"] = profile;
+    kvc::dynamic_cache cache = kvc::make_cache(shape(), "head_roles:0.5", options);
+    (void)outputs_of(cache); // compresses after the prompt
+    // Retrieval heads keep all 120 tokens; the others sinks (4) + window (16) after the prompt, then the 24 decoded.
+    EXPECT_EQ(44u, cache.tokens(0, 0));
+    EXPECT_EQ(120u, cache.tokens(0, 1));
+    EXPECT_EQ(120u, cache.tokens(1, 0));
+    EXPECT_EQ(44u, cache.tokens(1, 1));
+}
+
+} // namespace
