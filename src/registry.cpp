@@ -334,6 +334,7 @@ std::vector<spec_term> parse_spec(std::string_view spec) {
     // Split on '+', then join neighbours whose joined text is a method name
     // ("q4_0" + "sinks" is the codec q4_0+sinks), longest first.
     std::vector<std::string> pieces;
+    if (trimmed(spec).empty()) return {}; // nothing named: rows as they are, every token kept
     std::size_t start = 0;
     for (std::size_t i = 0; i <= spec.size(); ++i)
         if (i == spec.size() || spec[i] == '+') {
@@ -350,6 +351,9 @@ std::vector<spec_term> parse_spec(std::string_view spec) {
             std::string joined = pieces[i];
             for (std::size_t j = 1; j < n; ++j) joined += "+" + pieces[i + j];
             found = find(joined, value);
+            // Joined pieces must be a name as it is, not a name with a value
+            // ("h2o:0.3" + "q4_0" is two terms, not h2o with "0.3+q4_0").
+            if (found && n > 1 && !value.empty()) found = nullptr;
             if (found) used = n;
         }
         const std::string& term = pieces[i];

@@ -4,9 +4,8 @@
 //   kvc::dynamic_cache cache = kvc::make_cache(config, "kivi:2 + snapkv:0.25");
 //
 // A spec names at most one method per family, joined by '+': a codec
-// (quantization; none:f16 when absent... see below), an eviction policy, a
-// merging policy and a projection, in any order, each `name` or
-// `name:value`. What the value means is the method's parameter
+// (quantization), an eviction policy, a merging policy and a projection, in
+// any order, each `name` or `name:value`. What the value means is the method's parameter
 // (method_info::parameter: "keep_ratio" for the scorers, the bits of KIVI, the
 // pruned share of ThinK); a method whose parameter has a default may be
 // written without it. Codecs are spelled as docs/METHODS.md and the tools

@@ -240,8 +240,8 @@ TEST(DynamicCache, MatchesTheStaticCompositions) {
             shape(), policy);
         kvc::dynamic_cache chosen(shape(), q::any(q::none<kvc::half>{}), e::to_any(policy), kvc::merge::compensation{});
         expect_same_results(run(fixed), run(chosen), "streaming + compensation");
-        EXPECT_NE(nullptr, chosen.target<kvc::compressed_cache<e::any, kvc::merge::compensation, q::any,
-                                                               kvc::project::none>>());
+        using held = kvc::compressed_cache<e::any, kvc::merge::compensation, q::any, kvc::project::none>;
+        EXPECT_NE(nullptr, chosen.target<held>());
     }
     {
         kvc::compressed_cache<e::none, kvc::merge::none, q::none<kvc::half>, kvc::project::think> fixed(

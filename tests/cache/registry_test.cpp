@@ -140,7 +140,7 @@ TEST(Registry, HeadRolesPicksTheHeadsAttendingFarthestBack) {
     // 2 layers x 2 heads; far mass ranks (1, 0) then (0, 1): a share of 0.5 makes those two retrieval heads.
     kvc::calibration::artifact profile;
     profile.kind = "head_roles";
-    profile.tensors.push_back({"far_mass", {2, 2}, {0.1f, 0.2f, 0.9f, 0.5f}});
+    profile.tensors.push_back({"far_mass", {2, 2}, {0.1f, 0.6f, 0.9f, 0.5f}});
     kvc::cache_options options;
     options.artifacts["head_roles"] = profile;
     kvc::dynamic_cache cache = kvc::make_cache(shape(), "head_roles:0.5", options);

@@ -33,8 +33,37 @@ static_assert(std::is_same_v<kvc::columns_of_t<declares>, column_list<score_colu
 static_assert(std::is_same_v<kvc::columns_of_t<int>, column_list<>>, "a policy that declares nothing has no columns");
 
 using three = kvc::token_columns<column_list<position_column, count_column, score_column>>;
-static_assert(three::bytes_per_token == 4 + 4 + 8);
 static_assert(three::has<count_column> && !kvc::token_columns<column_list<position_column>>::has<count_column>);
+
+TEST(TokenColumns, AllColumnsAreKeptByDefaultAndCountedPerToken) {
+    kvc_test::counting_resource counting;
+    const three columns(&counting);
+    EXPECT_EQ(columns.bytes_per_token(), 4u + 4u + 8u);
+    EXPECT_TRUE(columns.active<count_column>() && columns.active<score_column>());
+}
+
+// A column switched off (a run-time policy that declares it but does not
+// use it) holds nothing through append, gather, keep and copy, and its data is null.
+TEST(TokenColumns, SwitchedOffColumnsHoldNothing) {
+    kvc_test::counting_resource counting;
+    three columns(&counting, three::bit<position_column>() | three::bit<count_column>());
+    EXPECT_FALSE(columns.active<score_column>());
+    EXPECT_EQ(columns.bytes_per_token(), 4u + 4u);
+    columns.reserve_for_append(5);
+    columns.append_initial(5);
+    EXPECT_EQ(columns.data<score_column>(), nullptr);
+    EXPECT_EQ(columns.data<count_column>()[4], 1u);
+    EXPECT_EQ(columns.bytes(), counting.in_use);
+    const std::uint32_t kept[] = {0, 3};
+    const three gathered = columns.gathered(kept, 2);
+    EXPECT_FALSE(gathered.active<score_column>());
+    EXPECT_EQ(gathered.bytes(), 2 * (4u + 4u));
+    EXPECT_EQ(gathered.data<score_column>(), nullptr);
+    columns.keep(kept, 2);
+    const three copy = columns;
+    EXPECT_EQ(copy.data<score_column>(), nullptr);
+    EXPECT_EQ(copy.bytes_per_token(), 4u + 4u);
+}
 
 TEST(TokenColumns, AppendStartsEveryColumnAtItsInitialValue) {
     kvc_test::counting_resource counting;
@@ -67,7 +96,7 @@ TEST(TokenColumns, GatherAndKeepHoldExactlyTheChosenTokens) {
     const std::uint32_t kept[] = {1, 4, 5};
     const std::size_t before = counting.in_use;
     const three gathered = columns.gathered(kept, 3);
-    EXPECT_EQ(gathered.bytes(), 3 * three::bytes_per_token) << "a gathered copy is sized to what it holds";
+    EXPECT_EQ(gathered.bytes(), 3 * (4 + 4 + 8)) << "a gathered copy is sized to what it holds";
     EXPECT_EQ(counting.in_use - before, gathered.bytes());
     const std::int32_t positions[] = {101, 104, 105};
     for (int i = 0; i < 3; ++i) {
@@ -81,7 +110,7 @@ TEST(TokenColumns, GatherAndKeepHoldExactlyTheChosenTokens) {
         EXPECT_EQ(columns.data<position_column>()[i], positions[i]);
         EXPECT_EQ(columns.data<score_column>()[i], 0.5 * kept[i]);
     }
-    EXPECT_EQ(columns.bytes(), 3 * three::bytes_per_token);
+    EXPECT_EQ(columns.bytes(), 3 * (4 + 4 + 8));
     columns.release();
     EXPECT_EQ(columns.bytes(), 0u);
     EXPECT_EQ(counting.in_use, gathered.bytes());
