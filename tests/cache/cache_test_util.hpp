@@ -18,6 +18,7 @@
 #include "kvc/core/error.hpp"
 #include "kvc/core/float16.hpp"
 #include "kvc/kernels/dispatch.hpp"
+#include "kvc/view/kv_view.hpp"
 
 namespace kvc_test {
 
@@ -172,6 +173,37 @@ void on_every_arch(Check&& check) {
         check();
     }
     kvc::set_active_arch(original);
+}
+
+// Drives a cache the way an engine does: a prompt of `prompt` tokens in
+// chunks of `chunk` (append then attend_chunk, layer by layer), then `steps`
+// decode steps (append then attend), with random rows from `seed`. Returns
+// every attention output in order (the chunks' whole, the steps' one row).
+template <class Cache>
+std::vector<float> prompt_then_decode(Cache& cache, const kvc::cache_config& c, std::size_t prompt, std::size_t chunk,
+                                      std::size_t steps, std::uint32_t seed) {
+    using rows = kvc::kv_view<const float, kvc::layout_token_major>;
+    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
+    const std::vector<float> keys = random_floats((prompt + steps) * row, seed);
+    const std::vector<float> values = random_floats((prompt + steps) * row, seed + 1);
+    const std::vector<float> queries = random_floats((prompt + steps) * qrow, seed + 2);
+    std::vector<float> all, out(chunk * qrow);
+    for (std::size_t first = 0; first < prompt; first += chunk)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, rows(keys.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         rows(values.data() + first * row, chunk, c.kv_heads, c.head_dim),
+                         static_cast<std::int64_t>(first));
+            cache.attend_chunk(l, queries.data() + first * qrow, chunk, out.data());
+            all.insert(all.end(), out.begin(), out.end());
+        }
+    for (std::size_t t = prompt; t < prompt + steps; ++t)
+        for (std::size_t l = 0; l < c.layers; ++l) {
+            cache.append(l, rows(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
+                         rows(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
+            cache.attend(l, queries.data() + t * qrow, out.data());
+            all.insert(all.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(qrow));
+        }
+    return all;
 }
 
 } // namespace kvc_test

@@ -55,28 +55,8 @@ struct exposes_heads<Cache, std::void_t<decltype(std::declval<const Cache&>().he
 template <class Cache>
 run_record run(Cache& cache) {
     const kvc::cache_config c = shape();
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const std::size_t prompt = 96, chunk = 48, steps = 40;
-    const std::vector<float> keys = kvc_test::random_floats((prompt + steps) * row, 11);
-    const std::vector<float> values = kvc_test::random_floats((prompt + steps) * row, 12);
-    const std::vector<float> queries = kvc_test::random_floats((prompt + steps) * qrow, 13);
     run_record r;
-    std::vector<float> out(chunk * qrow);
-    for (std::size_t first = 0; first < prompt; first += chunk)
-        for (std::size_t l = 0; l < c.layers; ++l) {
-            cache.append(l, token_major(keys.data() + first * row, chunk, c.kv_heads, c.head_dim),
-                         token_major(values.data() + first * row, chunk, c.kv_heads, c.head_dim),
-                         static_cast<std::int64_t>(first));
-            cache.attend_chunk(l, queries.data() + first * qrow, chunk, out.data());
-            r.outputs.insert(r.outputs.end(), out.begin(), out.end());
-        }
-    for (std::size_t t = prompt; t < prompt + steps; ++t)
-        for (std::size_t l = 0; l < c.layers; ++l) {
-            cache.append(l, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-            cache.attend(l, queries.data() + t * qrow, out.data());
-            r.outputs.insert(r.outputs.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(qrow));
-        }
+    r.outputs = kvc_test::prompt_then_decode(cache, c, 96, 48, 40, 11);
     for (std::size_t l = 0; l < c.layers; ++l)
         for (std::size_t h = 0; h < c.kv_heads; ++h) {
             const std::size_t held = cache.tokens(l, h);

@@ -14,8 +14,6 @@
 
 namespace {
 
-using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
-
 kvc::cache_config shape() {
     kvc::cache_config c;
     c.layers = 2;
@@ -29,29 +27,7 @@ kvc::cache_config shape() {
 // A 96-token prompt in two chunks then 24 decode steps; every output, in order.
 template <class Cache>
 std::vector<float> outputs_of(Cache& cache) {
-    const kvc::cache_config c = shape();
-    const std::size_t row = c.kv_heads * c.head_dim, qrow = c.query_heads * c.head_dim;
-    const std::size_t prompt = 96, chunk = 48, steps = 24;
-    const std::vector<float> keys = kvc_test::random_floats((prompt + steps) * row, 21);
-    const std::vector<float> values = kvc_test::random_floats((prompt + steps) * row, 22);
-    const std::vector<float> queries = kvc_test::random_floats((prompt + steps) * qrow, 23);
-    std::vector<float> all, out(chunk * qrow);
-    for (std::size_t first = 0; first < prompt; first += chunk)
-        for (std::size_t l = 0; l < c.layers; ++l) {
-            cache.append(l, token_major(keys.data() + first * row, chunk, c.kv_heads, c.head_dim),
-                         token_major(values.data() + first * row, chunk, c.kv_heads, c.head_dim),
-                         static_cast<std::int64_t>(first));
-            cache.attend_chunk(l, queries.data() + first * qrow, chunk, out.data());
-            all.insert(all.end(), out.begin(), out.end());
-        }
-    for (std::size_t t = prompt; t < prompt + steps; ++t)
-        for (std::size_t l = 0; l < c.layers; ++l) {
-            cache.append(l, token_major(keys.data() + t * row, 1, c.kv_heads, c.head_dim),
-                         token_major(values.data() + t * row, 1, c.kv_heads, c.head_dim), static_cast<std::int64_t>(t));
-            cache.attend(l, queries.data() + t * qrow, out.data());
-            all.insert(all.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(qrow));
-        }
-    return all;
+    return kvc_test::prompt_then_decode(cache, shape(), 96, 48, 24, 21);
 }
 
 TEST(Registry, ListsEveryFamilyWithUniqueNamesAndSummaries) {
