@@ -1,0 +1,371 @@
+// P1 PCA projection (project::pca, storage/latent_rows.hpp, calibration/pca.hpp):
+// latent attention is exact attention over the projected rows, rows in the
+// span are kept, full rank is the full cache, calibration finds the span and
+// is deterministic, bad bases are refused, and bytes() is the layout.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cache/cache_test_util.hpp"
+#include "kvc/cache/compressed_cache.hpp"
+#include "kvc/cache/full_cache.hpp"
+#include "kvc/calibration/artifact.hpp"
+#include "kvc/calibration/pca.hpp"
+#include "kvc/core/float16.hpp"
+#include "kvc/kernels/dispatch.hpp"
+#include "kvc/policy/eviction/none.hpp"
+#include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/projection/pca.hpp"
+#include "kvc/policy/quantization/none.hpp"
+#include "kvc/storage/latent_rows.hpp"
+#include "kvc/view/kv_view.hpp"
+
+namespace {
+
+using kvc_test::random_floats;
+using view = kvc::kv_view<const float>;
+using pca_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<float>, kvc::project::pca>;
+
+constexpr std::size_t layers = 2, kv_heads = 2, query_heads = 4, dim = 32, chunk = 64;
+
+kvc::cache_config shape(kvc::dtype storage = kvc::dtype::f32, kvc::memory_resource* resource = nullptr) {
+    kvc::cache_config c;
+    c.layers = layers;
+    c.kv_heads = kv_heads;
+    c.query_heads = query_heads;
+    c.head_dim = dim;
+    c.storage = storage;
+    c.resource = resource;
+    return c;
+}
+
+// A dim x rank matrix with orthonormal columns (Gram-Schmidt in double), row-major.
+std::vector<double> orthonormal(std::size_t rank, std::uint32_t seed) {
+    const std::vector<float> g = random_floats(dim * rank, seed);
+    std::vector<double> u(g.begin(), g.end());
+    for (std::size_t j = 0; j < rank; ++j) {
+        for (int pass = 0; pass < 2; ++pass) // twice: orthogonal to rounding
+            for (std::size_t i = 0; i < j; ++i) {
+                double dot = 0.0;
+                for (std::size_t d = 0; d < dim; ++d) dot += u[d * rank + j] * u[d * rank + i];
+                for (std::size_t d = 0; d < dim; ++d) u[d * rank + j] -= dot * u[d * rank + i];
+            }
+        double norm = 0.0;
+        for (std::size_t d = 0; d < dim; ++d) norm += u[d * rank + j] * u[d * rank + j];
+        for (std::size_t d = 0; d < dim; ++d) u[d * rank + j] /= std::sqrt(norm);
+    }
+    return u;
+}
+
+// Bases for every (layer, KV head): keys and values each their own random orthonormal matrix.
+kvc::project::pca_bases random_bases(std::size_t rank, std::uint32_t seed) {
+    kvc::project::pca_bases b{layers, kv_heads, dim, rank, {}, {}};
+    for (std::size_t head = 0; head < layers * kv_heads; ++head)
+        for (int which = 0; which < 2; ++which) {
+            const std::vector<double> u = orthonormal(rank, seed + static_cast<std::uint32_t>(2 * head + which));
+            std::vector<float>& to = which ? b.values : b.keys;
+            to.insert(to.end(), u.begin(), u.end());
+        }
+    return b;
+}
+
+// Engine rows [tokens][kv_heads][dim]: random, or (span = true) each head's
+// rows random combinations of the columns of its own basis.
+std::vector<float> rows_of(const kvc::project::pca_bases& b, const std::vector<float>& basis, std::size_t layer,
+                           std::size_t tokens, std::uint32_t seed, bool span) {
+    std::vector<float> out = random_floats(tokens * kv_heads * dim, seed);
+    if (!span) return out;
+    const std::vector<float> c = random_floats(tokens * kv_heads * b.rank, seed + 1);
+    for (std::size_t t = 0; t < tokens; ++t)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+            const float* u = basis.data() + (layer * kv_heads + h) * dim * b.rank;
+            for (std::size_t d = 0; d < dim; ++d) {
+                double x = 0.0;
+                for (std::size_t j = 0; j < b.rank; ++j) x += double{u[d * b.rank + j]} * c[(t * kv_heads + h) * b.rank + j];
+                out[(t * kv_heads + h) * dim + d] = static_cast<float>(x);
+            }
+        }
+    return out;
+}
+
+// U U^T x for every row, in double (rounded to float once at the end).
+std::vector<float> projected(const kvc::project::pca_bases& b, const std::vector<float>& basis, std::size_t layer,
+                             const std::vector<float>& rows) {
+    std::vector<float> out(rows.size());
+    for (std::size_t t = 0; t < rows.size() / (kv_heads * dim); ++t)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+            const float* u = basis.data() + (layer * kv_heads + h) * dim * b.rank;
+            const float* x = rows.data() + (t * kv_heads + h) * dim;
+            std::vector<double> c(b.rank, 0.0);
+            for (std::size_t d = 0; d < dim; ++d)
+                for (std::size_t j = 0; j < b.rank; ++j) c[j] += double{u[d * b.rank + j]} * x[d];
+            for (std::size_t d = 0; d < dim; ++d) {
+                double y = 0.0;
+                for (std::size_t j = 0; j < b.rank; ++j) y += double{u[d * b.rank + j]} * c[j];
+                out[(t * kv_heads + h) * dim + d] = static_cast<float>(y);
+            }
+        }
+    return out;
+}
+
+struct layer_data {
+    std::vector<float> keys, values, queries;
+};
+
+// `tokens` tokens per layer: prefilled in chunks through attend_chunk (outputs
+// checked against `check_chunk`), then decoded one by one (checked by `check_step`).
+template <class Cache, class CheckChunk, class CheckStep>
+void run(Cache& cache, const std::vector<layer_data>& data, std::size_t prompt, std::size_t tokens,
+         CheckChunk&& check_chunk, CheckStep&& check_step) {
+    const std::size_t row = kv_heads * dim, q = query_heads * dim;
+    for (std::size_t l = 0; l < layers; ++l) {
+        const layer_data& x = data[l];
+        std::vector<float> out(chunk * q);
+        for (std::size_t first = 0; first < prompt; first += chunk) {
+            cache.append(l, view(x.keys.data() + first * row, chunk, kv_heads, dim),
+                         view(x.values.data() + first * row, chunk, kv_heads, dim), static_cast<std::int64_t>(first));
+            cache.attend_chunk(l, x.queries.data() + first * q, chunk, out.data());
+            check_chunk(l, first, out);
+        }
+    }
+    for (std::size_t t = prompt; t < tokens; ++t)
+        for (std::size_t l = 0; l < layers; ++l) {
+            const layer_data& x = data[l];
+            cache.append(l, view(x.keys.data() + t * row, 1, kv_heads, dim),
+                         view(x.values.data() + t * row, 1, kv_heads, dim), static_cast<std::int64_t>(t));
+            std::vector<float> out(q);
+            std::vector<float> mass(kv_heads * (t + 1));
+            cache.attend(l, x.queries.data() + t * q, out.data(), mass.data());
+            check_step(l, t, out, mass);
+        }
+}
+
+std::vector<layer_data> draw(const kvc::project::pca_bases& b, std::size_t tokens, std::uint32_t seed, bool span) {
+    std::vector<layer_data> data(layers);
+    for (std::size_t l = 0; l < layers; ++l) {
+        const std::uint32_t s = seed + 10 * static_cast<std::uint32_t>(l);
+        data[l].keys = rows_of(b, b.keys, l, tokens, s, span);
+        data[l].values = rows_of(b, b.values, l, tokens, s + 2, span);
+        data[l].queries = random_floats(tokens * query_heads * dim, s + 4);
+    }
+    return data;
+}
+
+constexpr std::size_t prompt = 2 * chunk, total = prompt + 6;
+
+// The promise of the latent space: decode and prefill outputs, and decode's
+// attention mass, are those of exact attention (in double) over U_k U_k^T k
+// and U_v U_v^T v, for random rows far from the span.
+void check_latent_attention_on_active_arch() {
+    const kvc::project::pca_bases b = random_bases(8, 100);
+    const std::vector<layer_data> data = draw(b, total, 1, false);
+    std::vector<std::vector<float>> keys(layers), values(layers);
+    for (std::size_t l = 0; l < layers; ++l) {
+        keys[l] = projected(b, b.keys, l, data[l].keys);
+        values[l] = projected(b, b.values, l, data[l].values);
+    }
+    const kvc::cache_config c = shape();
+    pca_cache cache(c, {}, {}, {}, kvc::project::pca(b));
+    run(cache, data, prompt, total,
+        [&](std::size_t l, std::size_t first, const std::vector<float>& out) {
+            for (std::size_t i = 0; i < chunk; ++i) {
+                const auto want = kvc_test::oracle_attention(c, keys[l], values[l], first + i + 1,
+                                                             data[l].queries.data() + (first + i) * query_heads * dim);
+                ASSERT_LT(kvc_test::worst_head_error(c, out.data() + i * query_heads * dim, want), 1e-5)
+                    << "layer " << l << " chunk query " << first + i;
+            }
+        },
+        [&](std::size_t l, std::size_t t, const std::vector<float>& out, const std::vector<float>& mass) {
+            std::vector<double> want_mass;
+            const auto want = kvc_test::oracle_attention(c, keys[l], values[l], t + 1,
+                                                         data[l].queries.data() + t * query_heads * dim, &want_mass);
+            ASSERT_LT(kvc_test::worst_head_error(c, out.data(), want), 1e-5) << "layer " << l << " token " << t;
+            for (std::size_t i = 0; i < mass.size(); ++i) ASSERT_NEAR(mass[i], want_mass[i], 1e-5) << i;
+        });
+}
+
+TEST(Pca, LatentAttentionIsExactAttentionOverTheProjectedRows) {
+    kvc_test::on_every_arch([] { check_latent_attention_on_active_arch(); });
+}
+
+// The projection really drops what lies outside the span: the same rows
+// through a full cache give a clearly different output (so the check above can fail).
+TEST(Pca, RowsOutsideTheSpanAreNotKept) {
+    const kvc::project::pca_bases b = random_bases(8, 100);
+    const std::vector<layer_data> data = draw(b, total, 1, false);
+    pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
+    kvc::full_cache full(shape());
+    std::vector<std::vector<float>> got;
+    run(cache, data, prompt, total, [](auto...) {}, [&](std::size_t, std::size_t, const std::vector<float>& out, auto&) {
+        got.push_back(out);
+    });
+    std::size_t i = 0;
+    run(full, data, prompt, total, [](auto...) {}, [&](std::size_t, std::size_t, const std::vector<float>& out, auto&) {
+        EXPECT_GT(kvc_test::relative_error(got[i++], out), 0.1);
+    });
+}
+
+// Rows lying in the span are stored exactly (to rounding): attention equals
+// the full cache's, and decode_keys / decode_values give the rows back.
+TEST(Pca, RowsInTheSpanAreReproduced) {
+    const kvc::project::pca_bases b = random_bases(8, 200);
+    const std::vector<layer_data> data = draw(b, total, 2, true);
+    pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
+    kvc::full_cache full(shape());
+    std::vector<std::vector<float>> got;
+    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
+    run(cache, data, prompt, total, keep, keep);
+    std::size_t i = 0;
+    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
+        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
+    };
+    run(full, data, prompt, total, compare, compare);
+    const kvc::kernels::kernel_table& k = kvc::kernels::active();
+    for (std::size_t l = 0; l < layers; ++l)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+            const kvc::latent_rows& rows = cache.head(l, h);
+            ASSERT_EQ(rows.tokens(), total);
+            std::vector<float> keys(total * dim), values(total * dim), want_keys(total * dim), want_values(total * dim);
+            rows.decode_keys(k, 0, total, keys.data());
+            rows.decode_values(k, 0, total, values.data());
+            for (std::size_t t = 0; t < total; ++t)
+                for (std::size_t d = 0; d < dim; ++d) {
+                    want_keys[t * dim + d] = data[l].keys[(t * kv_heads + h) * dim + d];
+                    want_values[t * dim + d] = data[l].values[(t * kv_heads + h) * dim + d];
+                }
+            EXPECT_LT(kvc_test::relative_error(keys, want_keys), 1e-6);
+            EXPECT_LT(kvc_test::relative_error(values, want_values), 1e-6);
+        }
+}
+
+// Rank = head_dim keeps every direction: the output is the full cache's, for any rows.
+TEST(Pca, FullRankIsTheFullCache) {
+    const kvc::project::pca_bases b = random_bases(dim, 300);
+    const std::vector<layer_data> data = draw(b, total, 3, false);
+    pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
+    kvc::full_cache full(shape());
+    std::vector<std::vector<float>> got;
+    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
+    run(cache, data, prompt, total, keep, keep);
+    std::size_t i = 0;
+    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
+        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
+    };
+    run(full, data, prompt, total, compare, compare);
+}
+
+// Calibration: sample rows of each head spanning a 6-dimensional subspace
+// (with distinct variances along it) give a rank-6 basis of exactly that
+// subspace, energies descending and zero beyond it; the same samples give
+// the same bytes; the artifact builds a policy whose cache keeps such rows.
+TEST(PcaCalibration, FindsTheSpanDeterministically) {
+    constexpr std::size_t span = 6, tokens = 400;
+    const kvc::project::pca_bases truth = random_bases(span, 400);
+    const kvc::cache_config c = shape();
+    std::vector<std::vector<float>> keys(layers), values(layers);
+    for (std::size_t l = 0; l < layers; ++l) {
+        keys[l] = rows_of(truth, truth.keys, l, tokens, 40 + static_cast<std::uint32_t>(l), true);
+        values[l] = rows_of(truth, truth.values, l, tokens, 50 + static_cast<std::uint32_t>(l), true);
+    }
+    auto calibrate = [&](std::size_t rank) {
+        std::vector<view> k, v;
+        for (std::size_t l = 0; l < layers; ++l) {
+            k.emplace_back(keys[l].data(), tokens, kv_heads, dim);
+            v.emplace_back(values[l].data(), tokens, kv_heads, dim);
+        }
+        return kvc::calibration::calibrate_pca(c, k, v, {rank});
+    };
+    const kvc::calibration::artifact a = calibrate(span), again = calibrate(span);
+    EXPECT_EQ(kvc::calibration::serialize(a), kvc::calibration::serialize(again));
+    const kvc::calibration::artifact whole = calibrate(0);
+    const auto& energy = whole.get("key_energy", {layers, kv_heads, dim});
+    for (std::size_t head = 0; head < layers * kv_heads; ++head) {
+        for (std::size_t j = 1; j < dim; ++j)
+            EXPECT_LE(energy.values[head * dim + j], energy.values[head * dim + j - 1]) << head << " " << j;
+        EXPECT_GT(energy.values[head * dim + span - 1], 0.1);
+        EXPECT_LT(energy.values[head * dim + span], 1e-6) << "energy outside the 6-dimensional span";
+    }
+    // Each true basis vector lies in the calibrated span: U U^T u = u.
+    const kvc::project::pca learnt(kvc::calibration::deserialize(kvc::calibration::serialize(a).data(),
+                                                                 kvc::calibration::serialize(a).size()));
+    EXPECT_EQ(learnt.rank(), span);
+    const auto& basis = a.get("key_basis", {layers, kv_heads, dim, span});
+    for (std::size_t head = 0; head < layers * kv_heads; ++head)
+        for (std::size_t i = 0; i < span; ++i) {
+            std::vector<float> u(dim), got(dim);
+            for (std::size_t d = 0; d < dim; ++d) u[d] = truth.keys[head * dim * span + d * span + i];
+            std::vector<double> coordinates(span, 0.0);
+            for (std::size_t d = 0; d < dim; ++d)
+                for (std::size_t j = 0; j < span; ++j) coordinates[j] += basis.values[head * dim * span + d * span + j] * u[d];
+            for (std::size_t d = 0; d < dim; ++d) {
+                double x = 0.0;
+                for (std::size_t j = 0; j < span; ++j) x += basis.values[head * dim * span + d * span + j] * coordinates[j];
+                got[d] = static_cast<float>(x);
+            }
+            EXPECT_LT(kvc_test::relative_error(got, u), 1e-5) << "head " << head << " direction " << i;
+        }
+    // A rank asked beyond what the artifact holds is refused.
+    EXPECT_THROW(kvc::project::pca(a, span + 1), kvc::error);
+}
+
+// Bad bases never make a policy or a cache: each throws kvc::error naming the problem.
+TEST(Pca, BadBasesAreRefused) {
+    const kvc::project::pca_bases good = random_bases(4, 500);
+    auto with = [&](auto change) {
+        kvc::project::pca_bases b = good;
+        change(b);
+        return kvc_test::error_of([&] { kvc::project::pca p(b); });
+    };
+    EXPECT_NE(with([](auto& b) { b.keys[0] *= 1.01f; }).find("not orthonormal"), std::string::npos);
+    EXPECT_NE(with([](auto& b) { // column 1 of the last head's value basis tilted towards column 0
+                  const std::size_t at = (layers * kv_heads - 1) * dim * 4;
+                  for (std::size_t d = 0; d < dim; ++d) b.values[at + d * 4 + 1] += 0.01f * b.values[at + d * 4];
+              }).find("value basis of layer 1, KV head 1 is not orthonormal"),
+              std::string::npos);
+    EXPECT_NE(with([](auto& b) { b.values[5] = NAN; }).find("expected finite"), std::string::npos);
+    EXPECT_NE(with([](auto& b) { b.keys.pop_back(); }).find("floats of keys and of values"), std::string::npos);
+    EXPECT_NE(with([](auto& b) { b.rank = 0; }).find("expected a rank in 1..32"), std::string::npos);
+    EXPECT_NE(with([](auto& b) { b.rank = dim + 1; }).find("expected a rank"), std::string::npos);
+    // Right bases, wrong cache: layer count, head count, head dim.
+    for (auto change : {+[](kvc::cache_config& c) { c.layers = 3; }, +[](kvc::cache_config& c) { c.kv_heads = 1; c.query_heads = 2; },
+                        +[](kvc::cache_config& c) { c.head_dim = 64; }}) {
+        kvc::cache_config c = shape();
+        change(c);
+        EXPECT_NE(kvc_test::error_of([&] { pca_cache cache(c, {}, {}, {}, kvc::project::pca(good)); })
+                      .find("the bases are for 2 layers x 2 KV heads x head_dim 32"),
+                  std::string::npos);
+    }
+    kvc::calibration::artifact wrong_kind;
+    wrong_kind.kind = "cq";
+    EXPECT_THROW(kvc::project::pca{wrong_kind}, kvc::error);
+}
+
+// bytes() per head is exactly the layout at every rank (latents in the
+// codec's element type, fp16 here, and the two fp32 bases), and the cache's
+// bytes() is what its memory resource handed out.
+TEST(Pca, BytesAreTheLayoutAtEveryRank) {
+    using half_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>,
+                                             kvc::project::pca>;
+    constexpr std::size_t tokens = 100;
+    const std::vector<float> keys = random_floats(tokens * kv_heads * dim, 7), values = random_floats(keys.size(), 8);
+    for (std::size_t rank = 1; rank <= dim; ++rank) {
+        SCOPED_TRACE(rank);
+        kvc_test::counting_resource memory;
+        half_cache cache(shape(kvc::dtype::f16, &memory), {}, {}, {}, kvc::project::pca(random_bases(rank, 600)));
+        for (std::size_t l = 0; l < layers; ++l)
+            cache.append(l, view(keys.data(), tokens, kv_heads, dim), view(values.data(), tokens, kv_heads, dim), 0);
+        cache.shrink_to_fit();
+        for (std::size_t l = 0; l < layers; ++l)
+            for (std::size_t h = 0; h < kv_heads; ++h) {
+                EXPECT_EQ(cache.head(l, h).bytes(), tokens * 2 * rank * sizeof(kvc::half) + 2 * dim * rank * sizeof(float));
+                EXPECT_EQ(cache.head(l, h).bytes_per_token(), 2 * rank * sizeof(kvc::half));
+            }
+        EXPECT_EQ(cache.bytes(), memory.in_use);
+    }
+}
+
+} // namespace
