@@ -2,12 +2,16 @@
 // latent attention is exact attention over the projected rows, rows in the
 // span are kept, full rank is the full cache, calibration finds the span and
 // is deterministic, bad bases are refused, and bytes() is the layout.
+// P4 Loki (project::loki, storage/loki_rows.hpp): exact attention over the
+// top-k tokens of the low-rank estimate, full attention when k is every token.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cache/cache_test_util.hpp"
@@ -19,9 +23,11 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/pca.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/storage/latent_rows.hpp"
+#include "kvc/storage/loki_rows.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace {
@@ -29,6 +35,7 @@ namespace {
 using kvc_test::random_floats;
 using view = kvc::kv_view<const float>;
 using pca_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<float>, kvc::project::pca>;
+using loki_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<float>, kvc::project::loki>;
 
 constexpr std::size_t layers = 2, kv_heads = 2, query_heads = 4, dim = 32, chunk = 64;
 
@@ -366,6 +373,157 @@ TEST(Pca, BytesAreTheLayoutAtEveryRank) {
             }
         EXPECT_EQ(cache.bytes(), memory.in_use);
     }
+}
+
+// ---------------------------------------------------------------------------
+// P4 Loki
+
+// Decode attention in double over, per KV head, the `keep` tokens whose
+// estimated score (the largest over the group of scale <U_r^T q, U_r^T k>,
+// U the head's key basis, its first `rank` columns) is best, as Loki defines it.
+std::vector<double> loki_oracle(const kvc::cache_config& c, const kvc::project::pca_bases& b, std::size_t layer,
+                                const layer_data& x, std::size_t tokens, std::size_t t_query, std::size_t rank,
+                                std::size_t keep, std::vector<double>& mass) {
+    const std::size_t group = c.group();
+    const float* queries = x.queries.data() + t_query * query_heads * dim;
+    std::vector<double> out(query_heads * dim, 0.0);
+    mass.assign(kv_heads * tokens, 0.0);
+    auto dot = [](const float* a, const float* b, std::size_t n) {
+        double s = 0.0;
+        for (std::size_t d = 0; d < n; ++d) s += double{a[d]} * b[d];
+        return s;
+    };
+    for (std::size_t h = 0; h < kv_heads; ++h) {
+        const float* u = b.keys.data() + (layer * kv_heads + h) * dim * dim;
+        auto coordinates = [&](const float* row) {
+            std::vector<double> y(rank, 0.0);
+            for (std::size_t d = 0; d < dim; ++d)
+                for (std::size_t j = 0; j < rank; ++j) y[j] += double{u[d * dim + j]} * row[d];
+            return y;
+        };
+        std::vector<std::pair<double, std::size_t>> score(tokens);
+        for (std::size_t t = 0; t < tokens; ++t) {
+            const std::vector<double> k = coordinates(x.keys.data() + (t * kv_heads + h) * dim);
+            double best = -INFINITY;
+            for (std::size_t g = 0; g < group; ++g) {
+                const std::vector<double> q = coordinates(queries + (h * group + g) * dim);
+                double s = 0.0;
+                for (std::size_t j = 0; j < rank; ++j) s += q[j] * k[j];
+                best = std::max(best, s);
+            }
+            score[t] = {-best, t};
+        }
+        std::sort(score.begin(), score.end());
+        for (std::size_t g = 0; g < group; ++g) {
+            const std::size_t j = h * group + g;
+            std::vector<double> logits(keep);
+            double max = -INFINITY, sum = 0.0;
+            for (std::size_t i = 0; i < keep; ++i) {
+                logits[i] = dot(queries + j * dim, x.keys.data() + (score[i].second * kv_heads + h) * dim, dim) *
+                            c.logit_scale();
+                max = std::max(max, logits[i]);
+            }
+            for (double& l : logits) sum += (l = std::exp(l - max));
+            for (std::size_t i = 0; i < keep; ++i) {
+                const std::size_t t = score[i].second;
+                mass[h * tokens + t] += logits[i] / sum;
+                for (std::size_t d = 0; d < dim; ++d)
+                    out[j * dim + d] += logits[i] / sum * x.values[(t * kv_heads + h) * dim + d];
+            }
+        }
+    }
+    return out;
+}
+
+// The promise of Loki: each decode step is exact attention (output and mass)
+// over the tokens with the best low-rank estimates, nothing else; the prefill
+// is exact attention; the stored keys are a rotation (decoded back exactly).
+void check_loki_top_k_on_active_arch() {
+    constexpr std::size_t rank = 8;
+    const double ratio = 0.125;
+    const kvc::project::pca_bases b = random_bases(dim, 700);
+    const std::vector<layer_data> data = draw(b, total, 7, false);
+    const kvc::cache_config c = shape();
+    loki_cache cache(c, {}, {}, {}, kvc::project::loki(kvc::project::pca(b), rank, ratio));
+    run(cache, data, prompt, total,
+        [&](std::size_t l, std::size_t first, const std::vector<float>& out) {
+            for (std::size_t i = 0; i < chunk; ++i) {
+                const auto want = kvc_test::oracle_attention(c, data[l].keys, data[l].values, first + i + 1,
+                                                             data[l].queries.data() + (first + i) * query_heads * dim);
+                ASSERT_LT(kvc_test::worst_head_error(c, out.data() + i * query_heads * dim, want), 1e-5)
+                    << "layer " << l << " chunk query " << first + i;
+            }
+        },
+        [&](std::size_t l, std::size_t t, const std::vector<float>& out, const std::vector<float>& mass) {
+            const std::size_t keep = static_cast<std::size_t>(std::ceil(ratio * static_cast<double>(t + 1)));
+            std::vector<double> want_mass;
+            const auto want = loki_oracle(c, b, l, data[l], t + 1, t, rank, keep, want_mass);
+            ASSERT_LT(kvc_test::worst_head_error(c, out.data(), want), 1e-5) << "layer " << l << " token " << t;
+            std::size_t attended = 0;
+            for (std::size_t i = 0; i < mass.size(); ++i) {
+                ASSERT_NEAR(mass[i], want_mass[i], 1e-5) << i;
+                attended += mass[i] > 0.0f;
+            }
+            EXPECT_EQ(attended, kv_heads * keep);
+        });
+    const kvc::kernels::kernel_table& k = kvc::kernels::active();
+    std::vector<float> keys(total * dim);
+    cache.head(1, 1).decode_keys(k, 0, total, keys.data());
+    for (std::size_t t = 0; t < total; ++t)
+        for (std::size_t d = 0; d < dim; ++d)
+            ASSERT_NEAR(keys[t * dim + d], data[1].keys[(t * kv_heads + 1) * dim + d], 1e-5) << t << " " << d;
+}
+
+TEST(Loki, AttendsExactlyOverTheTopKOfTheLowRankEstimate) {
+    kvc_test::on_every_arch([] { check_loki_top_k_on_active_arch(); });
+}
+
+// k = every token: the full cache's attention, decode and prefill.
+TEST(Loki, EveryTokenIsFullAttention) {
+    const kvc::project::pca_bases b = random_bases(dim, 800);
+    const std::vector<layer_data> data = draw(b, total, 8, false);
+    loki_cache cache(shape(), {}, {}, {}, kvc::project::loki(kvc::project::pca(b), 4, 1.0));
+    kvc::full_cache full(shape());
+    std::vector<std::vector<float>> got;
+    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
+    run(cache, data, prompt, total, keep, keep);
+    std::size_t i = 0;
+    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
+        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
+    };
+    run(full, data, prompt, total, compare, compare);
+}
+
+TEST(Loki, BadParametersAreRefused) {
+    const kvc::project::pca full_rank(random_bases(dim, 900)), low_rank(random_bases(8, 901));
+    EXPECT_THROW(kvc::project::loki(full_rank, 0, 0.1), kvc::error);
+    EXPECT_THROW(kvc::project::loki(full_rank, dim + 1, 0.1), kvc::error);
+    EXPECT_THROW(kvc::project::loki(full_rank, 8, 0.0), kvc::error);
+    EXPECT_THROW(kvc::project::loki(full_rank, 8, 1.5), kvc::error);
+    EXPECT_NE(kvc_test::error_of([&] { kvc::project::loki(low_rank, 4, 0.1); }).find("expected full-rank key bases"),
+              std::string::npos);
+    kvc::cache_config c = shape();
+    c.layers = 1;
+    EXPECT_THROW(loki_cache(c, {}, {}, {}, kvc::project::loki(full_rank, 8, 0.1)), kvc::error);
+}
+
+// bytes(): the whole rows, the basis, and decode's scratch sized by the rows
+// (group x head_dim rotated queries, group + 2 floats and one index a token).
+TEST(Loki, BytesAreTheLayout) {
+    constexpr std::size_t tokens = 100, group = query_heads / kv_heads;
+    kvc_test::counting_resource memory;
+    loki_cache cache(shape(kvc::dtype::f32, &memory), {}, {}, {},
+                     kvc::project::loki(kvc::project::pca(random_bases(dim, 950)), 8, 0.25));
+    const std::vector<float> keys = random_floats(tokens * kv_heads * dim, 9), values = random_floats(keys.size(), 10);
+    for (std::size_t l = 0; l < layers; ++l)
+        cache.append(l, view(keys.data(), tokens, kv_heads, dim), view(values.data(), tokens, kv_heads, dim), 0);
+    cache.shrink_to_fit();
+    const std::size_t f = sizeof(float);
+    for (std::size_t l = 0; l < layers; ++l)
+        for (std::size_t h = 0; h < kv_heads; ++h)
+            EXPECT_EQ(cache.head(l, h).bytes(), tokens * 2 * dim * f + dim * dim * f +
+                                                    (group * dim + tokens * (group + 2)) * f + tokens * sizeof(std::uint32_t));
+    EXPECT_EQ(cache.bytes(), memory.in_use);
 }
 
 } // namespace

@@ -75,6 +75,26 @@ struct pca_bases {
 // exact ones are about 1e-7 sqrt(head_dim) off).
 inline constexpr double pca_orthonormal_tolerance = 1e-4;
 
+// Throws kvc::error unless the head_dim x rank matrix u (row-major) is finite
+// and has orthonormal columns within pca_orthonormal_tolerance, naming `which`
+// basis of which (layer, KV head), the pair of columns and their product.
+inline void check_orthonormal(const float* u, std::size_t dim, std::size_t rank, const char* which, std::size_t layer,
+                              std::size_t head, const char* who) {
+    for (std::size_t i = 0; i < dim * rank; ++i)
+        detail::require(std::isfinite(u[i]), who, ": the ", which, " basis of layer ", layer, ", KV head ", head,
+                        " holds ", u[i], " (row ", i / rank, ", column ", i % rank, "), expected finite values");
+    for (std::size_t i = 0; i < rank; ++i)
+        for (std::size_t j = i; j < rank; ++j) {
+            double dot = 0.0;
+            for (std::size_t d = 0; d < dim; ++d)
+                dot += static_cast<double>(u[d * rank + i]) * static_cast<double>(u[d * rank + j]);
+            const double expected = i == j ? 1.0 : 0.0;
+            detail::require(std::fabs(dot - expected) <= pca_orthonormal_tolerance, who, ": the ", which,
+                            " basis of layer ", layer, ", KV head ", head, " is not orthonormal: <u_", i, ", u_", j,
+                            "> = ", dot, ", expected ", expected, " (within ", pca_orthonormal_tolerance, ")");
+        }
+}
+
 class pca {
 public:
     using family = projection_family;
@@ -124,6 +144,9 @@ public:
     std::size_t kv_heads() const noexcept { return kv_heads_; }
     std::size_t head_dim() const noexcept { return head_dim_; }
     std::size_t rank() const noexcept { return rank_; }
+    // Every head's bases, [layers][kv_heads][head_dim][rank] (P4 Loki reads the key bases).
+    const std::vector<float>& key_bases() const noexcept { return *keys_; }
+    const std::vector<float>& value_bases() const noexcept { return *values_; }
 
     // compressed_cache calls this first: the bases must be for this cache's shape.
     void validate(const cache_config& config) const {
@@ -171,23 +194,6 @@ private:
         rank_ = b.rank;
         keys_ = std::make_shared<const std::vector<float>>(std::move(b.keys));
         values_ = std::make_shared<const std::vector<float>>(std::move(b.values));
-    }
-
-    static void check_orthonormal(const float* u, std::size_t dim, std::size_t rank, const char* which,
-                                  std::size_t layer, std::size_t head, const char* who) {
-        for (std::size_t i = 0; i < dim * rank; ++i)
-            detail::require(std::isfinite(u[i]), who, ": the ", which, " basis of layer ", layer, ", KV head ", head,
-                            " holds ", u[i], " (row ", i / rank, ", column ", i % rank, "), expected finite values");
-        for (std::size_t i = 0; i < rank; ++i)
-            for (std::size_t j = i; j < rank; ++j) {
-                double dot = 0.0;
-                for (std::size_t d = 0; d < dim; ++d)
-                    dot += static_cast<double>(u[d * rank + i]) * static_cast<double>(u[d * rank + j]);
-                const double expected = i == j ? 1.0 : 0.0;
-                detail::require(std::fabs(dot - expected) <= pca_orthonormal_tolerance, who, ": the ", which,
-                                " basis of layer ", layer, ", KV head ", head, " is not orthonormal: <u_", i, ", u_",
-                                j, "> = ", dot, ", expected ", expected, " (within ", pca_orthonormal_tolerance, ")");
-            }
     }
 
     std::size_t layers_ = 0, kv_heads_ = 0, head_dim_ = 0, rank_ = 0;
