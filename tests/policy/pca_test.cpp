@@ -507,7 +507,8 @@ TEST(Loki, BadParametersAreRefused) {
     EXPECT_THROW(loki_cache(c, {}, {}, {}, kvc::project::loki(full_rank, 8, 0.1)), kvc::error);
 }
 
-// bytes(): the whole rows, the basis, and decode's scratch sized by the rows
+// bytes(): the whole rows, the keys' 8 leading coordinates again, the basis,
+// and decode's scratch sized by the rows
 // (group x head_dim rotated queries, group + 2 floats and one index a token).
 TEST(Loki, BytesAreTheLayout) {
     constexpr std::size_t tokens = 100, group = query_heads / kv_heads;
@@ -521,7 +522,7 @@ TEST(Loki, BytesAreTheLayout) {
     const std::size_t f = sizeof(float);
     for (std::size_t l = 0; l < layers; ++l)
         for (std::size_t h = 0; h < kv_heads; ++h)
-            EXPECT_EQ(cache.head(l, h).bytes(), tokens * 2 * dim * f + dim * dim * f +
+            EXPECT_EQ(cache.head(l, h).bytes(), tokens * 2 * dim * f + tokens * 8 * f + dim * dim * f +
                                                     (group * dim + tokens * (group + 2)) * f + tokens * sizeof(std::uint32_t));
     EXPECT_EQ(cache.bytes(), memory.in_use);
 }
