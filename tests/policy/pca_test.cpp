@@ -164,6 +164,26 @@ std::vector<layer_data> draw(const kvc::project::pca_bases& b, std::size_t token
 
 constexpr std::size_t prompt = 2 * chunk, total = prompt + 6;
 
+// Runs `cache` and a full_cache over the same tokens and calls check(got,
+// want) on each pair of outputs (every prefill chunk and decode step).
+template <class Cache, class Check>
+void against_full(Cache& cache, const std::vector<layer_data>& data, Check&& check) {
+    kvc::full_cache full(shape());
+    std::vector<std::vector<float>> got;
+    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
+    run(cache, data, prompt, total, keep, keep);
+    std::size_t i = 0;
+    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
+        SCOPED_TRACE(i);
+        check(got[i++], out);
+    };
+    run(full, data, prompt, total, compare, compare);
+}
+
+auto near_full = [](const std::vector<float>& got, const std::vector<float>& want) {
+    EXPECT_LT(kvc_test::relative_error(got, want), 1e-5);
+};
+
 // The promise of the latent space: decode and prefill outputs, and decode's
 // attention mass, are those of exact attention (in double) over U_k U_k^T k
 // and U_v U_v^T v, for random rows far from the span.
@@ -203,16 +223,9 @@ TEST(Pca, LatentAttentionIsExactAttentionOverTheProjectedRows) {
 // through a full cache give a clearly different output (so the check above can fail).
 TEST(Pca, RowsOutsideTheSpanAreNotKept) {
     const kvc::project::pca_bases b = random_bases(8, 100);
-    const std::vector<layer_data> data = draw(b, total, 1, false);
     pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
-    kvc::full_cache full(shape());
-    std::vector<std::vector<float>> got;
-    run(cache, data, prompt, total, [](auto...) {}, [&](std::size_t, std::size_t, const std::vector<float>& out, auto&) {
-        got.push_back(out);
-    });
-    std::size_t i = 0;
-    run(full, data, prompt, total, [](auto...) {}, [&](std::size_t, std::size_t, const std::vector<float>& out, auto&) {
-        EXPECT_GT(kvc_test::relative_error(got[i++], out), 0.1);
+    against_full(cache, draw(b, total, 1, false), [](const std::vector<float>& got, const std::vector<float>& want) {
+        EXPECT_GT(kvc_test::relative_error(got, want), 0.1);
     });
 }
 
@@ -222,15 +235,7 @@ TEST(Pca, RowsInTheSpanAreReproduced) {
     const kvc::project::pca_bases b = random_bases(8, 200);
     const std::vector<layer_data> data = draw(b, total, 2, true);
     pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
-    kvc::full_cache full(shape());
-    std::vector<std::vector<float>> got;
-    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
-    run(cache, data, prompt, total, keep, keep);
-    std::size_t i = 0;
-    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
-        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
-    };
-    run(full, data, prompt, total, compare, compare);
+    against_full(cache, data, near_full);
     const kvc::kernels::kernel_table& k = kvc::kernels::active();
     for (std::size_t l = 0; l < layers; ++l)
         for (std::size_t h = 0; h < kv_heads; ++h) {
@@ -254,15 +259,7 @@ TEST(Pca, FullRankIsTheFullCache) {
     const kvc::project::pca_bases b = random_bases(dim, 300);
     const std::vector<layer_data> data = draw(b, total, 3, false);
     pca_cache cache(shape(), {}, {}, {}, kvc::project::pca(b));
-    kvc::full_cache full(shape());
-    std::vector<std::vector<float>> got;
-    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
-    run(cache, data, prompt, total, keep, keep);
-    std::size_t i = 0;
-    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
-        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
-    };
-    run(full, data, prompt, total, compare, compare);
+    against_full(cache, data, near_full);
 }
 
 // Calibration: sample rows of each head spanning a 6-dimensional subspace
@@ -483,15 +480,7 @@ TEST(Loki, EveryTokenIsFullAttention) {
     const kvc::project::pca_bases b = random_bases(dim, 800);
     const std::vector<layer_data> data = draw(b, total, 8, false);
     loki_cache cache(shape(), {}, {}, {}, kvc::project::loki(kvc::project::pca(b), 4, 1.0));
-    kvc::full_cache full(shape());
-    std::vector<std::vector<float>> got;
-    auto keep = [&](auto, auto, const std::vector<float>& out, auto&&...) { got.push_back(out); };
-    run(cache, data, prompt, total, keep, keep);
-    std::size_t i = 0;
-    auto compare = [&](auto, auto, const std::vector<float>& out, auto&&...) {
-        EXPECT_LT(kvc_test::relative_error(got[i++], out), 1e-5) << i;
-    };
-    run(full, data, prompt, total, compare, compare);
+    against_full(cache, data, near_full);
 }
 
 TEST(Loki, BadParametersAreRefused) {
