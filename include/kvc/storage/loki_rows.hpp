@@ -315,10 +315,7 @@ private:
         p.logits_stride = block;
         for (std::size_t i0 = 0; i0 < keep; i0 += block) {
             const std::size_t count = keep - i0 < block ? keep - i0 : block;
-            detail::gather_rows(reinterpret_cast<unsigned char*>(keys),
-                                static_cast<const unsigned char*>(rows_.key_row(0)), row_bytes, chosen + i0, count);
-            detail::gather_rows(reinterpret_cast<unsigned char*>(values),
-                                static_cast<const unsigned char*>(rows_.value_row(0)), row_bytes, chosen + i0, count);
+            gather(chosen, i0, count, keep, keys, values);
             if (all_bias)
                 for (std::size_t i = 0; i < count; ++i) bias[i] = all_bias[chosen[i0 + i]];
             p.tokens = count;
@@ -327,6 +324,30 @@ private:
                 for (std::size_t g = 0; g < p.group; ++g)
                     for (std::size_t i = 0; i < count; ++i)
                         all_logits[g * logits_stride + chosen[i0 + i]] = logits[g * block + i];
+        }
+    }
+
+    // Rows chosen[i0 .. i0 + count) into keys and values, key and value of a
+    // token together, the rows `ahead` tokens on requested meanwhile (the
+    // chosen rows are scattered: each is a wait for memory unless asked early).
+    void gather(const std::uint32_t* chosen, std::size_t i0, std::size_t count, std::size_t keep, float* keys,
+                float* values) const noexcept {
+        constexpr std::size_t ahead = 16;
+        const std::size_t row_bytes = rows_.row_bytes();
+        const auto* all_keys = static_cast<const unsigned char*>(rows_.key_row(0));
+        const auto* all_values = static_cast<const unsigned char*>(rows_.value_row(0));
+        for (std::size_t i = 0; i < count; ++i) {
+#if defined(__GNUC__) || defined(__clang__)
+            if (i0 + i + ahead < keep)
+                for (std::size_t line = 0; line < row_bytes; line += 64) {
+                    __builtin_prefetch(all_keys + std::size_t{chosen[i0 + i + ahead]} * row_bytes + line);
+                    __builtin_prefetch(all_values + std::size_t{chosen[i0 + i + ahead]} * row_bytes + line);
+                }
+#endif
+            std::memcpy(reinterpret_cast<unsigned char*>(keys) + i * row_bytes,
+                        all_keys + std::size_t{chosen[i0 + i]} * row_bytes, row_bytes);
+            std::memcpy(reinterpret_cast<unsigned char*>(values) + i * row_bytes,
+                        all_values + std::size_t{chosen[i0 + i]} * row_bytes, row_bytes);
         }
     }
 
