@@ -299,7 +299,6 @@ private:
                        std::size_t keep) const noexcept {
         constexpr std::size_t block_floats = 4096;
         alignas(64) float keys[block_floats], values[block_floats], bias[block_floats], logits[block_floats];
-        const std::size_t row_bytes = rows_.row_bytes();
         std::size_t block = block_floats / dim_;
         if (p.logits && block_floats / p.group < block) block = block_floats / p.group;
         if (block == 0) block = 1; // dim_ <= max_head_dim <= block_floats, group <= block_floats
