@@ -17,8 +17,9 @@
 // bytes() counts all four: Loki saves reading, not holding (the leading
 // copy costs rank / (2 head_dim) of the rows: 12.5% at rank d/4). It exists
 // because the estimate reading `rank` elements of every head_dim-wide row is
-// a strided walk that the hardware prefetchers do not cover: measured 3x
-// slower than the whole full attention at rank 32 of 128, fp16.
+// a strided walk that the hardware prefetchers do not cover: the whole Loki
+// decode measured 2.7x full attention's time that way (rank 32 of 128, fp16,
+// 32K tokens), memory-latency bound in the estimate.
 //
 // Decode (attend): the group's queries rotated, q' = U^T q; the plain-row
 // kernel over every row with key_dim = rank and dim = 0 (the first `rank`
