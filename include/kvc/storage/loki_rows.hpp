@@ -295,7 +295,8 @@ private:
         }
     }
 
-    // Exact attention over the chosen tokens, gathered a block at a time (16 KiB of keys and of values).
+    // Exact attention over the chosen tokens, gathered a block at a time (64 KiB of stack: keys,
+    // values, their bias and logits).
     void attend_chosen(const kernels::kernel_table& k, kernels::decode_problem p, const kernels::decode_state& state,
                        std::size_t keep) const noexcept {
         constexpr std::size_t block_floats = 4096;
