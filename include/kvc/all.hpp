@@ -18,4 +18,5 @@
 #include "kvc/calibration/head_roles.hpp"
 #include "kvc/calibration/kmeans.hpp"
 #include "kvc/calibration/kvquant.hpp"
+#include "kvc/calibration/pca.hpp" // Eigen
 #include "kvc/calibration/query_filters.hpp" // Eigen

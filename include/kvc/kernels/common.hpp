@@ -170,6 +170,23 @@ inline void merge_state(const decode_state& into, const decode_state& from, std:
     }
 }
 
+// merge_state, except that a segment whose softmax went NaN (a NaN key or
+// query makes every logit of the head NaN) poisons the output as one pass
+// over every segment would: merge_state skips states with no positive sum.
+// For stores that attend in a transformed space and map the state back
+// (quant::rotated's values, project::pca's latents).
+template <class A>
+inline void merge_state_keeping_nan(const decode_state& into, const decode_state& from, std::size_t group,
+                                    std::size_t dim) noexcept {
+    merge_state<A>(into, from, group, dim);
+    for (std::size_t g = 0; g < group; ++g)
+        if (from.sum[g] != from.sum[g]) {
+            into.sum[g] = from.sum[g];
+            into.max[g] = from.max[g];
+            for (std::size_t d = 0; d < dim; ++d) into.acc[g * dim + d] = from.sum[g];
+        }
+}
+
 // mass[t] += sum_g exp(logit(g, t) - max(g)) / sum(g): the probability mass
 // each token received from the group, from the logits the partial stored.
 template <class A>

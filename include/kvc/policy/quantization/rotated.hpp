@@ -198,7 +198,7 @@ public:
                 kernels::common::reset_state<kernels::reference_arch>(local, heads, dim_);
                 inner_.attend(k, q, local);
                 k.hadamard.rotate(local_acc, heads, dim_, dim_, random_signs_, kernels::hadamard_direction::inverse);
-                merge_into(into, local, heads);
+                kernels::common::merge_state_keeping_nan<kernels::reference_arch>(into, local, heads, dim_);
             } else {
                 inner_.attend(k, q, into);
             }
@@ -239,20 +239,6 @@ private:
         detail::convert_row(k, from, value, dtype::f32, rows[1], dim_);
         k.hadamard.rotate(rows[0], RotateValues ? 2 : 1, max_head_dim, dim_, random_signs_,
                           kernels::hadamard_direction::forward);
-    }
-
-    // merge_state, except that a segment whose softmax went NaN (a NaN key
-    // or query makes every logit of the head NaN) poisons the output as it
-    // would in one pass: merge_state skips states with no positive sum.
-    void merge_into(const kernels::decode_state& into, const kernels::decode_state& from,
-                    std::size_t heads) const noexcept {
-        kernels::common::merge_state<kernels::reference_arch>(into, from, heads, dim_);
-        for (std::size_t g = 0; g < heads; ++g)
-            if (from.sum[g] != from.sum[g]) {
-                into.sum[g] = from.sum[g];
-                into.max[g] = from.max[g];
-                for (std::size_t d = 0; d < dim_; ++d) into.acc[g * dim_ + d] = from.sum[g];
-            }
     }
 
     Inner inner_;
