@@ -62,6 +62,14 @@ double number(const build_context& c, double low, double high, bool open_low = f
     return value;
 }
 
+// The term's value as a whole number in [low, high].
+std::size_t whole(const build_context& c, std::size_t low, std::size_t high) {
+    const double value = number(c, static_cast<double>(low), static_cast<double>(high));
+    detail::require(value == std::floor(value), "kvc::make_cache: '", written(c.term), "': expected ",
+                    c.term.method->parameter, " as a whole number, got '", c.term.value, "'");
+    return static_cast<std::size_t>(value);
+}
+
 const calibration::artifact& artifact_of(const build_context& c) {
     const auto found = c.options.artifacts.find(c.term.method->name);
     detail::require(found != c.options.artifacts.end(), "kvc::make_cache: '", written(c.term),
@@ -248,6 +256,26 @@ const std::vector<entry>& entries() {
           "ThinK: that share of each head's key channels, the least used by recent queries, dropped from all but "
           "the newest 128 tokens"},
          [](const build_context& c) { c.into.projection = project::think(number(c, 0.0, 1.0)); }},
+        {{"pca", s::projection, "P1", "rank", "32",
+          "PCA: keys and values kept as rank-r latents in per-head bases learnt from the model, attention in the "
+          "latent space", true},
+         [](const build_context& c) {
+             c.into.projection = project::pca(artifact_of(c), whole(c, 1, c.config.head_dim));
+         }},
+        {{"loki", s::projection, "P4", "rank:ratio", "32:0.125",
+          "Loki: logits estimated from the leading r coordinates of keys in their principal basis (learnt), exact "
+          "attention over that share of the tokens", true},
+         [](const build_context& c) {
+             const std::string& text = c.term.value;
+             const std::size_t colon = text.find(':');
+             detail::require(colon != std::string::npos, "kvc::make_cache: '", written(c.term),
+                             "': expected loki:rank:ratio (e.g. loki:32:0.125), got loki:", text);
+             const spec_term rank_term{c.term.method, text.substr(0, colon)};
+             const spec_term ratio_term{c.term.method, text.substr(colon + 1)};
+             const std::size_t rank = whole({c.config, c.options, rank_term, c.into}, 1, c.config.head_dim);
+             const double ratio = number({c.config, c.options, ratio_term, c.into}, 0.0, 1.0, true);
+             c.into.projection = project::loki(project::pca(artifact_of(c)), rank, ratio);
+         }},
     };
     return list;
 }

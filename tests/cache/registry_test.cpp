@@ -128,4 +128,37 @@ TEST(Registry, HeadRolesPicksTheHeadsAttendingFarthestBack) {
     EXPECT_EQ(44u, cache.tokens(1, 1));
 }
 
+// The calibrated projections from a spec are the static compositions with
+// the same artifact, bit for bit: PCA at rank 16 and Loki at rank 16 over a
+// quarter of the tokens (both over fp16 rows).
+TEST(Registry, CalibratedProjectionsMatchTheirStaticCaches) {
+    const kvc::cache_config c = shape();
+    const std::vector<float> sample = kvc_test::random_floats(256 * c.kv_heads * c.head_dim, 31);
+    const kvc::kv_view<const float> rows(sample.data(), 256, c.kv_heads, c.head_dim);
+    const std::vector<kvc::kv_view<const float>> per_layer(c.layers, rows);
+    const kvc::calibration::artifact bases = kvc::calibration::calibrate_pca(c, per_layer, per_layer);
+    kvc::cache_options options;
+    options.artifacts["pca"] = bases;
+    options.artifacts["loki"] = bases;
+    {
+        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::pca> fixed(
+            c, {}, {}, {}, kvc::project::pca(bases, 16));
+        kvc::dynamic_cache chosen = kvc::make_cache(c, "none:f16 + pca:16", options);
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        EXPECT_EQ(fixed.bytes(), chosen.bytes());
+    }
+    {
+        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::loki> fixed(
+            c, {}, {}, {}, kvc::project::loki(kvc::project::pca(bases), 16, 0.25));
+        kvc::dynamic_cache chosen = kvc::make_cache(c, "loki:16:0.25", options);
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+    }
+    const std::string bad = kvc_test::error_of([&] { (void)kvc::make_cache(c, "loki:16", options); });
+    EXPECT_NE(std::string::npos, bad.find("expected loki:rank:ratio")) << bad;
+    const std::string fractional = kvc_test::error_of([&] { (void)kvc::make_cache(c, "pca:2.5", options); });
+    EXPECT_NE(std::string::npos, fractional.find("a whole number")) << fractional;
+}
+
 } // namespace

@@ -24,8 +24,8 @@
 // Errors and thread safety are compressed_cache's. A pairing the methods do
 // not support is refused at construction with kvc::error: merging without an
 // eviction policy (nothing is dropped to fold), a projection with an eviction
-// policy or merging (not offered yet), ThinK over a codec that does not store
-// rows as they are.
+// policy or merging (not offered yet), a projection (ThinK, PCA, Loki) over a
+// codec that does not store rows as they are.
 #pragma once
 
 #include <cstddef>
@@ -46,7 +46,9 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/merging/similarity.hpp"
 #include "kvc/policy/merging/zero_merge.hpp"
+#include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/none.hpp"
+#include "kvc/policy/projection/pca.hpp"
 #include "kvc/policy/projection/think.hpp"
 #include "kvc/policy/quantization/any.hpp"
 #include "kvc/policy/quantization/none.hpp"
@@ -57,7 +59,7 @@ namespace kvc {
 // The merging and projection policies a dynamic_cache can hold: adding one
 // is a line here.
 using any_merger = std::variant<merge::none, merge::compensation, merge::zero_merge, merge::similarity, merge::cam>;
-using any_projection = std::variant<project::none, project::think>;
+using any_projection = std::variant<project::none, project::think, project::pca, project::loki>;
 
 class dynamic_cache {
 public:
@@ -260,7 +262,7 @@ private:
             if (codec.target<quant::none<float>>()) return with_rows<float>(config, std::move(projection));
             if (codec.target<quant::none<half>>()) return with_rows<half>(config, std::move(projection));
             if (codec.target<quant::none<bfloat16>>()) return with_rows<bfloat16>(config, std::move(projection));
-            detail::require(false, "dynamic_cache: this projection prunes rows stored as they are; expected the "
+            detail::require(false, "dynamic_cache: this projection works on rows stored as they are; expected the "
                                    "codec none:f32, none:f16 or none:bf16, got another codec");
             return nullptr;
         }
