@@ -14,6 +14,7 @@ kvc.methods() lists every method a spec may name; errors in arguments raise
 kvc.error (a ValueError) with kvc's message. See README.md, "Python".
 """
 
+from . import calibration
 from ._kvc import Artifact, Cache, Method, error, load_artifact, methods, parse_spec
 
-__all__ = ["Artifact", "Cache", "Method", "error", "load_artifact", "methods", "parse_spec"]
+__all__ = ["Artifact", "Cache", "Method", "calibration", "error", "load_artifact", "methods", "parse_spec"]

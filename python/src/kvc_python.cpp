@@ -30,6 +30,10 @@
 #include <vector>
 
 #include "kvc/calibration/artifact.hpp"
+#include "kvc/calibration/cq.hpp"
+#include "kvc/calibration/head_roles.hpp"
+#include "kvc/calibration/kvquant.hpp"
+#include "kvc/calibration/query_filters.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/registry.hpp"
 
@@ -67,6 +71,35 @@ py::array as_array(const py::handle& object, const char* who, const char* name) 
         throw py::type_error(std::string(who) + ": expected " + name + " as a numpy array, got " +
                              std::string(py::str(py::type::handle_of(object).attr("__name__"))));
     return py::reinterpret_borrow<py::array>(object);
+}
+
+// Keys, values (or calibration samples): [tokens, heads, head_dim], float32
+// (or float16 where `halves`), rows contiguous along head_dim, token and head
+// strides whole elements >= 0: what kvc's layout_strided views in place.
+void check_rows(const py::array& a, const char* who, const char* name, const char* heads_name, std::size_t heads,
+                std::size_t dim, bool halves) {
+    const char* dtypes = halves ? "float32 or float16" : "float32";
+    require(a.ndim() == 3 && static_cast<std::size_t>(a.shape(1)) == heads &&
+                static_cast<std::size_t>(a.shape(2)) == dim && (is_f32(a) || (halves && is_f16(a))),
+            who, ": expected ", name, " of shape [tokens, ", heads, ", ", dim, "] (tokens, ", heads_name,
+            ", head_dim) and dtype ", dtypes, ", got ", described(a));
+    const py::ssize_t item = a.itemsize();
+    const bool rows_contiguous = a.shape(2) <= 1 || a.strides(2) == item;
+    const bool whole = a.strides(0) >= 0 && a.strides(1) >= 0 && a.strides(0) % item == 0 && a.strides(1) % item == 0;
+    require(rows_contiguous && whole, who, ": expected ", name,
+            " viewable in place: each [head_dim] row contiguous and non-negative token and head strides "
+            "(a C-contiguous array, or a slice of one along tokens or heads), got ",
+            described(a), " with byte strides ", strides_of(a), "; pass np.ascontiguousarray(", name, ")");
+}
+
+// The kv_view of an array check_rows accepted (no copy).
+template <class T>
+kvc::kv_view<const T, kvc::layout_strided> rows_of(const py::array& a) {
+    const py::ssize_t item = a.itemsize();
+    return kvc::kv_view<const T, kvc::layout_strided>(
+        static_cast<const T*>(a.data()), static_cast<std::size_t>(a.shape(0)), static_cast<std::size_t>(a.shape(1)),
+        static_cast<std::size_t>(a.shape(2)), static_cast<std::size_t>(a.strides(0) / item),
+        static_cast<std::size_t>(a.strides(1) / item));
 }
 
 kvc::dtype storage_of(const std::string& name) {
@@ -109,9 +142,10 @@ kvc::calibration::artifact artifact_from(std::string kind, const py::dict& tenso
 class cache {
 public:
     cache(std::string spec, std::size_t layers, std::size_t kv_heads, std::size_t query_heads, std::size_t head_dim,
-          const std::string& storage, float scale, std::size_t evict_every, const py::object& artifacts)
+          const std::string& storage, float scale, std::size_t evict_every, const py::object& artifacts,
+          const kvc::rope_config& rope)
         : spec_(std::move(spec)), cache_(build(spec_, layers, kv_heads, query_heads, head_dim, storage, scale,
-                                               evict_every, artifacts)) {}
+                                               evict_every, artifacts, rope)) {}
 
     cache(const cache& other) : spec_(other.spec_), cache_(other.copy()) {}
     // pybind11 moves a returned cache into its holder: no second copy (the mutex is per object).
@@ -125,8 +159,9 @@ public:
         const char* who = "kvc.Cache.append";
         const py::array keys = as_array(keys_object, who, "keys");
         const py::array values = as_array(values_object, who, "values");
-        check_rows(keys, "keys");
-        check_rows(values, "values");
+        const kvc::cache_config& c = config();
+        check_rows(keys, who, "keys", "kv_heads", c.kv_heads, c.head_dim, true);
+        check_rows(values, who, "values", "kv_heads", c.kv_heads, c.head_dim, true);
         require(keys.shape(0) == values.shape(0) && is_f32(keys) == is_f32(values),
                 who, ": expected keys and values of the same shape and dtype, got keys ", described(keys),
                 " and values ", described(values));
@@ -247,7 +282,8 @@ public:
 private:
     static kvc::dynamic_cache build(const std::string& spec, std::size_t layers, std::size_t kv_heads,
                                     std::size_t query_heads, std::size_t head_dim, const std::string& storage,
-                                    float scale, std::size_t evict_every, const py::object& artifacts) {
+                                    float scale, std::size_t evict_every, const py::object& artifacts,
+                                    const kvc::rope_config& rope) {
         kvc::cache_config config;
         config.layers = layers;
         config.kv_heads = kv_heads;
@@ -257,6 +293,7 @@ private:
         config.scale = scale;
         kvc::cache_options options;
         options.evict_every = evict_every;
+        options.rope = rope;
         if (!artifacts.is_none()) {
             require(py::isinstance<py::dict>(artifacts),
                     "kvc.Cache: expected artifacts as a dict {method name: kvc.Artifact or path}, got ",
@@ -278,24 +315,6 @@ private:
         return cache_;
     }
 
-    // Keys or values: [tokens, kv_heads, head_dim], float32 or float16, rows
-    // contiguous along head_dim, token and head strides whole elements >= 0.
-    void check_rows(const py::array& a, const char* name) const {
-        const kvc::cache_config& c = config();
-        require(a.ndim() == 3 && static_cast<std::size_t>(a.shape(1)) == c.kv_heads &&
-                    static_cast<std::size_t>(a.shape(2)) == c.head_dim && (is_f32(a) || is_f16(a)),
-                "kvc.Cache.append: expected ", name, " of shape [tokens, ", c.kv_heads, ", ", c.head_dim,
-                "] (tokens, kv_heads, head_dim) and dtype float32 or float16, got ", described(a));
-        const py::ssize_t item = a.itemsize();
-        const bool rows_contiguous = a.shape(2) <= 1 || a.strides(2) == item;
-        const bool whole = a.strides(0) >= 0 && a.strides(1) >= 0 && a.strides(0) % item == 0 &&
-                           a.strides(1) % item == 0;
-        require(rows_contiguous && whole, "kvc.Cache.append: expected ", name,
-                " viewable in place: each [head_dim] row contiguous and non-negative token and head strides "
-                "(a C-contiguous array, or a slice of one along tokens or heads), got ",
-                described(a), " with byte strides ", strides_of(a), "; pass np.ascontiguousarray(", name, ")");
-    }
-
     static void check_queries(const py::array& q, const char* who, const std::vector<std::size_t>& shape,
                               const char* form) {
         bool same = q.ndim() == static_cast<py::ssize_t>(shape.size());
@@ -312,15 +331,7 @@ private:
 
     template <class T>
     void append_rows(std::size_t layer, const py::array& keys, const py::array& values, std::int64_t first_position) {
-        const auto view = [](const py::array& a) {
-            const py::ssize_t item = a.itemsize();
-            return kvc::kv_view<const T, kvc::layout_strided>(
-                static_cast<const T*>(a.data()), static_cast<std::size_t>(a.shape(0)),
-                static_cast<std::size_t>(a.shape(1)), static_cast<std::size_t>(a.shape(2)),
-                static_cast<std::size_t>(a.strides(0) / item), static_cast<std::size_t>(a.strides(1) / item));
-        };
-        const auto k = view(keys);
-        const auto v = view(values);
+        const auto k = rows_of<T>(keys), v = rows_of<T>(values);
         py::gil_scoped_release unlocked;
         std::lock_guard<std::mutex> hold(lock_);
         cache_.append(layer, k, v, first_position);
@@ -351,6 +362,127 @@ private:
     kvc::dynamic_cache cache_;
     mutable std::mutex lock_;
 };
+
+// Calibration samples: one float32 array per layer, [tokens, heads,
+// head_dim] alike in heads and head_dim (tokens may differ by layer), viewed
+// in place. The arrays are held so the views stay valid without the GIL.
+struct samples {
+    std::vector<py::array> arrays;
+    std::vector<kvc::kv_view<const float, kvc::layout_strided>> views;
+    std::size_t heads = 0, dim = 0;
+};
+
+samples samples_of(const py::handle& list, const char* who, const char* name, const char* heads_name) {
+    require(py::isinstance<py::sequence>(list) && !py::isinstance<py::str>(list) && py::len(list) > 0, who,
+            ": expected ", name, " as a non-empty list of arrays, one per layer, got ",
+            std::string(py::str(py::type::handle_of(list).attr("__name__"))));
+    samples s;
+    for (const py::handle item : list.cast<py::sequence>()) {
+        const py::array a = as_array(item, who, name);
+        if (s.arrays.empty()) {
+            require(a.ndim() == 3, who, ": expected ", name, " of shape [tokens, ", heads_name,
+                    ", head_dim] float32 per layer, got ", described(a));
+            s.heads = static_cast<std::size_t>(a.shape(1));
+            s.dim = static_cast<std::size_t>(a.shape(2));
+        }
+        check_rows(a, who, name, heads_name, s.heads, s.dim, false);
+        s.views.push_back(rows_of<float>(a));
+        s.arrays.push_back(a);
+    }
+    return s;
+}
+
+kvc::cache_config config_of(std::size_t layers, std::size_t kv_heads, std::size_t query_heads, std::size_t dim,
+                            float scale, const char* who) {
+    kvc::cache_config c;
+    c.layers = layers;
+    c.kv_heads = kv_heads;
+    c.query_heads = query_heads;
+    c.head_dim = dim;
+    c.scale = scale;
+    kvc::detail::validate(c, who);
+    return c;
+}
+
+void bind_calibration(py::module_& m) {
+    using kvc::calibration::artifact;
+    m.doc() = "Calibration: the artifacts the calibrated methods (kvc.methods(), calibrated=True) are built from. "
+              "Inputs are lists with one float32 array per layer; the GIL is released while they run.";
+    m.def(
+        "query_filters",
+        [](const py::handle& queries, std::size_t kv_heads) {
+            const char* who = "kvc.calibration.query_filters";
+            const samples q = samples_of(queries, who, "queries", "query_heads");
+            const kvc::cache_config c = config_of(q.views.size(), kv_heads, q.heads, q.dim, 0.0f, who);
+            py::gil_scoped_release unlocked;
+            return kvc::calibration::query_filters(c, q.views);
+        },
+        py::arg("queries"), py::kw_only(), py::arg("kv_heads"),
+        "E10 Q-Filters: per (layer, KV head), the dominant direction of its group's sample queries "
+        "[samples, query_heads, head_dim]. Artifact 'qfilter', for Cache(..., artifacts={'qfilter': a}).");
+    m.def(
+        "head_roles",
+        [](const py::handle& keys, const py::handle& queries, std::size_t sinks, std::size_t window, double threshold,
+           float scale) {
+            const char* who = "kvc.calibration.head_roles";
+            const samples k = samples_of(keys, who, "keys", "kv_heads");
+            const samples q = samples_of(queries, who, "queries", "query_heads");
+            require(q.dim == k.dim, who, ": expected keys and queries of the same head_dim, got ", k.dim, " and ",
+                    q.dim);
+            const kvc::cache_config c = config_of(k.views.size(), k.heads, q.heads, k.dim, scale, who);
+            kvc::calibration::head_role_options options;
+            options.sinks = sinks;
+            options.window = window;
+            options.threshold = threshold;
+            py::gil_scoped_release unlocked;
+            return kvc::calibration::head_roles(c, k.views, q.views, options);
+        },
+        py::arg("keys"), py::arg("queries"), py::kw_only(), py::arg("sinks") = 4, py::arg("window") = 64,
+        py::arg("threshold") = 0.1, py::arg("scale") = 0.0f,
+        "B6: each KV head's attention mass beyond the sinks and the last `window` tokens (keys [T, kv_heads, "
+        "head_dim] and queries [T, query_heads, head_dim] of one forward pass per layer). Artifact 'head_roles'.");
+    m.def(
+        "cq",
+        [](const py::handle& keys, const py::handle& values, std::size_t channels_per_group, std::size_t bits,
+           std::uint64_t seed, std::size_t iterations) {
+            const char* who = "kvc.calibration.cq";
+            const samples k = samples_of(keys, who, "keys", "kv_heads");
+            const samples v = samples_of(values, who, "values", "kv_heads");
+            kvc::calibration::cq_options options;
+            options.channels_per_group = channels_per_group;
+            options.bits = bits;
+            options.seed = seed;
+            options.iterations = iterations;
+            py::gil_scoped_release unlocked;
+            return kvc::calibration::calibrate_cq(k.views, v.views, options);
+        },
+        py::arg("keys"), py::arg("values"), py::kw_only(), py::arg("channels_per_group") = 4, py::arg("bits") = 8,
+        py::arg("seed") = 0, py::arg("iterations") = 25,
+        "Q8 CQ: k-means codebooks per (layer, KV head, channel group). Artifact 'cq', for the methods cq:c4b8 "
+        "(channels_per_group=4) and cq:c8b8 (8).");
+    m.def(
+        "kvquant",
+        [](const py::handle& keys, const py::handle& values, unsigned bits, double outlier_fraction,
+           std::uint64_t seed, std::size_t kmeans_iterations, std::size_t max_kmeans_points) {
+            const char* who = "kvc.calibration.kvquant";
+            const samples k = samples_of(keys, who, "keys", "kv_heads");
+            const samples v = samples_of(values, who, "values", "kv_heads");
+            const kvc::cache_config c = config_of(k.views.size(), k.heads, k.heads, k.dim, 0.0f, who);
+            kvc::calibration::kvquant_options options;
+            options.bits = bits;
+            options.outlier_fraction = outlier_fraction;
+            options.seed = seed;
+            options.kmeans_iterations = kmeans_iterations;
+            options.max_kmeans_points = max_kmeans_points;
+            py::gil_scoped_release unlocked;
+            return kvc::calibration::calibrate_kvquant(c, k.views, v.views, options);
+        },
+        py::arg("keys"), py::arg("values"), py::kw_only(), py::arg("bits") = 3, py::arg("outlier_fraction") = 0.01,
+        py::arg("seed") = 0, py::arg("kmeans_iterations") = 50, py::arg("max_kmeans_points") = 1 << 16,
+        "Q3 KVQuant: per-channel key ranges and per-layer codebooks from keys BEFORE RoPE and values. Artifact "
+        "'kvquant' (give the cache the model's RoPE: Cache(..., rope_theta=..., rope_dims=..., "
+        "rope_interleaved=...)).");
+}
 
 } // namespace
 
@@ -401,22 +533,31 @@ PYBIND11_MODULE(_kvc, m) {
     m.def(
         "load_artifact", [](const std::string& path) { return kvc::calibration::load(path); }, py::arg("path"),
         "Reads an artifact file (checked: magic, version, lengths, CRC-32).");
+    py::module_ calibration = m.def_submodule("calibration");
+    bind_calibration(calibration);
 
     py::class_<cache>(m, "Cache", R"(A compressed KV cache built from a spec (see kvc.methods()).
 
-Cache(spec, layers, kv_heads, query_heads, head_dim, storage='f16', scale=0.0,
-      evict_every=0, artifacts=None)
+Cache(spec, layers, kv_heads, query_heads, head_dim, *, storage='f16', scale=0.0,
+      evict_every=0, artifacts=None, rope_theta=10000.0, rope_dims=0, rope_interleaved=True)
 
 storage: element type of rows kept as they are when the spec names no codec
 ('f32', 'f16', 'bf16'); scale: attention logit scale, 0 for 1/sqrt(head_dim);
 evict_every: evict during decode whenever a head is this many tokens over
 budget (0: after the prompt and on compress()); artifacts: {method name:
-kvc.Artifact or path} for calibrated methods.)")
-        .def(py::init<std::string, std::size_t, std::size_t, std::size_t, std::size_t, const std::string&, float,
-                      std::size_t, const py::object&>(),
+kvc.Artifact or path} for calibrated methods (kvc.calibration makes them);
+rope_*: the model's RoPE, which KVQuant needs (rope_dims 0: all of head_dim;
+rope_interleaved: pairs (2i, 2i+1), else (i, i + dims/2) as HF Llama).)")
+        .def(py::init([](std::string spec, std::size_t layers, std::size_t kv_heads, std::size_t query_heads,
+                         std::size_t head_dim, const std::string& storage, float scale, std::size_t evict_every,
+                         const py::object& artifacts, double rope_theta, std::size_t rope_dims, bool rope_interleaved) {
+                 return cache(std::move(spec), layers, kv_heads, query_heads, head_dim, storage, scale, evict_every,
+                              artifacts, kvc::rope_config{rope_theta, rope_dims, rope_interleaved});
+             }),
              py::arg("spec"), py::arg("layers"), py::arg("kv_heads"), py::arg("query_heads"), py::arg("head_dim"),
              py::kw_only(), py::arg("storage") = "f16", py::arg("scale") = 0.0f, py::arg("evict_every") = 0,
-             py::arg("artifacts") = py::none())
+             py::arg("artifacts") = py::none(), py::arg("rope_theta") = 10000.0, py::arg("rope_dims") = 0,
+             py::arg("rope_interleaved") = true)
         .def_property_readonly("spec", &cache::spec)
         .def_property_readonly("layers", [](const cache& c) { return c.config().layers; })
         .def_property_readonly("kv_heads", [](const cache& c) { return c.config().kv_heads; })
