@@ -484,3 +484,124 @@ def test_readme_python_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
     assert blocks, "README.md has no ```python block"
     exec(compile(blocks[0], "README.md", "exec"), {})
+
+
+# --- calibration ----------------------------------------------------------------
+
+
+def test_query_filters_are_the_top_eigenvector_of_the_query_moment():
+    rng = np.random.default_rng(13)
+    group = QUERY_HEADS // KV_HEADS
+    queries = []
+    for _ in range(LAYERS):
+        # A planted direction per KV head (a clear eigengap) plus noise.
+        directions = rng.standard_normal((KV_HEADS, HEAD_DIM))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        q = 3 * np.repeat(directions, group, axis=0)[None] * rng.uniform(0.5, 1.5, (80, QUERY_HEADS, 1))
+        queries.append((q + 0.3 * rng.standard_normal(q.shape)).astype(np.float32))
+    artifact = kvc.calibration.query_filters(queries, kv_heads=KV_HEADS)
+    assert artifact.kind == "qfilter"
+    filters = artifact.tensors["filters"]
+    assert filters.shape == (LAYERS, KV_HEADS, HEAD_DIM)
+    for layer in range(LAYERS):
+        for h in range(KV_HEADS):
+            rows = queries[layer][:, h * group:(h + 1) * group].reshape(-1, HEAD_DIM).astype(np.float64)
+            _, vectors = np.linalg.eigh(rows.T @ rows)
+            top = vectors[:, -1] * np.sign(vectors[:, -1] @ rows.sum(axis=0))
+            np.testing.assert_allclose(filters[layer, h], top, atol=1e-5)
+    cache = kvc.Cache("qfilter:0.25", **SHAPE, artifacts={"qfilter": artifact})
+    prompt, _ = scenario(seed=13)
+    cache.append(0, *prompt[0][:2], 0)
+    cache.compress(0)
+    assert cache.tokens(0, 0) == PROMPT // 4
+    with pytest.raises(kvc.error, match="expected query_heads a positive multiple of kv_heads"):
+        kvc.calibration.query_filters(queries, kv_heads=3)
+    with pytest.raises(kvc.error, match=r"expected queries of shape \[tokens, 4, 64\].*got \[80, 4, 32\]"):
+        kvc.calibration.query_filters([queries[0], queries[1][:, :, :32]], kv_heads=KV_HEADS)
+    with pytest.raises(kvc.error, match="non-empty list"):
+        kvc.calibration.query_filters([], kv_heads=KV_HEADS)
+
+
+def test_head_roles_measure_far_attention_as_the_float64_definition():
+    rng = np.random.default_rng(14)
+    tokens, sinks, window, group = 60, 4, 16, QUERY_HEADS // KV_HEADS
+    keys = [rng.standard_normal((tokens, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(LAYERS)]
+    queries = [2 * rng.standard_normal((tokens, QUERY_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(LAYERS)]
+    artifact = kvc.calibration.head_roles(keys, queries, sinks=sinks, window=window, threshold=0.3)
+    far = artifact.tensors["far_mass"]
+    scale = 1 / np.sqrt(HEAD_DIM)
+    for layer in range(LAYERS):
+        for h in range(KV_HEADS):
+            masses = []
+            for i in range(sinks + window, tokens):
+                for j in range(h * group, (h + 1) * group):
+                    logits = keys[layer][: i + 1, h].astype(np.float64) @ queries[layer][i, j].astype(np.float64)
+                    p = np.exp(scale * logits - scale * logits.max())
+                    t = np.arange(i + 1)
+                    masses.append(p[(t >= sinks) & (t + window < i)].sum() / p.sum())
+            assert far[layer, h] == pytest.approx(np.mean(masses), rel=1e-5)
+    np.testing.assert_array_equal(artifact.tensors["retrieval"], (far >= 0.3).astype(np.float32))
+    # B6 from an artifact: retrieval heads keep every token, streaming heads
+    # the sinks and the newest 16 (the registry's head_roles).
+    roles = np.array([[1, 0], [0, 1]], np.float32)
+    marked = kvc.Artifact("head_roles", {"far_mass": far, "retrieval": roles})
+    cache = kvc.Cache("head_roles:0.5", **SHAPE, artifacts={"head_roles": marked})
+    prompt, _ = scenario(seed=14)
+    for layer in range(LAYERS):
+        cache.append(layer, *prompt[layer][:2], 0)
+    cache.compress()
+    assert [[cache.tokens(l, h) for h in range(KV_HEADS)] for l in range(LAYERS)] == [[PROMPT, 20], [20, PROMPT]]
+
+
+def test_cq_codebooks_reproduce_rows_drawn_from_few_patterns():
+    # Every 4-channel slice of the samples is one of 8 patterns per group:
+    # k-means with 256 centroids finds them all, so rows made of the same
+    # patterns are stored exactly and attention matches float64.
+    rng = np.random.default_rng(15)
+    groups, patterns = HEAD_DIM // 4, 8
+    books = rng.standard_normal((LAYERS, KV_HEADS, groups, patterns, 4)).astype(np.float32)
+
+    def rows(layer, tokens):
+        pick = rng.integers(0, patterns, (tokens, KV_HEADS, groups))
+        out = np.empty((tokens, KV_HEADS, groups, 4), np.float32)
+        for h in range(KV_HEADS):
+            out[:, h] = books[layer, h][np.arange(groups), pick[:, h]]
+        return out.reshape(tokens, KV_HEADS, HEAD_DIM)
+
+    keys = [rows(l, 256) for l in range(LAYERS)]
+    values = [rows(l, 256) for l in range(LAYERS)]
+    artifact = kvc.calibration.cq(keys, values, channels_per_group=4, bits=8)
+    assert artifact.kind == "cq"
+    assert artifact.tensors["key_codebooks"].shape == (LAYERS, KV_HEADS, groups, 256, 4)
+    cache = kvc.Cache("cq:c4b8", **SHAPE, artifacts={"cq:c4b8": artifact})
+    k, v = rows(0, 40), rows(0, 40)
+    queries = rng.standard_normal((8, QUERY_HEADS, HEAD_DIM)).astype(np.float32)
+    cache.append(0, k, v, 0)
+    out = cache.attend_chunk(0, queries)
+    ref, _ = reference(k, v, queries, range(32, 40), 1 / np.sqrt(HEAD_DIM))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(kvc.error, match="kvc::calibration::calibrate_cq"):
+        kvc.calibration.cq(keys, values, channels_per_group=3)
+
+
+def test_kvquant_key_ranges_are_per_channel_quantiles():
+    rng = np.random.default_rng(16)
+    keys = [rng.standard_normal((300, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(LAYERS)]
+    values = [rng.standard_normal((300, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(LAYERS)]
+    artifact = kvc.calibration.kvquant(keys, values, bits=3, outlier_fraction=0.02)
+    lower, upper = artifact.tensors["key_lower"], artifact.tensors["key_upper"]
+    for layer in range(LAYERS):
+        # numpy's default quantile interpolates linearly between order statistics, as kvc does.
+        np.testing.assert_allclose(lower[layer], np.quantile(keys[layer].astype(np.float64), 0.01, axis=0), rtol=1e-6,
+                                   atol=1e-6)
+        np.testing.assert_allclose(upper[layer], np.quantile(keys[layer].astype(np.float64), 0.99, axis=0), rtol=1e-6,
+                                   atol=1e-6)
+    assert artifact.tensors["key_codebook"].shape == (LAYERS, 8)
+    cache = kvc.Cache("kvquant", **SHAPE, artifacts={"kvquant": artifact}, rope_theta=10000.0)
+    prompt, _ = scenario(seed=16)
+    cache.append(0, *prompt[0][:2], 0)
+    assert np.all(np.isfinite(cache.attend_chunk(0, prompt[0][2][-8:])))
+    with pytest.raises(kvc.error, match="expected bits 2, 3 or 4, got 5"):
+        kvc.calibration.kvquant(keys, values, bits=5)
+    with pytest.raises(kvc.error, match="RoPE theta"):
+        kvc.Cache("kvquant", **SHAPE, artifacts={"kvquant": artifact}, rope_theta=-1.0)
