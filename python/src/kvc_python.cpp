@@ -173,19 +173,7 @@ public:
         const kvc::cache_config& c = config();
         const py::array queries = as_array(queries_object, "kvc.Cache.attend", "queries");
         check_queries(queries, "kvc.Cache.attend", {c.query_heads, c.head_dim}, "[query_heads, head_dim]");
-        py::array_t<float> out({c.query_heads, c.head_dim});
-        const auto* q = static_cast<const float*>(queries.data());
-        float* o = out.mutable_data();
-        std::vector<float> mass;
-        std::vector<std::size_t> held;
-        {
-            py::gil_scoped_release unlocked;
-            std::lock_guard<std::mutex> hold(lock_);
-            if (with_mass) mass.resize(tokens_of(layer, held));
-            cache_.attend(layer, q, o, with_mass ? mass.data() : nullptr);
-        }
-        if (!with_mass) return std::move(out);
-        return py::make_tuple(out, split(mass, held));
+        return attended(layer, queries, 0, with_mass);
     }
 
     py::object attend_chunk(std::size_t layer, const py::handle& queries_object, bool with_mass) {
@@ -196,19 +184,7 @@ public:
         const auto chunk = static_cast<std::size_t>(queries.shape(0));
         check_queries(queries, "kvc.Cache.attend_chunk", {chunk, c.query_heads, c.head_dim},
                       "[chunk, query_heads, head_dim]");
-        py::array_t<float> out({chunk, c.query_heads, c.head_dim});
-        const auto* q = static_cast<const float*>(queries.data());
-        float* o = out.mutable_data();
-        std::vector<float> mass;
-        std::vector<std::size_t> held;
-        {
-            py::gil_scoped_release unlocked;
-            std::lock_guard<std::mutex> hold(lock_);
-            if (with_mass) mass.resize(tokens_of(layer, held));
-            cache_.attend_chunk(layer, q, chunk, o, with_mass ? mass.data() : nullptr);
-        }
-        if (!with_mass) return std::move(out);
-        return py::make_tuple(out, split(mass, held));
+        return attended(layer, queries, chunk, with_mass);
     }
 
     void compress(std::optional<std::size_t> layer) {
@@ -335,6 +311,27 @@ private:
         py::gil_scoped_release unlocked;
         std::lock_guard<std::mutex> hold(lock_);
         cache_.append(layer, k, v, first_position);
+    }
+
+    // attend (chunk 0) or attend_chunk over checked queries, without the GIL:
+    // out shaped as the queries, and with_mass, (out, mass per KV head).
+    py::object attended(std::size_t layer, const py::array& queries, std::size_t chunk, bool with_mass) {
+        std::vector<py::ssize_t> shape(queries.shape(), queries.shape() + queries.ndim());
+        py::array_t<float> out(shape);
+        const auto* q = static_cast<const float*>(queries.data());
+        float* o = out.mutable_data();
+        std::vector<float> mass;
+        std::vector<std::size_t> held;
+        {
+            py::gil_scoped_release unlocked;
+            std::lock_guard<std::mutex> hold(lock_);
+            if (with_mass) mass.resize(tokens_of(layer, held));
+            float* m = with_mass ? mass.data() : nullptr;
+            if (chunk == 0) cache_.attend(layer, q, o, m);
+            else cache_.attend_chunk(layer, q, chunk, o, m);
+        }
+        if (!with_mass) return std::move(out);
+        return py::make_tuple(out, split(mass, held));
     }
 
     // tokens(layer) and each head's share of it (under lock_).

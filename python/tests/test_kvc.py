@@ -55,6 +55,13 @@ def scenario(seed):
     return prompt, steps
 
 
+def prefill(cache, prompt):
+    """Every layer's prompt appended at position 0 and attended as one chunk."""
+    for layer, (keys, values, queries) in enumerate(prompt):
+        cache.append(layer, keys, values, 0)
+        cache.attend_chunk(layer, queries)
+
+
 def run_python(cache, prompt, steps):
     """The oracle's scenario through the binding: outputs, tokens per (layer, head), bytes."""
     outputs = []
@@ -233,9 +240,7 @@ def test_strided_views_read_the_same_rows_as_contiguous_arrays():
 def test_compress_keeps_the_budget_and_reports_positions():
     prompt, _ = scenario(seed=5)
     cache = kvc.Cache("snapkv:0.25", **SHAPE)
-    for layer, (keys, values, queries) in enumerate(prompt):
-        cache.append(layer, keys, values, 0)
-        cache.attend_chunk(layer, queries)
+    prefill(cache, prompt)
     before = cache.bytes
     cache.compress(0)
     assert cache.tokens(0, 0) == PROMPT // 4 and cache.tokens(1, 0) == PROMPT  # layer 1 untouched
@@ -275,9 +280,7 @@ def test_external_scores_choose_what_eviction_keeps():
 def test_fork_copies_and_clear_empties():
     prompt, steps = scenario(seed=9)
     cache = kvc.Cache("kivi:2 + h2o:0.5", **SHAPE, evict_every=1)
-    for layer, (keys, values, queries) in enumerate(prompt):
-        cache.append(layer, keys, values, 0)
-        cache.attend_chunk(layer, queries)
+    prefill(cache, prompt)
     twin = cache.fork()
     assert type(twin) is kvc.Cache and twin.spec == cache.spec
     # A copy holds the same tokens (its bytes may be fewer: it allocates no spare capacity).
@@ -409,9 +412,7 @@ def test_bad_shapes_and_options_raise():
 def test_a_cache_survives_failed_calls_unchanged():
     prompt, steps = scenario(seed=11)
     cache = kvc.Cache("q4_0 + h2o:0.5", **SHAPE, evict_every=1)
-    for layer, (keys, values, queries) in enumerate(prompt):
-        cache.append(layer, keys, values, 0)
-        cache.attend_chunk(layer, queries)
+    prefill(cache, prompt)
     key, value, query = steps[0][0]
     cache.append(0, key, value, PROMPT)  # decode: the prompt is compressed
 
