@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,34 @@ def test_threads_sharing_a_cache_get_sequential_results():
         alone.append(layer, keys, values, 0)
         expected = alone.attend_chunk(layer, queries[-16:])
         np.testing.assert_array_equal(results[layer].view(np.uint32), expected.view(np.uint32))
+
+
+def test_the_gil_is_released_while_kvc_attends():
+    # A long attend_chunk (~0.1-0.2 s) in a thread: the main thread must run
+    # Python during the middle half of the call. With the GIL held it runs
+    # not once there (checked by removing the release: 0 iterations).
+    tokens, kv_heads, query_heads, dim = 2048, 2, 8, 128
+    rng = np.random.default_rng(17)
+    cache = kvc.Cache("none:f32", 1, kv_heads, query_heads, dim)
+    keys = rng.standard_normal((tokens, kv_heads, dim), dtype=np.float32)
+    cache.append(0, keys, keys, 0)
+    queries = rng.standard_normal((tokens, query_heads, dim), dtype=np.float32)
+    span = []
+
+    def work():
+        start = time.perf_counter()
+        cache.attend_chunk(0, queries)
+        span.extend([start, time.perf_counter()])
+
+    stamps = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        stamps.append(time.perf_counter())
+    worker.join()
+    start, end = span
+    quarter = (end - start) / 4
+    assert any(start + quarter < s < end - quarter for s in stamps), f"call of {end - start:.3f} s"
 
 
 # --- bad input: a clear error, and the cache as it was ----------------------------
