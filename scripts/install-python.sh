@@ -25,7 +25,7 @@ cmake -S . -B "$build" "${args[@]}"
 cmake --build "$build" --target kvc_python --parallel "${KVC_JOBS:-2}"
 cmake --install "$build" --component python
 
-python=$(sed -n 's/^Python3_EXECUTABLE:FILEPATH=//p' "$build/CMakeCache.txt")
-where=$(sed -n 's/^KVC_PYTHON_INSTALL_DIR:PATH=//p' "$build/CMakeCache.txt")
+python=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' "$build/CMakeCache.txt")
+where=$(sed -n 's/^KVC_PYTHON_INSTALL_DIR:[A-Z]*=//p' "$build/CMakeCache.txt")
 echo "install-python: kvc installed in $where/kvc for $python"
 (cd / && PYTHONPATH="${KVC_PYTHON_PREFIX:-}" "$python" -c "import kvc; print('install-python: import kvc works,', len(kvc.methods()), 'methods')")
