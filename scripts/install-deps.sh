@@ -3,7 +3,8 @@
 # Idempotent and fast when everything is present: apt is only touched when a
 # package is missing. Runs as root (CI) or through sudo.
 #
-#   scripts/install-deps.sh            # compiler, CMake, Ninja, xsimd, Eigen, GoogleTest, Google Benchmark
+#   scripts/install-deps.sh            # compiler, CMake, Ninja, xsimd, Eigen, GoogleTest, Google Benchmark,
+#                                      # pybind11, numpy and pytest (the Python package and its tests)
 #   CXX=clang++ scripts/install-deps.sh  # also clang
 set -euo pipefail
 
@@ -12,6 +13,7 @@ packages=(
   libxsimd-dev libeigen3-dev
   libgtest-dev googletest libbenchmark-dev
   python3
+  python3-dev pybind11-dev python3-numpy python3-pytest # python/: the kvc package, built by the release phase
   clang-14 libclang-rt-14-dev # scripts/test.sh's tsan and fuzz phases: ThreadSanitizer, libFuzzer
 )
 # clang only when it is the compiler asked for.

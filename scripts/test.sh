@@ -7,7 +7,8 @@
 #   CXX=clang++ scripts/test.sh         # another compiler
 #
 # Phases (each its own build directory under build/):
-#   release   C++17, Release: library, tests, benchmarks and examples; whole ctest suite
+#   release   C++17, Release: library, tests, benchmarks, examples and the Python package
+#             (python/, its pytest suite as the ctest test python.pytest); whole ctest suite
 #   cxx20     C++20, Release: library and tests; whole ctest suite
 #   sanitize  C++17, -O1 -g with AddressSanitizer + UndefinedBehaviorSanitizer: library and tests
 #   tsan      clang, -O1 -g with ThreadSanitizer: only the tests that run threads (the threading
@@ -161,7 +162,8 @@ for phase in "${phases[@]}"; do
     release)
       run_phase release -- \
         -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_STANDARD=17 \
-        -DKVC_BUILD_BENCH="$(optional_dir bench)" -DKVC_BUILD_EXAMPLES="$(optional_dir examples)"
+        -DKVC_BUILD_BENCH="$(optional_dir bench)" -DKVC_BUILD_EXAMPLES="$(optional_dir examples)" \
+        -DKVC_BUILD_PYTHON="$(optional_dir python)"
       ;;
     cxx20)
       run_phase cxx20 -- \

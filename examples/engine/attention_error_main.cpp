@@ -9,6 +9,16 @@
 // Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles)
 // learn from the last 4 x `context` tokens of the text, which no window
 // reaches (the windows are taken from its start).
+//
+//   kvc-attention-error --model models/kvref/model.bin --dump rows/   # the recorded rows as .npy, for Python
+//
+// --dump writes the windows' keys, values and queries (what every
+// configuration replays) as numpy files and exits: keys.npy and values.npy
+// [windows][layers][tokens][kv_heads][head_dim], queries.npy
+// [windows][layers][tokens][query_heads][head_dim] (float32; token i at
+// position i), and meta.json (prompt, steps, chunk, shape, logit scale).
+// examples/python/compare_methods.py reads them.
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -38,6 +48,7 @@ const char* const usage = R"(usage: kvc-attention-error --model FILE [options]
   --steps M            decode steps measured per window (default 32)
   --chunk N            prefill chunk (default 64)
   --windows W          disjoint text windows (default 4)
+  --dump DIR           instead: write the windows' keys, values and queries to DIR as .npy (+ meta.json)
   --help
 )";
 
@@ -45,6 +56,7 @@ struct options {
     std::string model, tokenizer_path, text;
     engine::cache_spec spec{"none:f32", "none"};
     bool sweep = false;
+    std::string dump;
     std::size_t prompt = 512, steps = 32, chunk = 64, windows = 4;
 };
 
@@ -65,6 +77,7 @@ options parse(int argc, char** argv) {
         else if (flag == "--merge") o.spec.merge = args.value(flag);
         else if (flag == "--project") o.spec.project = args.value(flag);
         else if (flag == "--eviction-sweep") o.sweep = true;
+        else if (flag == "--dump") o.dump = args.value(flag);
         else if (flag == "--prompt") o.prompt = args.count(flag, 1);
         else if (flag == "--steps") o.steps = args.count(flag, 1);
         else if (flag == "--chunk") o.chunk = args.count(flag, 1, 1 << 20);
@@ -88,6 +101,54 @@ std::string json_row(const engine::cache_spec& spec, const engine::attention_err
            ", \"windows\": " + std::to_string(o.windows) + ", \"prompt\": " + std::to_string(o.prompt) +
            ", \"steps\": " + std::to_string(o.steps) + ", \"calibration_text\": " + json_string(calibration_text) +
            "}\n";
+}
+
+// One float32 .npy file (format 1.0): the magic, a header dict padded to a
+// multiple of 64 bytes, then the elements in C order.
+void write_npy(const std::filesystem::path& path, const std::vector<std::size_t>& shape,
+               const std::vector<const std::vector<float>*>& parts) {
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (";
+    for (std::size_t extent : shape) dict += std::to_string(extent) + ", ";
+    dict += "), }";
+    const std::size_t unpadded = 10 + dict.size() + 1;
+    dict.append((64 - unpadded % 64) % 64, ' ');
+    dict += '\n';
+    std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
+    bytes += static_cast<char>(dict.size() & 0xff);
+    bytes += static_cast<char>(dict.size() >> 8);
+    bytes += dict;
+    for (const std::vector<float>* part : parts)
+        bytes.append(reinterpret_cast<const char*>(part->data()), part->size() * sizeof(float));
+    engine::write_file(path.string(), bytes, "--dump");
+}
+
+void dump_rows(const std::string& dir, const std::vector<engine::recorded_rows>& recorded,
+               const kvc::cache_config& config, const options& o) {
+    std::filesystem::create_directories(dir);
+    const std::size_t tokens = o.prompt + o.steps;
+    std::vector<const std::vector<float>*> keys, values, queries;
+    for (const engine::recorded_rows& rows : recorded)
+        for (std::size_t l = 0; l < config.layers; ++l) {
+            keys.push_back(&rows.keys[l]);
+            values.push_back(&rows.values[l]);
+            queries.push_back(&rows.queries[l]);
+        }
+    const std::filesystem::path to(dir);
+    write_npy(to / "keys.npy", {recorded.size(), config.layers, tokens, config.kv_heads, config.head_dim}, keys);
+    write_npy(to / "values.npy", {recorded.size(), config.layers, tokens, config.kv_heads, config.head_dim}, values);
+    write_npy(to / "queries.npy", {recorded.size(), config.layers, tokens, config.query_heads, config.head_dim},
+              queries);
+    using engine::detail::json_string;
+    const std::string meta =
+        "{\"model\": " + json_string(o.model) + ", \"text\": " + json_string(o.text) +
+        ", \"windows\": " + std::to_string(recorded.size()) + ", \"prompt\": " + std::to_string(o.prompt) +
+        ", \"steps\": " + std::to_string(o.steps) + ", \"chunk\": " + std::to_string(o.chunk) +
+        ", \"layers\": " + std::to_string(config.layers) + ", \"kv_heads\": " + std::to_string(config.kv_heads) +
+        ", \"query_heads\": " + std::to_string(config.query_heads) + ", \"head_dim\": " +
+        std::to_string(config.head_dim) + ", \"scale\": " + engine::detail::number(config.logit_scale()) + "}\n";
+    engine::write_file((to / "meta.json").string(), meta, "--dump");
+    std::printf("kvc-attention-error: wrote %s/{keys,values,queries}.npy and meta.json (%zu windows of %zu tokens)\n",
+                dir.c_str(), recorded.size(), tokens);
 }
 
 int run(options o) {
@@ -127,6 +188,10 @@ int run(options o) {
         const std::vector<int> text(tokens.begin() + static_cast<std::ptrdiff_t>(w * window),
                                     tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * window));
         recorded.push_back(engine::record_rows(model, text, o.prompt, o.chunk, before_rope));
+    }
+    if (!o.dump.empty()) {
+        dump_rows(o.dump, recorded, config, o);
+        return 0;
     }
     for (const engine::cache_spec& spec : specs) {
         engine::attention_error total;
