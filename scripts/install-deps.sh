@@ -14,6 +14,7 @@ packages=(
   libgtest-dev googletest libbenchmark-dev
   python3
   python3-dev pybind11-dev python3-numpy python3-pytest # python/: the kvc package, built by the release phase
+  python3-matplotlib # examples/python/compare_methods.py's plot, checked by python.pytest
   clang-14 libclang-rt-14-dev # scripts/test.sh's tsan and fuzz phases: ThreadSanitizer, libFuzzer
 )
 # clang only when it is the compiler asked for.
