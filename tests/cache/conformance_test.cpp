@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cache_test_util.hpp"
+#include "kvc/all.hpp"
 #include "kvc/registry.hpp"
 
 namespace {
@@ -62,10 +63,10 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 // The suite's checks on one composition.
-void conforms(const std::string& spec) {
+void conforms(const std::string& spec, const kvc::cache_options& options = {}) {
     SCOPED_TRACE(spec);
     kvc_test::counting_resource memory;
-    kvc::dynamic_cache cache = kvc::make_cache(shape(&memory), spec);
+    kvc::dynamic_cache cache = kvc::make_cache(shape(&memory), spec, options);
     const std::vector<float> prompt = kvc_test::prompt_then_decode(cache, shape(), 96, 48, 8, 41);
     for (float x : prompt) ASSERT_TRUE(std::isfinite(x)) << "finite rows gave a non-finite output";
     EXPECT_EQ(cache.bytes(), memory.in_use) << "bytes() must be every byte taken from the resource";
@@ -136,6 +137,49 @@ TEST(Conformance, EveryUncalibratedProjectionOverRowsAsTheyAre) {
     for (const std::string& projection : names_of(kvc::method_family::projection))
         for (const char* codec : {"none:f32", "none:f16", "none:bf16"})
             conforms(std::string(codec) + " + " + projection + ":0.4");
+}
+
+// The methods learnt from the model, with artifacts learnt from random
+// sample rows (256 tokens a layer): every calibrated name of the registry.
+TEST(Conformance, EveryCalibratedMethod) {
+    const kvc::cache_config c = shape();
+    const std::size_t tokens = 256;
+    const std::vector<float> keys = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 51);
+    const std::vector<float> values = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 52);
+    const std::vector<float> queries = kvc_test::random_floats(tokens * c.query_heads * c.head_dim, 53);
+    const std::vector<kvc::kv_view<const float>> k(c.layers, kvc::kv_view<const float>(keys.data(), tokens, c.kv_heads, c.head_dim));
+    const std::vector<kvc::kv_view<const float>> v(c.layers, kvc::kv_view<const float>(values.data(), tokens, c.kv_heads, c.head_dim));
+    const std::vector<kvc::kv_view<const float>> q(c.layers,
+                                                   kvc::kv_view<const float>(queries.data(), tokens, c.query_heads, c.head_dim));
+    kvc::cache_options options;
+    kvc::calibration::cq_options coupled;
+    coupled.bits = 8;
+    coupled.channels_per_group = 4;
+    options.artifacts["cq:c4b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
+    coupled.channels_per_group = 8;
+    options.artifacts["cq:c8b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
+    kvc::calibration::kvquant_options bits3;
+    bits3.bits = 3;
+    options.artifacts["kvquant"] = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
+    options.artifacts["qfilter"] = kvc::calibration::query_filters(c, q);
+    options.artifacts["head_roles"] = kvc::calibration::head_roles(c, k, q);
+    options.artifacts["pca"] = kvc::calibration::calibrate_pca(c, k, v);
+    options.artifacts["loki"] = options.artifacts["pca"];
+    std::size_t covered = 0;
+    for (const kvc::method_info& m : kvc::methods()) {
+        if (!m.calibrated) continue;
+        ++covered;
+        if (m.family == kvc::method_family::quantization) {
+            conforms(m.name + " + none", options);
+            conforms(m.name + " + snapkv:0.3", options);
+        } else if (m.family == kvc::method_family::eviction) {
+            conforms("none:f16 + " + m.name, options);
+            conforms("q4_0 + " + m.name, options);
+        } else {
+            conforms("none:f16 + " + m.name + (m.name == "loki" ? ":16:0.25" : ":16"), options);
+        }
+    }
+    EXPECT_EQ(covered, options.artifacts.size()) << "a calibrated method without an artifact here";
 }
 
 } // namespace
