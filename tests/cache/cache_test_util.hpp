@@ -175,6 +175,20 @@ void on_every_arch(Check&& check) {
     kvc::set_active_arch(original);
 }
 
+// A model shape for tests: the one cache_config builder they share.
+inline kvc::cache_config shape_of(std::size_t layers, std::size_t kv_heads, std::size_t query_heads,
+                                  std::size_t head_dim, kvc::dtype storage = kvc::dtype::f16,
+                                  kvc::memory_resource* resource = nullptr) {
+    kvc::cache_config c;
+    c.layers = layers;
+    c.kv_heads = kv_heads;
+    c.query_heads = query_heads;
+    c.head_dim = head_dim;
+    c.storage = storage;
+    c.resource = resource;
+    return c;
+}
+
 // Drives a cache the way an engine does: a prompt of `prompt` tokens in
 // chunks of `chunk` (append then attend_chunk, layer by layer), then `steps`
 // decode steps (append then attend), with random rows from `seed`. Returns

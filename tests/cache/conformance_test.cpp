@@ -26,14 +26,7 @@ namespace {
 using rows = kvc::kv_view<const float, kvc::layout_token_major>;
 
 kvc::cache_config shape(kvc::memory_resource* resource = nullptr) {
-    kvc::cache_config c;
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.query_heads = 4;
-    c.head_dim = 64;
-    c.storage = kvc::dtype::f16;
-    c.resource = resource;
-    return c;
+    return kvc_test::shape_of(2, 2, 4, 64, kvc::dtype::f16, resource);
 }
 
 std::vector<std::string> names_of(kvc::method_family family) {

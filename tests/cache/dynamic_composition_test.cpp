@@ -26,13 +26,7 @@ using run_time_cache = kvc::compressed_cache<kvc::evict::any, kvc::merge::none, 
 using run_time_codec_only = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none>;
 
 kvc::cache_config shape() {
-    kvc::cache_config c;
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.query_heads = 4;
-    c.head_dim = 64; // a multiple of every codec's group (32, 64)
-    c.storage = kvc::dtype::f16;
-    return c;
+    return kvc_test::shape_of(2, 2, 4, 64); // head_dim: a multiple of every codec's group (32, 64)
 }
 
 // What one run of a cache produced: every output, then each head's tokens,

@@ -15,13 +15,7 @@
 namespace {
 
 kvc::cache_config shape() {
-    kvc::cache_config c;
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.query_heads = 4;
-    c.head_dim = 64;
-    c.storage = kvc::dtype::f16;
-    return c;
+    return kvc_test::shape_of(2, 2, 4, 64);
 }
 
 // A 96-token prompt in two chunks then 24 decode steps; every output, in order.
