@@ -228,6 +228,39 @@ TEST(DynamicCache, MatchesTheStaticCompositions) {
     }
 }
 
+// Every merger through dynamic_cache against its static composition (H2O
+// keeps 0.3 of the tokens, compressing during decode too).
+template <class Merger>
+void merger_matches(const std::string& name) {
+    const e::h2o policy(e::budget::ratio(0.3), e::schedule{true, 8});
+    kvc::compressed_cache<e::h2o, Merger, q::none<kvc::half>, kvc::project::none> fixed(shape(), policy);
+    kvc::dynamic_cache chosen(shape(), q::any(q::none<kvc::half>{}), e::to_any(policy), Merger{});
+    const run_record a = run(fixed), b = run(chosen);
+    expect_same_results(a, b, name);
+    // bytes() counts each head's slot (its store object and its columns'
+    // buffers, the layout of compressed_cache's head_slot) and, for a
+    // run-time store, the block the codec's store lives in.
+    using held = kvc::compressed_cache<e::any, Merger, q::any, kvc::project::none>;
+    struct fixed_slot {
+        typename decltype(fixed)::head_storage rows;
+        typename decltype(fixed)::columns_type columns;
+    };
+    struct held_slot {
+        typename held::head_storage rows;
+        typename held::columns_type columns;
+    };
+    const std::size_t heads = shape().layers * shape().kv_heads;
+    EXPECT_EQ(a.bytes + heads * (sizeof(kvc::dense_rows) + sizeof(held_slot)), b.bytes + heads * sizeof(fixed_slot))
+        << name << ": the same cache but for the run-time stores' blocks and slots";
+}
+
+TEST(DynamicCache, EveryMergerMatchesItsStaticComposition) {
+    merger_matches<kvc::merge::compensation>("compensation");
+    merger_matches<kvc::merge::zero_merge>("zero_merge");
+    merger_matches<kvc::merge::similarity>("similarity");
+    merger_matches<kvc::merge::cam>("cam");
+}
+
 TEST(DynamicCache, ACopyContinuesAsTheOriginal) {
     const e::snapkv policy(e::budget::ratio(0.3), e::schedule{true, 8});
     kvc::dynamic_cache original(shape(), q::any(q::q4_0{}), e::to_any(policy));
