@@ -122,7 +122,7 @@ std::string cache_spec::method() const {
 std::string describe_options() {
     std::string text;
     auto line = [&text](const std::string& name, const std::string& summary) {
-        text.append("  ").append(name).append(name.size() < 22 ? 22 - name.size() : 1, ' ').append(summary).append("\n");
+        text.append("  ").append(name).append(name.size() < 30 ? 30 - name.size() : 1, ' ').append(summary).append("\n");
     };
     const char* headings[] = {
         "--cache (KV cache codec; any codec pairs with any --evict):\n",
