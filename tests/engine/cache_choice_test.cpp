@@ -11,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -181,6 +182,23 @@ TEST(EngineCacheChoice, CalibratedCodecsLearnOnceFromTheCalibration) {
     EXPECT_EQ(calibrated.artifacts->size(), 4u);
     EXPECT_EQ(calibrated.artifacts->at("kvquant:3").kind, "kvquant");
     EXPECT_EQ(calibrated.artifacts->at("cq:c8b8").kind, "cq");
+}
+
+// kvquant:BITS is the library's kvquant with an artifact learnt at BITS bits
+// (the library reads the bits from the artifact); plain kvquant learns at 3.
+TEST(EngineCacheChoice, KVQuantSpellingsChooseTheLearntBits) {
+    engine::calibration calibrated = small_calibration();
+    for (const char* spelling : {"kvquant", "kvquant:2", "kvquant:3", "kvquant:4"}) {
+        const auto cache = engine::make_cache(small_shape(), {spelling, "none"}, calibrated);
+        EXPECT_TRUE(cache->wants_keys_before_rope()) << spelling;
+    }
+    const std::pair<const char*, float> expected[] = {{"kvquant", 3.0f}, {"kvquant:2", 2.0f}, {"kvquant:3", 3.0f},
+                                                      {"kvquant:4", 4.0f}};
+    for (const auto& [spelling, bits] : expected)
+        EXPECT_EQ(calibrated.artifacts->at(spelling).get("bits", {1}).values.at(0), bits) << spelling;
+    const std::string five = error_of({"kvquant:5", "none"});
+    EXPECT_NE(five.find("unknown method 'kvquant:5'"), std::string::npos) << five;
+    EXPECT_NE(five.find("close: kvquant"), std::string::npos) << five;
 }
 
 // The calibrated eviction policies: without calibration rows, an error that
