@@ -100,8 +100,8 @@ template <class Cache>
 struct keys_before_rope<Cache, std::void_t<typename Cache::head_storage>>
     : rotates_keys<typename Cache::head_storage> {};
 
-// A cache that says at run time what its codec's stores offer (compressed_cache:
-// offers(), which answers for the codec quant::any holds).
+// A cache that says at run time what its codec's stores offer (compressed_cache and dynamic_cache:
+// offers(), which answers for the codec quant::any holds: mixed precision, keys before RoPE).
 template <class Cache, class = void>
 struct reports_offers : std::false_type {};
 template <class Cache>
