@@ -6,9 +6,9 @@
 #   scripts/fidelity.sh                      # every configuration `kvc-fidelity --list` names
 #   FIDELITY_WINDOWS=2 scripts/fidelity.sh   # quicker and noisier
 #
-# The configurations come from the engine's registry
-# (examples/engine/cache_registry.hpp): a policy added there is swept here
-# without touching this script.
+# The configurations come from kvc's registry (kvc::methods(), src/registry.cpp)
+# with the sweep values of examples/engine/cache_registry.hpp: a method added
+# to the library is swept here without touching this script.
 #
 # Environment:
 #   BUILD_DIR          build directory (default build/fidelity)

@@ -194,8 +194,8 @@ Columns:
 
 Eviction (`--evict NAME:RATIO`, one curve per scorer, its points the keep
 ratios 0.75, 0.5, 0.25 and 0.125 from right to left) stores its rows in fp16
-(`none:f16`) and runs as the engine's registry sets it up
-(`schedule_for` in `examples/engine/cache_registry.hpp`): once, after the
+(`none:f16`) and runs as kvc's registry sets it up
+(`kvc::make_cache`, `src/registry.cpp`): once, after the
 prompt, each KV head keeps that fraction of the {prompt} prompt tokens (its
 first 4 and newest 16 always among them); the {scored} decoded tokens are all
 kept. Its KL therefore measures what losing part of the prompt costs the
@@ -245,9 +245,9 @@ configuration by hand:
 build/fidelity/examples/engine/kvc-fidelity --model models/kvref/model.bin --cache none:f16 --markdown
 ```
 
-A new policy appears here after one line in the registry of
-`examples/engine/cache_registry.hpp` (`codec_options()`, `eviction_options()`, `merge_options()` or `project_options()`,
-with the budgets to sweep) and a rerun of `scripts/fidelity.sh`.
+A new policy appears here after one entry in kvc's registry (`src/registry.cpp`;
+its sweep values, when not the defaults, in `examples/engine/cache_registry.hpp`)
+and a rerun of `scripts/fidelity.sh`.
 """.format(
         command=args.command,
         calibration=calibration_note(results),

@@ -418,7 +418,7 @@ def main():
     parser.add_argument("--no-build", action="store_true", help="use the kvc_bench already built in --build-dir")
     parser.add_argument("--kvref-errors", help="kvc-attention-error output (JSON lines) for the kvref table")
     parser.add_argument("--kvref-tools", help="build directory with examples (kvc-fidelity, kvc-attention-error): "
-                        "measure the kvref table now, every codec of the engine's registry that needs no calibration")
+                        "measure the kvref table now, every codec of kvc-fidelity --list (kvc's registry) that needs no calibration")
     args = parser.parse_args()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

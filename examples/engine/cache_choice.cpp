@@ -1,8 +1,10 @@
-// examples/engine/cache_choice.cpp -- the command line's cache spellings, read from the registry.
+// examples/engine/cache_choice.cpp -- the command line's caches: kvc::full_cache,
+// or whatever kvc::make_cache builds from the library's method names.
 #include "cache_choice.hpp"
 
 #include <algorithm>
 #include <iterator>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -28,9 +30,58 @@ constexpr std::size_t decode_time_every = 16;
 // Evictions FIDELITY.md also measures with each merging policy, at every keep ratio of their sweep.
 constexpr std::string_view merged_eviction_sweep[] = {"streaming", "h2o", "snapkv"};
 
-// Eviction on a quantized cache: these scorers at keep ratio 0.25 on each
-// codec that runs with eviction (besides the fp16 sweep codec).
+// Eviction on a quantized cache: these scorers at keep ratio 0.25 on these
+// codecs (any codec pairs with any eviction; these are the pairs measured).
 constexpr std::string_view quantized_eviction_sweep[] = {"snapkv", "knorm"};
+constexpr std::string_view quantized_eviction_codecs[] = {"q8_0", "q4_0", "kivi:2"};
+
+template <class Range>
+bool contains(const Range& range, std::string_view name) {
+    return std::find(std::begin(range), std::end(range), name) != std::end(range);
+}
+
+// A method as the command line writes it with `value` ("snapkv:0.25"; "q4_0").
+std::string written(const kvc::method_info& method, const std::string& value) {
+    return method.parameter.empty() ? method.name : method.name + ":" + value;
+}
+
+// The evictions whose value is the share of the cache they keep, swept at keep_ratio_sweep.
+bool keeps_a_share(const kvc::method_info& method) {
+    return method.family == kvc::method_family::eviction &&
+           (method.parameter == "keep_ratio" || method.parameter == "retrieval_share");
+}
+
+// The sweep's spellings of a codec: once, or at each value of codec_sweeps() (default: the method's default).
+std::vector<std::string> codec_spellings(const kvc::method_info& codec) {
+    if (codec.parameter.empty() && codec.name != "kvquant") return {codec.name};
+    for (const registry::sweep_values& sweep : registry::codec_sweeps())
+        if (sweep.method == codec.name) {
+            std::vector<std::string> spellings;
+            for (const std::string& value : sweep.values) spellings.push_back(codec.name + ":" + value);
+            return spellings;
+        }
+    return {written(codec, codec.default_value)};
+}
+
+// One flag's spelling, parsed by the library: the term it names, which must
+// be of `family`. The library's errors (unknown names with their close
+// matches, missing values) come back as std::invalid_argument naming the flag.
+kvc::spec_term term_of(const std::string& flag, const std::string& spelled, kvc::method_family family) {
+    std::vector<kvc::spec_term> terms;
+    try {
+        terms = kvc::parse_spec(spelled);
+    } catch (const kvc::error& e) {
+        throw std::invalid_argument(flag + " " + spelled + ": " + e.what());
+    }
+    if (terms.size() != 1 || terms[0].method->family != family) {
+        std::string got;
+        for (const kvc::spec_term& term : terms)
+            got += (got.empty() ? "" : ", ") + term.method->name + " (" + kvc::name_of(term.method->family) + ")";
+        throw std::invalid_argument(flag + " " + spelled + ": expected one " + kvc::name_of(family) +
+                                    " method of kvc::methods(), got " + (got.empty() ? "none" : got));
+    }
+    return terms[0];
+}
 
 } // namespace
 
@@ -68,66 +119,43 @@ std::string cache_spec::method() const {
     return cache == registry::eviction_sweep_codec ? evict_method : evict_method + "+" + codec_method;
 }
 
-std::string cache_names() {
-    std::string names;
-    for (const full_option& option : full_options) names.append(option.name).append(" ");
-    registry::for_each_option(registry::codec_options(),
-                              [&](const auto& option) { names.append(registry::spelling(option)).append(" "); });
-    names.pop_back();
-    return names;
-}
-
-// Where --merge runs: "with --evict streaming|h2o|... on --cache none:f16".
-std::string merging_pairs() {
-    std::string evictions, codecs;
-    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        if (std::decay_t<decltype(option)>::with_merging) evictions.append(evictions.empty() ? "" : "|").append(option.name);
-    });
-    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-        if (std::decay_t<decltype(option)>::with_merging) codecs.append(codecs.empty() ? "" : "|").append(option.name);
-    });
-    return "with --evict " + evictions + " on --cache " + codecs;
-}
-
-std::string eviction_names() {
-    std::string names;
-    registry::for_each_option(registry::eviction_options(),
-                              [&](const auto& option) { names.append(registry::spelling(option)).append(" "); });
-    names.pop_back();
-    return names;
-}
-
 std::string describe_options() {
     std::string text;
     auto line = [&text](const std::string& name, const std::string& summary) {
-        text.append("  ").append(name).append(name.size() < 22 ? 22 - name.size() : 1, ' ').append(summary).append("\n");
+        text.append("  ").append(name).append(name.size() < 30 ? 30 - name.size() : 1, ' ').append(summary).append("\n");
     };
-    text += "--cache (KV cache type and storage):\n";
-    for (const full_option& option : full_options)
-        line(std::string(option.name),
-             std::string("kvc::full_cache, rows stored in ") + kvc::name_of(option.storage) + " (the baseline)");
-    std::string with_eviction;
-    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-        line(registry::spelling(option), std::string(option.summary));
-        if (std::decay_t<decltype(option)>::with_eviction) with_eviction.append(" ").append(option.name);
-    });
-    text += "--evict (eviction policy of a compressed cache; with --cache" + with_eviction + "):\n";
-    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        line(registry::spelling(option), std::string(option.summary));
-    });
-    text += "--evict-every N: also compress during decode, whenever a head holds N tokens over its budget\n";
-    text += "--merge (what folds the evicted tokens into the kept ones; " + merging_pairs() + "):\n";
-    registry::for_each_option(registry::merge_options(), [&](const auto& option) {
-        line(registry::spelling(option), std::string(option.summary));
-    });
-    std::string with_projection;
-    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-        if (std::decay_t<decltype(option)>::with_projection) with_projection.append(" ").append(option.name);
-    });
-    text += "--project (fewer stored channels per token; with --evict none and --cache" + with_projection + "):\n";
-    registry::for_each_option(registry::project_options(), [&](const auto& option) {
-        line(registry::spelling(option), std::string(option.summary));
-    });
+    const char* headings[] = {
+        "--cache (KV cache codec; any codec pairs with any --evict):\n",
+        "--evict (eviction policy; NAME:VALUE, VALUE defaulting as shown):\n",
+        "--merge (what folds the evicted tokens into the kept ones; needs --evict):\n",
+        "--project (fewer stored numbers per token; with --evict none, on none:f32|none:f16|none:bf16):\n"};
+    for (auto family : {kvc::method_family::quantization, kvc::method_family::eviction, kvc::method_family::merging,
+                        kvc::method_family::projection}) {
+        text += headings[static_cast<std::size_t>(family)];
+        if (family == kvc::method_family::quantization)
+            for (const full_option& option : full_options)
+                line(std::string(option.name),
+                     std::string("kvc::full_cache, rows stored in ") + kvc::name_of(option.storage) + " (the baseline)");
+        if (family == kvc::method_family::merging) line("none", "what eviction drops is gone (the default)");
+        for (const kvc::method_info& method : kvc::methods()) {
+            if (method.family != family || method.name == "merge:none") continue;
+            std::string summary = (method.id.empty() ? "" : method.id + " ") + method.summary;
+            if (!method.default_value.empty()) summary += " (default " + method.default_value + ")";
+            if (!registry::learnable(method)) summary += " [its artifact is not learnt by this engine]";
+            else if (method.calibrated) summary += " [learnt on calibration text]";
+            if (method.name == "kvquant") summary += "; kvquant:BITS (2, 3 or 4) learns at BITS, plain kvquant at 3";
+            if (family == kvc::method_family::quantization) {
+                const std::vector<std::string> spellings = codec_spellings(method);
+                if (spellings != std::vector<std::string>{method.name}) {
+                    summary += "; swept:";
+                    for (const std::string& spelled : spellings) summary += " " + spelled;
+                }
+            }
+            line(method.parameter.empty() ? method.name : method.name + ":" + method.parameter, summary);
+        }
+        if (family == kvc::method_family::eviction)
+            text += "--evict-every N: also compress during decode, whenever a head holds N tokens over its budget\n";
+    }
     return text;
 }
 
@@ -146,101 +174,84 @@ std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache
         config.storage = option.storage;
         return std::make_unique<kvc_cache<kvc::full_cache>>(config);
     }
-    if (spec.merge != "none" && spec.evict == "none")
-        throw std::invalid_argument("--merge " + spec.merge + " folds what eviction drops: it needs --evict");
-    if (spec.project != "none" && spec.evict != "none")
-        throw std::invalid_argument("--project " + spec.project + " runs with --evict none in this engine (each "
-                                    "eviction pair is another cache type; add the pair in "
-                                    "examples/engine/cache_registry.hpp)");
-    registry::lookup found;
-    std::unique_ptr<kv_cache> cache;
-    cache = registry::make_compressed(shape, spec, calibrated, found);
-    if (!found.codec_found)
-        throw std::invalid_argument("unknown cache '" + spec.cache + "'; expected one of: " + cache_names());
-    if (!found.eviction_found)
-        throw std::invalid_argument("unknown --evict '" + spec.evict + "'; expected one of: " + eviction_names());
-    if (!found.project_found && spec.evict == "none") {
-        std::string names;
-        registry::for_each_option(registry::project_options(),
-                                  [&](const auto& option) { names.append(" ").append(registry::spelling(option)); });
-        throw std::invalid_argument("unknown --project '" + spec.project + "'; expected one of:" + names);
+    if (spec.cache.rfind("full:", 0) == 0)
+        throw std::invalid_argument("unknown cache '" + spec.cache +
+                                    "'; kvc::full_cache is spelled full:f32, full:f16 or full:bf16");
+
+    // Each flag names one method of its family, by the library's names; the
+    // engine's kvquant:BITS is the library's kvquant learnt at BITS.
+    std::vector<kvc::spec_term> terms;
+    terms.push_back(term_of("--cache", registry::kvquant_spelling(spec.cache) ? "kvquant" : spec.cache,
+                            kvc::method_family::quantization));
+    const kvc::spec_term eviction = term_of("--evict", spec.evict, kvc::method_family::eviction);
+    const bool evicts = eviction.method->name != "none";
+    if (evicts) terms.push_back(eviction);
+    if (spec.every != 0 && !evicts)
+        throw std::invalid_argument("--evict-every needs an evicting policy, not --evict " + spec.evict);
+    if (spec.merge != "none") terms.push_back(term_of("--merge", spec.merge, kvc::method_family::merging));
+    if (spec.project != "none") terms.push_back(term_of("--project", spec.project, kvc::method_family::projection));
+
+    kvc::cache_options options;
+    options.rope = calibrated.rope;
+    options.evict_every = spec.every;
+    std::string library_spec;
+    const registry::calibration_context context{shape, calibrated, spec};
+    for (const kvc::spec_term& term : terms) {
+        library_spec += (library_spec.empty() ? "" : " + ") + written(*term.method, term.value);
+        if (term.method->calibrated) options.artifacts[term.method->name] = registry::learn(context, *term.method);
     }
-    if (!found.project_offered) {
-        std::string carriers;
-        registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-            if (std::decay_t<decltype(option)>::with_projection) carriers.append(" ").append(option.name);
-        });
-        throw std::invalid_argument("--project " + spec.project + " runs on --cache" + carriers +
-                                    " in this engine, not " + spec.cache);
+    try {
+        return std::make_unique<kvc_cache<kvc::dynamic_cache>>(kvc::make_cache(shape, library_spec, options));
+    } catch (const kvc::error& e) { // a value out of range, a pairing not offered: the spelling's fault
+        throw std::invalid_argument(spec.label() + ": " + e.what());
     }
-    if (!found.merge_found && found.pair_offered && spec.evict != "none") {
-        std::string names;
-        registry::for_each_option(registry::merge_options(),
-                                  [&](const auto& option) { names.append(" ").append(option.name); });
-        throw std::invalid_argument("unknown --merge '" + spec.merge + "'; expected one of:" + names);
-    }
-    if (!found.pair_offered) {
-        std::string carriers;
-        registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-            if (std::decay_t<decltype(option)>::with_eviction) carriers.append(" ").append(option.name);
-        });
-        throw std::invalid_argument("--cache " + spec.cache + " runs without eviction in this engine; evicting "
-                                    "caches are built with --cache" + carriers +
-                                    " (one flag in examples/engine/cache_registry.hpp adds more)");
-    }
-    if (!found.merge_offered)
-        throw std::invalid_argument("--merge " + spec.merge + " runs " + merging_pairs() + " in this engine, not --cache " +
-                                    spec.cache + " --evict " + spec.evict +
-                                    " (a flag in examples/engine/cache_registry.hpp adds a codec or an eviction)");
-    return cache;
+}
+
+const evicting_cache<kvc::merge::none>* evicting_cache_inside(kv_cache& cache) {
+    const kvc::dynamic_cache* inside = kvc_cache_inside<kvc::dynamic_cache>(cache);
+    return inside != nullptr ? inside->target<evicting_cache<kvc::merge::none>>() : nullptr;
 }
 
 std::vector<sweep_point> sweep_points() {
     std::vector<sweep_point> points;
     auto add = [&](cache_spec spec) { points.push_back({spec.method(), std::move(spec)}); };
+    auto swept = [](const kvc::method_info& method, kvc::method_family family) {
+        return method.family == family && registry::learnable(method) && !registry::never_swept(method);
+    };
+    const std::string codec(registry::eviction_sweep_codec);
     for (const full_option& option : full_options) add({std::string(option.name), "none"});
-    registry::for_each_option(registry::codec_options(),
-                              [&](const auto& option) { add({std::string(option.name), "none"}); });
-    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        for (double value : option.sweep)
-            add({std::string(registry::eviction_sweep_codec), std::string(option.name) + ":" + format_number(value)});
-    });
-    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        if (std::find(std::begin(merged_eviction_sweep), std::end(merged_eviction_sweep), option.name) ==
-            std::end(merged_eviction_sweep))
-            return;
-        registry::for_each_option(registry::merge_options(), [&](const auto& merge_option) {
-            if (merge_option.name == "none") return;
-            for (double value : option.sweep)
-                add({std::string(registry::eviction_sweep_codec), std::string(option.name) + ":" + format_number(value),
-                     0, std::string(merge_option.name)});
-        });
-    });
-    registry::for_each_option(registry::project_options(), [&](const auto& option) {
-        for (double value : option.sweep) {
-            cache_spec spec{std::string(registry::eviction_sweep_codec), "none"};
-            spec.project = std::string(option.name) + ":" + format_number(value);
+    for (const kvc::method_info& method : kvc::methods())
+        if (swept(method, kvc::method_family::quantization))
+            for (const std::string& spelled : codec_spellings(method)) add({spelled, "none"});
+    for (const kvc::method_info& method : kvc::methods())
+        if (swept(method, kvc::method_family::eviction) && keeps_a_share(method))
+            for (const std::string& value : registry::keep_ratio_sweep) add({codec, written(method, value)});
+    for (const kvc::method_info& method : kvc::methods()) {
+        if (!swept(method, kvc::method_family::eviction) || !contains(merged_eviction_sweep, method.name)) continue;
+        for (const kvc::method_info& merging : kvc::methods())
+            if (swept(merging, kvc::method_family::merging) && merging.name != "merge:none")
+                for (const std::string& value : registry::keep_ratio_sweep)
+                    add({codec, written(method, value), 0, merging.name});
+    }
+    for (const registry::sweep_values& projection : registry::projection_sweeps())
+        for (const std::string& value : projection.values) {
+            cache_spec spec{codec, "none"};
+            spec.project = std::string(projection.method) + ":" + value;
             add(spec);
         }
-    });
     for (std::string_view name : decode_time_sweep)
-        add({std::string(registry::eviction_sweep_codec), std::string(name) + ":" + format_number(decode_time_ratio),
-             decode_time_every});
-    registry::for_each_option(registry::codec_options(), [&](const auto& option) {
-        if (!std::decay_t<decltype(option)>::with_eviction || option.name == registry::eviction_sweep_codec ||
-            option.name == "none:f32")
-            return;
+        add({codec, std::string(name) + ":" + format_number(decode_time_ratio), decode_time_every});
+    for (std::string_view carrier : quantized_eviction_codecs)
         for (std::string_view name : quantized_eviction_sweep)
-            add({std::string(option.name), std::string(name) + ":" + format_number(decode_time_ratio)});
-    });
+            add({std::string(carrier), std::string(name) + ":" + format_number(decode_time_ratio)});
     return points;
 }
 
 std::vector<std::string> cache_share_evictions() {
     std::vector<std::string> names;
-    registry::for_each_option(registry::eviction_options(), [&](const auto& option) {
-        if (option.parameter == "keep_ratio" || option.parameter == "retrieval_share") names.emplace_back(option.name);
-    });
+    for (const kvc::method_info& method : kvc::methods())
+        if (keeps_a_share(method) && registry::learnable(method) && !registry::never_swept(method))
+            names.push_back(method.name);
     return names;
 }
 

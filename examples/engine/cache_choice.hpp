@@ -9,11 +9,14 @@
 // `kvc_cache<Cache>` adapter. One virtual call per layer and step costs
 // nothing next to the attention it dispatches.
 //
-// Spelling on the command line (kvc_engine and kvc-fidelity):
+// Spelling on the command line (kvc_engine, kvc-fidelity, kvc-attention-error):
 //   --cache full:f32 | full:f16 | full:bf16   kvc::full_cache storing fp32/fp16/bf16 rows
-//   --cache CODEC                             kvc::compressed_cache with that quantization codec
-//                                             (calibrated codecs, cq:* and kvquant:*, learn from
-//                                             the model's rows over calibration text: `calibration`)
+//   --cache CODEC                             a compressed cache with that quantization codec,
+//                                             named as kvc::methods() names it (kvc/registry.hpp);
+//                                             calibrated codecs (cq:*, kvquant) learn from the
+//                                             model's rows over calibration text: `calibration`.
+//                                             kvquant:BITS (2, 3, 4) is the library's kvquant
+//                                             learnt at BITS bits (plain kvquant: 3)
 //   --evict NAME[:VALUE]                      ... and that eviction policy (default none; qfilter
 //                                             and head_roles learn from calibration text too)
 //   --evict-every N                           ... compressing during decode too, whenever a
@@ -22,11 +25,12 @@
 //                                             (default none; e.g. compensation, M5)
 //   --project NAME:VALUE                      ... storing fewer key channels (default none;
 //                                             e.g. think:0.4, P3; with --evict none)
-// The policies the names stand for are listed in cache_registry.hpp, which
-// only the engine's own .cpp files include: each (codec, eviction) pair is a
-// separate compressed_cache type, and instantiating them all once, in a few
-// translation units compiled in parallel, keeps every other file of the
-// engine and its tests quick to build.
+// kvc::make_cache builds every compressed cache (a kvc::dynamic_cache, one
+// type whatever the methods, compiled once in kvc's library); any codec pairs
+// with any eviction and merging, and the library refuses, naming the close
+// matches, what it does not know or offer. What the engine adds, learning
+// calibrated methods' artifacts and the fidelity sweep's values, is in
+// cache_registry.hpp, which only cache_choice.cpp includes.
 #pragma once
 
 #include <chrono>
@@ -41,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/cache/dynamic_cache.hpp>
 #include <kvc/kvc.hpp>
 
 namespace engine {
@@ -95,8 +100,8 @@ template <class Cache>
 struct keys_before_rope<Cache, std::void_t<typename Cache::head_storage>>
     : rotates_keys<typename Cache::head_storage> {};
 
-// A cache that says at run time what its codec's stores offer (compressed_cache:
-// offers(), which answers for the codec quant::any holds).
+// A cache that says at run time what its codec's stores offer (compressed_cache and dynamic_cache:
+// offers(), which answers for the codec quant::any holds: mixed precision, keys before RoPE).
 template <class Cache, class = void>
 struct reports_offers : std::false_type {};
 template <class Cache>
@@ -209,14 +214,9 @@ private:
     std::vector<std::vector<float>> prompt_mass_;
 };
 
-// The compressed cache types the engine builds (registry::make_compressed). Codec, scorer and selector are chosen
-// at run time (quant::any, evict::any: one type for all of them, outputs
-// bit-identical to the static types, tests/cache/dynamic_composition_test.cpp);
-// the merging policy is a type parameter, so there is one cache type per
-// merger; ThinK prunes dense rows only, so its cache holds the fp16 codec
-// itself. Seven compressed_cache types in all, where every (codec, eviction,
-// merger) triple used to be one.
-using codec_alone_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none>;
+// What a kvc::dynamic_cache holds for an evicting composition without
+// merging or projection: the codec (quant::any) and the eviction's scorer and
+// selector (evict::any) are chosen at run time inside this one type.
 template <class Merging>
 using evicting_cache = kvc::compressed_cache<kvc::evict::any, Merging, kvc::quant::any, kvc::project::none>;
 
@@ -227,6 +227,10 @@ Cache* kvc_cache_inside(kv_cache& cache) {
     auto* adapter = dynamic_cast<kvc_cache<Cache>*>(&cache);
     return adapter != nullptr ? &adapter->get() : nullptr;
 }
+
+// The evicting cache (no merging) behind a compressed `cache` that evicts,
+// else null: what its policy kept, per head, for tests and tools that inspect it.
+const evicting_cache<kvc::merge::none>* evicting_cache_inside(kv_cache& cache);
 
 // A decorator that measures the time spent inside the cache's attention calls
 // (steady_clock around attend/attend_chunk), appends and compress calls. kvc-fidelity
@@ -336,16 +340,16 @@ inline bool learnt_from(const calibration& calibrated, const cache_spec& spec) {
            calibrated.artifacts->count(eviction_artifact_key(spec.evict)) != 0;
 }
 
-// Builds the cache `spec` names for a model of shape `shape`. Throws
-// std::invalid_argument naming the valid spellings when `spec` is not one,
-// or when a calibrated policy is named without `calibrated.rows`; kvc::error
-// when kvc rejects the configuration (e.g. a head dim the codec does not support).
+// Builds the cache `spec` names for a model of shape `shape`: kvc::full_cache,
+// or kvc::make_cache's dynamic_cache. Throws std::invalid_argument when a
+// flag does not name a method of its family (the library's message, naming
+// the close matches), when a calibrated method is named without
+// `calibrated.rows`, or when kvc refuses the configuration (a value out of
+// range, a pairing it does not offer, a head dim the codec does not support):
+// kvc's message, after the spelling.
 std::unique_ptr<kv_cache> make_cache(const kvc::cache_config& shape, const cache_spec& spec,
                                      const calibration& calibrated = {});
 
-// Every --cache spelling and every --evict spelling, for messages.
-std::string cache_names();
-std::string eviction_names();
 // Human-readable list of every option, for --list.
 std::string describe_options();
 

@@ -44,14 +44,14 @@ const char* const usage = R"(usage: kvc_engine --model FILE [options]
   --temperature T      0 = greedy (default), else sample from softmax(logits / T)
   --seed S             sampling seed (default 42)
   --chunk N            prefill chunk size in tokens (default 64)
-  --cache SPEC         KV cache: full:f32, full:f16 (default), full:bf16 or a compressed codec (see --list)
+  --cache SPEC         KV cache: full:f32, full:f16 (default), full:bf16 or a codec of kvc::methods() (see --list)
   --evict SPEC         eviction policy of a compressed cache (default none)
   --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0)
   --merge NAME         fold what eviction drops into what it keeps (default none; e.g. compensation)
   --project SPEC       store fewer key channels (default none; e.g. think:0.4, with --evict none)
   --compare SPEC       also run a reference cache (e.g. full:f32) over the same tokens and compare
   --quiet              do not print the generated text
-  --list               list the cache and eviction choices
+  --list               list the kvc::methods() names each flag takes
   --help
 )";
 

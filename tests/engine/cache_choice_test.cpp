@@ -1,5 +1,5 @@
-// examples/engine/cache_choice.hpp: every configuration the registry offers
-// builds and runs; bad spellings are errors that list the valid ones;
+// examples/engine/cache_choice.hpp: every configuration of the sweep builds
+// and runs; bad spellings are the library's errors, naming the close ones;
 // calibrated policies learn once; LagKV at its default lag keeps what
 // streaming keeps on the fidelity tools' prompts, and at lag 16 does not.
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -183,6 +184,23 @@ TEST(EngineCacheChoice, CalibratedCodecsLearnOnceFromTheCalibration) {
     EXPECT_EQ(calibrated.artifacts->at("cq:c8b8").kind, "cq");
 }
 
+// kvquant:BITS is the library's kvquant with an artifact learnt at BITS bits
+// (the library reads the bits from the artifact); plain kvquant learns at 3.
+TEST(EngineCacheChoice, KVQuantSpellingsChooseTheLearntBits) {
+    engine::calibration calibrated = small_calibration();
+    for (const char* spelling : {"kvquant", "kvquant:2", "kvquant:3", "kvquant:4"}) {
+        const auto cache = engine::make_cache(small_shape(), {spelling, "none"}, calibrated);
+        EXPECT_TRUE(cache->wants_keys_before_rope()) << spelling;
+    }
+    const std::pair<const char*, float> expected[] = {{"kvquant", 3.0f}, {"kvquant:2", 2.0f}, {"kvquant:3", 3.0f},
+                                                      {"kvquant:4", 4.0f}};
+    for (const auto& [spelling, bits] : expected)
+        EXPECT_EQ(calibrated.artifacts->at(spelling).get("bits", {1}).values.at(0), bits) << spelling;
+    const std::string five = error_of({"kvquant:5", "none"});
+    EXPECT_NE(five.find("unknown method 'kvquant:5'"), std::string::npos) << five;
+    EXPECT_NE(five.find("close: kvquant"), std::string::npos) << five;
+}
+
 // The calibrated eviction policies: without calibration rows, an error that
 // names the spelling and what it needs; with them, one artifact per policy
 // (whatever its value), learnt once and reused by every cache, on every
@@ -224,7 +242,11 @@ TEST(EngineCacheChoice, HeadRolesRejectsBadSharesAndCalibration) {
             engine::make_cache(small_shape(), {"none:f16", spelling}, calibrated);
             ADD_FAILURE() << spelling << " built";
         } catch (const std::invalid_argument& e) {
-            EXPECT_NE(std::string(e.what()).find("expected a retrieval share in (0, 1]"), std::string::npos) << e.what();
+            // The library's check of the value, after the engine's spelling.
+            EXPECT_NE(std::string(e.what()).find("expected head_roles:retrieval_share with a number in (0, 1]"),
+                      std::string::npos)
+                << e.what();
+            EXPECT_NE(std::string(e.what()).find(std::string("none:f16 + ") + spelling), std::string::npos) << e.what();
         }
     }
     auto expect_rejected = [](std::vector<std::size_t> sequences, const std::string& expected) {
@@ -261,7 +283,7 @@ TEST(EngineCacheChoice, LagKVAtItsDefaultLagKeepsWhatStreamingKeeps) {
             for (std::size_t h = 0; h < 2; ++h) {
                 const std::int32_t* first = nullptr;
                 std::size_t count = 0;
-                if (auto* c = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache)) {
+                if (auto* c = engine::evicting_cache_inside(*cache)) {
                     EXPECT_TRUE(c->eviction().scorer.target<kvc::evict::score::streaming>() ||
                                 c->eviction().scorer.target<kvc::evict::score::lagkv>());
                     first = c->positions(layer, h), count = c->tokens(layer, h);
@@ -414,14 +436,42 @@ TEST(EngineCacheChoice, DecodeTimeEvictionHoldsTheBudget) {
     }
 }
 
-TEST(EngineCacheChoice, PairsAndFlagsTheRegistryDoesNotBuildAreErrors) {
-    const std::string unpaired = error_of({"q4_1", "snapkv:0.25"});
-    EXPECT_NE(unpaired.find("runs without eviction"), std::string::npos) << unpaired;
-    EXPECT_NE(unpaired.find("q4_0"), std::string::npos) << unpaired; // names the codecs that do evict
+// Any codec pairs with any eviction (kvc::make_cache builds every pair): a
+// codec outside the sweep's pairs evicts like the others. What kvc does not
+// offer, and flags without the policy they need, are errors naming them.
+TEST(EngineCacheChoice, EveryCodecEvictsAndUnofferedCompositionsAreErrors) {
+    for (const char* codec : {"q4_1", "int2:g32", "hadamard:k4v2", "sparse:0.5", "mixed:int4/int2:0.2"}) {
+        SCOPED_TRACE(codec);
+        const auto cache = engine::make_cache(small_shape(), {codec, "snapkv:0.25"});
+        exercise(*cache, 40);
+        EXPECT_EQ(cache->rows(), 2u * 2u * 21u); // max(ceil(0.25 x 40), 4 + 16) per head, + the decoded token
+    }
     const std::string every_without_eviction = error_of({"none:f16", "none", 8});
     EXPECT_NE(every_without_eviction.find("--evict-every"), std::string::npos) << every_without_eviction;
     const std::string every_on_full = error_of({"full:f16", "none", 8});
     EXPECT_NE(every_on_full.find("--evict-every"), std::string::npos) << every_on_full;
+
+    // The library's refusals, after the spelling.
+    const std::string merge_alone = error_of({"none:f16", "none", 0, "compensation"});
+    EXPECT_NE(merge_alone.find("none:f16 + compensation: "), std::string::npos) << merge_alone;
+    EXPECT_NE(merge_alone.find("expected an eviction policy"), std::string::npos) << merge_alone;
+    engine::cache_spec projected_evicting{"none:f16", "snapkv:0.25"};
+    projected_evicting.project = "think:0.4";
+    const std::string projection_with_eviction = error_of(projected_evicting);
+    EXPECT_NE(projection_with_eviction.find("composes with neither eviction nor merging"), std::string::npos)
+        << projection_with_eviction;
+    engine::cache_spec projected_quantized{"q4_0", "none"};
+    projected_quantized.project = "think:0.4";
+    const std::string projection_on_q4_0 = error_of(projected_quantized);
+    EXPECT_NE(projection_on_q4_0.find("expected the codec none:f32, none:f16 or none:bf16"), std::string::npos)
+        << projection_on_q4_0;
+    // A calibrated method whose artifact the engine does not learn.
+    engine::cache_spec pca{"none:f16", "none"};
+    pca.project = "pca:16";
+    const std::string unlearnt = error_of(pca);
+    EXPECT_NE(unlearnt.find("'pca' is learnt from the model, and this engine does not learn its artifact"),
+              std::string::npos)
+        << unlearnt;
 }
 
 TEST(EngineCacheChoice, FullAndIdentityCachesCountTheSameRows) {
@@ -442,20 +492,45 @@ TEST(EngineCacheChoice, TimedCacheMeasuresAttention) {
     EXPECT_EQ(timed.rows(), 2u * 2u * 17u);
 }
 
-TEST(EngineCacheChoice, BadSpellingsListTheValidOnes) {
-    const std::string unknown_cache = error_of({"full:f8", "none"});
-    EXPECT_NE(unknown_cache.find("unknown cache 'full:f8'"), std::string::npos) << unknown_cache;
-    EXPECT_NE(unknown_cache.find("full:f16"), std::string::npos) << unknown_cache;
-    EXPECT_NE(unknown_cache.find("none:bf16"), std::string::npos) << unknown_cache;
+// Unknown names: kvc::full_cache's spellings are the engine's, so it names
+// them; every other name is the library's, whose message names the flag's
+// spelling and the close matches. A name of another family is refused too.
+TEST(EngineCacheChoice, BadSpellingsNameTheCloseOnes) {
+    const std::string unknown_full = error_of({"full:f8", "none"});
+    EXPECT_NE(unknown_full.find("unknown cache 'full:f8'"), std::string::npos) << unknown_full;
+    EXPECT_NE(unknown_full.find("full:f16"), std::string::npos) << unknown_full;
 
-    const std::string unknown_eviction = error_of({"none:f16", "bogus:0.5"});
-    EXPECT_NE(unknown_eviction.find("unknown --evict 'bogus:0.5'"), std::string::npos) << unknown_eviction;
+    const std::string unknown_cache = error_of({"q4_O", "none"});
+    EXPECT_NE(unknown_cache.find("--cache q4_O: kvc::make_cache: unknown method 'q4_O'"), std::string::npos)
+        << unknown_cache;
+    EXPECT_NE(unknown_cache.find("close: q4_0"), std::string::npos) << unknown_cache;
+
+    const std::string unknown_eviction = error_of({"none:f16", "snapvk:0.5"});
+    EXPECT_NE(unknown_eviction.find("--evict snapvk:0.5: kvc::make_cache: unknown method 'snapvk:0.5'"),
+              std::string::npos)
+        << unknown_eviction;
+    EXPECT_NE(unknown_eviction.find("snapkv"), std::string::npos) << unknown_eviction;
+
+    const std::string unknown_merge = error_of({"none:f16", "h2o:0.25", 0, "compensaton"});
+    EXPECT_NE(unknown_merge.find("--merge compensaton: kvc::make_cache: unknown method 'compensaton'"),
+              std::string::npos)
+        << unknown_merge;
+    EXPECT_NE(unknown_merge.find("compensation"), std::string::npos) << unknown_merge;
+
+    const std::string wrong_family = error_of({"none:f16", "q4_0"});
+    EXPECT_NE(wrong_family.find("--evict q4_0: expected one eviction method of kvc::methods(), got q4_0 "
+                                "(quantization)"),
+              std::string::npos)
+        << wrong_family;
 
     const std::string full_evicts = error_of({"full:f16", "bogus:0.5"});
     EXPECT_NE(full_evicts.find("keeps every token"), std::string::npos) << full_evicts;
 
     const std::string none_with_value = error_of({"none:f16", "none:0.5"});
-    EXPECT_NE(none_with_value.find("takes no value"), std::string::npos) << none_with_value;
+    EXPECT_NE(none_with_value.find("unknown method 'none:0.5'"), std::string::npos) << none_with_value;
+    const std::string bad_value = error_of({"none:f16", "snapkv:abc"});
+    EXPECT_NE(bad_value.find("expected snapkv:keep_ratio with a number in (0, 1], got 'abc'"), std::string::npos)
+        << bad_value;
 }
 
 TEST(EngineCacheChoice, DescribeListsEveryOption) {

@@ -302,7 +302,7 @@ TEST(EngineCalibration, QFiltersLearnTheQueryDirectionAndKeepTheKeysAlongIt) {
 
     const std::size_t prompt = engine_test::scaled(256, 96);
     const engine::recorded_rows rows = replay_prompt(run, *cache, prompt);
-    auto* kept = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache);
+    auto* kept = engine::evicting_cache_inside(*cache);
     ASSERT_NE(kept, nullptr);
     ASSERT_NE(kept->eviction().scorer.target<kvc::evict::score::qfilter>(), nullptr);
     const std::size_t target = (prompt + 1) / 2; // ceil(0.5 x prompt), above the 20 protected
@@ -389,7 +389,7 @@ TEST(EngineCalibration, HeadRolesKeepEverythingInTheHeadsAttendingFarthestBack) 
 
     const std::size_t prompt = engine_test::scaled(256, 96);
     replay_prompt(run, *cache, prompt);
-    auto* kept = engine::kvc_cache_inside<engine::evicting_cache<kvc::merge::none>>(*cache);
+    auto* kept = engine::evicting_cache_inside(*cache);
     ASSERT_NE(kept, nullptr);
     ASSERT_NE(kept->eviction().selector.target<kvc::evict::by_head_role>(), nullptr);
     std::vector<std::int32_t> everything(prompt + 1), streaming = {0, 1, 2, 3};
