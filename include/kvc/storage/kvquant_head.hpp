@@ -539,9 +539,18 @@ public:
         std::size_t packed = self.packed_tokens();
         a.count("kvquant_head packed tokens", packed, std::size_t{1} << 31);
         a.elements("kvquant_head positions", self.positions_, self.sink_.tokens() + packed);
-        const std::size_t code_bytes = packed ? packed * self.row_bytes_ + kernels::kvquant_code_slack : 0;
+        // The codes without the kernels' slack (never read for a value, and
+        // not kept deterministic by compaction): a load zeroes it.
+        const std::size_t code_bytes = packed * self.row_bytes_;
         a.elements("kvquant_head key codes", self.key_codes_, code_bytes);
         a.elements("kvquant_head value codes", self.value_codes_, code_bytes);
+        if constexpr (Archive::loading)
+            if (packed != 0)
+                for (auto* codes : {&self.key_codes_, &self.value_codes_}) {
+                    codes->reserve(code_bytes + kernels::kvquant_code_slack);
+                    std::memset(codes->data() + code_bytes, 0, kernels::kvquant_code_slack);
+                    codes->resize_within_capacity(code_bytes + kernels::kvquant_code_slack);
+                }
         a.elements("kvquant_head value parameters", self.value_params_, 2 * packed);
         a.elements("kvquant_head outlier ends", self.outlier_end_, packed);
         std::size_t outliers = self.outlier_channel_.size();
