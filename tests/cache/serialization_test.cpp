@@ -279,7 +279,10 @@ TYPED_TEST(serialization_round_trip, loaded_cache_is_the_same_cache_bit_for_bit)
         }
     }
 
-    // Chunk attention over the last tokens (the fewest any head holds).
+    // Decode steps straight after the load, then chunk attention over the
+    // last tokens (the fewest any head holds), which marks a prompt again.
+    for (std::size_t step = 90; step < 93; ++step)
+        ASSERT_TRUE(same_bits(decode_step(original, step), decode_step(loaded, step))) << "decode step " << step;
     for (std::size_t l = 0; l < c.layers; ++l) {
         std::size_t chunk = original.tokens(l, 0);
         for (std::size_t h = 1; h < c.kv_heads; ++h) chunk = std::min(chunk, original.tokens(l, h));
@@ -300,6 +303,28 @@ TYPED_TEST(serialization_round_trip, loaded_cache_is_the_same_cache_bit_for_bit)
             loaded.compress();
         }
     }
+    EXPECT_EQ(kvc::save_cache(loaded), kvc::save_cache(original));
+}
+
+// Saved between the prompt and the first decode step (the prompt's
+// compression still pending, the query window full): the loaded cache runs
+// that compression as the original does.
+TYPED_TEST(serialization_round_trip, a_cache_saved_before_its_prompt_compression_compresses_alike) {
+    const kvc::cache_config c = shape();
+    auto original = TypeParam::make(c);
+    for (std::size_t l = 0; l < c.layers; ++l) {
+        const step_data d(c, 1000 + l, 60);
+        append(original, l, d, 0, 60);
+        std::vector<float> out(60 * c.query_heads * c.head_dim);
+        original.attend_chunk(l, d.queries.data(), 60, out.data());
+    }
+    const bytes saved = kvc::save_cache(original);
+    auto loaded = TypeParam::make(c);
+    kvc::load_cache(loaded, saved.data(), saved.size());
+    for (std::size_t step = 0; step < 6; ++step)
+        ASSERT_TRUE(same_bits(decode_step(original, step), decode_step(loaded, step))) << "decode step " << step;
+    for (std::size_t l = 0; l < c.layers; ++l)
+        for (std::size_t h = 0; h < c.kv_heads; ++h) EXPECT_EQ(loaded.tokens(l, h), original.tokens(l, h));
     EXPECT_EQ(kvc::save_cache(loaded), kvc::save_cache(original));
 }
 
