@@ -1,9 +1,12 @@
 // libFuzzer target: bytes -> kvc::load_cache (kvc/cache/serialization.hpp)
-// into one of several small caches, chosen by the first byte: full_cache and
-// compressed caches over the stores the format carries (dense rows with the
-// query ring and merging's bias, KIVI with sinks, GEAR, mixed precision,
-// sparse rows, ThinK's pruned rows; KVQuant and CQ, whose calibration would
-// double this file's build, are left to cache/serialization_test). The invariants:
+// into one of seven small caches, chosen by the first byte's low bits:
+// full_cache and compressed caches over the stores the format carries (dense
+// rows with the query ring and merging's bias, KIVI with sinks, GEAR, mixed
+// precision, sparse rows, ThinK's pruned rows; KVQuant and CQ, which need a
+// calibration, are left out to keep this file's build short and are covered
+// by cache/serialization_test). The first byte's high bit has every section's
+// CRC recomputed before the load, so mutations also reach the parsers and
+// their consistency checks. The invariants:
 //   - a load either succeeds or throws kvc::error; any other exception, a
 //     sanitizer report or a trap is a finding;
 //   - a refused load leaves the cache as it was (it saves to the same bytes);
@@ -13,7 +16,7 @@
 //     chunk attention, an append and a compression run over the loaded data.
 //
 // Built with -DKVC_CACHE_LOAD_SEEDS (no libFuzzer) it is a program writing
-// the seed corpus, tests/fuzz/corpus/cache_load: one saved cache per kind:
+// the seed corpus, tests/fuzz/corpus/cache_load: one saved cache per kind, as it is and to be resealed:
 //   clang++-14 -std=c++17 -O1 -Iinclude -Itests -DKVC_CACHE_LOAD_SEEDS \
 //     tests/fuzz/cache_load_fuzz.cpp -o /tmp/seeds && /tmp/seeds tests/fuzz/corpus/cache_load
 #include <cstddef>
@@ -170,9 +173,28 @@ void with_cache(unsigned kind, F&& f) {
 } // namespace
 
 #ifndef KVC_CACHE_LOAD_SEEDS
+// With the first byte's high bit set, every section's CRC is recomputed
+// first, so that mutations reach the parsers and their consistency checks
+// (as fuzz_artifact does); otherwise the bytes go in as they are.
+bytes resealed(const std::uint8_t* data, std::size_t size) {
+    bytes out(data, data + size);
+    std::size_t at = 12;
+    while (at + 12 <= out.size()) {
+        std::uint64_t length = 0;
+        for (int i = 7; i >= 0; --i) length = (length << 8) | out[at + 4 + static_cast<std::size_t>(i)];
+        if (length > out.size() - at - 12 || out.size() - at - 12 - length < 4) break;
+        const std::size_t end = at + 12 + static_cast<std::size_t>(length);
+        const std::uint32_t crc = kvc::detail::crc32_update(0, out.data() + at, end - at);
+        for (int i = 0; i < 4; ++i) out[end + static_cast<std::size_t>(i)] = static_cast<unsigned char>(crc >> (8 * i));
+        at = end + 4;
+    }
+    return out;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size == 0) return 0;
-    with_cache(data[0], [&](auto cache) { run(std::move(cache), data + 1, size - 1); });
+    const bytes input = (data[0] & 0x80) ? resealed(data + 1, size - 1) : bytes(data + 1, data + size);
+    with_cache(data[0] & 0x7f, [&](auto cache) { run(std::move(cache), input.data(), input.size()); });
     return 0;
 }
 #else
@@ -199,6 +221,9 @@ int main(int argc, char** argv) {
             bytes file = kvc::save_cache(cache);
             file.insert(file.begin(), static_cast<unsigned char>(kind));
             std::ofstream(std::string(argv[1]) + "/kind" + std::to_string(kind) + ".bin", std::ios::binary)
+                .write(reinterpret_cast<const char*>(file.data()), static_cast<std::streamsize>(file.size()));
+            file[0] = static_cast<unsigned char>(kind | 0x80); // the same file, its CRCs recomputed after mutation
+            std::ofstream(std::string(argv[1]) + "/kind" + std::to_string(kind) + "_resealed.bin", std::ios::binary)
                 .write(reinterpret_cast<const char*>(file.data()), static_cast<std::streamsize>(file.size()));
         });
     return 0;
