@@ -18,7 +18,7 @@ root=$(pwd)
 dir="$root/build/fuzz-long" # not build/fuzz: test.sh configures that one differently and would start it afresh
 seconds=${KVC_FUZZ_SECONDS:-600}
 runs=${KVC_FUZZ_RUNS:-}
-all_targets=(artifact tokenizer model cache_api)
+all_targets=(artifact tokenizer model cache_api cache_load)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 
@@ -33,9 +33,11 @@ for target in "${targets[@]}"; do
   mkdir -p "$dir/corpus/$target" "$dir/findings/$target"
   log="$dir/findings/$target/run.log"
   limit=(-max_total_time="$seconds")
+  max_len=4096
+  [[ "$target" == cache_load ]] && max_len=32768 # a saved cache with its query ring is larger
   [[ -n "$runs" ]] && limit=(-runs="$runs")
   echo "=== fuzz_$target (${limit[*]}), log: $log"
-  if nice -n 10 "$dir/tests/fuzz/fuzz_$target" "${limit[@]}" -max_len=4096 -print_final_stats=1 \
+  if nice -n 10 "$dir/tests/fuzz/fuzz_$target" "${limit[@]}" -max_len="$max_len" -print_final_stats=1 \
     -artifact_prefix="$dir/findings/$target/" "$dir/corpus/$target" "$root/tests/fuzz/corpus/$target" \
     >"$log" 2>&1; then
     result=ok

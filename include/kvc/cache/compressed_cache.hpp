@@ -64,8 +64,13 @@
 
 namespace kvc {
 
+namespace detail {
+struct cache_serializer; // cache/serialization.hpp
+} // namespace detail
+
 template <class Eviction, class Merging, class Quantization, class Projection>
 class compressed_cache {
+    friend struct detail::cache_serializer;
     static_assert(is_eviction_policy_v<Eviction>,
                   "kvc::compressed_cache: the first parameter must be an eviction policy "
                   "(family kvc::eviction_family, e.g. kvc::evict::none)");

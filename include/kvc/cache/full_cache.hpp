@@ -97,9 +97,12 @@ public:
     ~emptied_by_move() = default;
 };
 
+struct cache_serializer; // cache/serialization.hpp
 } // namespace detail
 
 class full_cache {
+    friend struct detail::cache_serializer;
+
 public:
     explicit full_cache(const cache_config& config)
         : config_(checked(config)), heads_(config_.resource), positions_(config_.resource) {

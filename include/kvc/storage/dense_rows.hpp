@@ -219,6 +219,19 @@ public:
         k.prefill[kernels::index_of(type_)](p, workspace);
     }
 
+    // Serialization (cache/serialization.hpp): the element type and dim as
+    // shapes, the token count, then the key and value rows.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("dense_rows element type", static_cast<std::size_t>(self.type_));
+        a.shape("dense_rows head_dim", self.dim_);
+        std::size_t tokens = self.tokens();
+        a.count("dense_rows tokens", tokens, std::size_t{1} << 31);
+        const std::size_t bytes = detail::checked_mul(tokens, self.row_bytes(), "kvc::dense_rows", "rows", "bytes per row");
+        a.elements("dense_rows keys", self.keys_, bytes);
+        a.elements("dense_rows values", self.values_, bytes);
+    }
+
 private:
     dtype type_;
     std::size_t dim_;

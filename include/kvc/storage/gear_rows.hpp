@@ -405,6 +405,51 @@ private:
         }
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the layout as shapes, the
+    // packed rows, the token records, the chunks (counts and factors), the
+    // fp16 segment; on load the outlier channels, chunk counts and segment
+    // length are checked (the kernels index by them).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        const gear_layout& l = self.layout_;
+        a.shape("gear_rows format", static_cast<std::size_t>(l.format));
+        a.shape("gear_rows group size", l.group_size);
+        a.shape("gear_rows outliers per side", l.outliers_per_side);
+        a.shape("gear_rows rank", l.rank);
+        a.shape("gear_rows chunk tokens", l.chunk_tokens);
+        a.shape("gear_rows iterations", l.iterations);
+        a.shape("gear_rows head_dim", self.dim_);
+        packed_rows::transfer(self.packed_, a);
+        const std::size_t compressed = self.packed_.tokens();
+        a.elements("gear_rows records", self.records_, compressed * l.record_units());
+        std::size_t chunks = self.counts_.size();
+        a.count("gear_rows chunks", chunks, compressed);
+        a.elements("gear_rows chunk counts", self.counts_, chunks);
+        a.elements("gear_rows factors", self.factors_, chunks * 2 * l.rank * self.dim_);
+        dense_rows::transfer(self.recent_, a);
+        if constexpr (Archive::loading) {
+            std::size_t sum = 0;
+            for (std::size_t c = 0; c < chunks; ++c) {
+                a.check(self.counts_[c] >= 1 && self.counts_[c] <= l.chunk_tokens, "gear_rows chunk ", c, " holds ",
+                        self.counts_[c], " tokens, expected 1..", l.chunk_tokens);
+                sum += self.counts_[c];
+            }
+            a.check(sum == compressed, "gear_rows chunks hold ", sum, " tokens, expected the ", compressed,
+                    " compressed tokens");
+            a.check(self.recent_.tokens() < l.chunk_tokens, "gear_rows holds ", self.recent_.tokens(),
+                    " fp16 tokens, expected fewer than ", l.chunk_tokens);
+            for (std::size_t t = 0; t < compressed; ++t)
+                for (int keys = 0; keys < 2; ++keys) {
+                    const std::uint16_t* s = self.sparse(t, keys == 1);
+                    for (std::size_t j = 0; j < l.outliers(); ++j)
+                        a.check(s[2 * j] < self.dim_, "gear_rows token ", t, " has an outlier at channel ", s[2 * j],
+                                ", expected < ", self.dim_);
+                }
+        }
+    }
+
+private:
     gear_layout layout_;
     std::size_t dim_;
     packed_rows packed_;

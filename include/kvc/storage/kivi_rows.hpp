@@ -362,6 +362,29 @@ private:
         return q;
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the layout as shapes, the sink
+    // rows, the quantized blocks (keys per block, values per token), the residual.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("kivi_rows format", static_cast<std::size_t>(self.layout_.format));
+        a.shape("kivi_rows group size", self.layout_.group_size);
+        a.shape("kivi_rows residual", self.layout_.residual);
+        a.shape("kivi_rows sink tokens", self.layout_.sink_tokens);
+        a.shape("kivi_rows head_dim", self.dim_);
+        dense_rows::transfer(self.sink_, a);
+        a.check(self.sink_.tokens() <= self.layout_.sink_tokens, "kivi_rows holds ", self.sink_.tokens(),
+                " sink tokens, expected at most ", self.layout_.sink_tokens);
+        std::size_t blocks = self.blocks();
+        a.count("kivi_rows blocks", blocks, (std::size_t{1} << 31) / self.layout_.group_size);
+        a.elements("kivi_rows key blocks", self.keys_, blocks * self.block_bytes_);
+        a.elements("kivi_rows values", self.values_, blocks * self.layout_.group_size * self.value_row_bytes_);
+        dense_rows::transfer(self.residual_, a);
+        a.check(self.residual_.tokens() < self.layout_.residual_capacity(), "kivi_rows holds ",
+                self.residual_.tokens(), " residual tokens, expected fewer than ", self.layout_.residual_capacity());
+    }
+
+private:
     kivi_layout layout_;
     std::size_t dim_;
     std::size_t block_bytes_, value_row_bytes_;

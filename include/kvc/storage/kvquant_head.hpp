@@ -517,6 +517,63 @@ private:
             if (code & (1u << b)) row[(bit + b) / 8] = static_cast<unsigned char>(row[(bit + b) / 8] | (1u << ((bit + b) % 8)));
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the parameters as shapes and
+    // the calibrated tables as must-match buffers, then the sink rows, each
+    // token's position, the packed codes, value parameters and outliers; on
+    // load the outlier lists are checked (the kernels index by them).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("kvquant_head bits", self.bits_);
+        a.shape("kvquant_head head_dim", self.dim_);
+        a.shape("kvquant_head sink tokens", self.sink_limit_);
+        a.shape("kvquant_head max outliers", self.max_outliers_);
+        a.shape("kvquant_head rotary dims", self.rope_config_.rotary_dims);
+        a.shape("kvquant_head rope interleaved", self.rope_config_.interleaved ? 1 : 0);
+        a.same("kvquant_head calibrated parameters", self.params_);
+        a.same("kvquant_head rope frequencies", self.rope_);
+        a.same("kvquant_head channel order", self.channel_of_);
+        dense_rows::transfer(self.sink_, a);
+        a.check(self.sink_.tokens() <= self.sink_limit_, "kvquant_head holds ", self.sink_.tokens(),
+                " sink tokens, expected at most ", self.sink_limit_);
+        std::size_t packed = self.packed_tokens();
+        a.count("kvquant_head packed tokens", packed, std::size_t{1} << 31);
+        a.elements("kvquant_head positions", self.positions_, self.sink_.tokens() + packed);
+        // The codes without the kernels' slack (never read for a value, and
+        // not kept deterministic by compaction): a load zeroes it.
+        const std::size_t code_bytes = packed * self.row_bytes_;
+        a.elements("kvquant_head key codes", self.key_codes_, code_bytes);
+        a.elements("kvquant_head value codes", self.value_codes_, code_bytes);
+        if constexpr (Archive::loading)
+            if (packed != 0)
+                for (auto* codes : {&self.key_codes_, &self.value_codes_}) {
+                    codes->reserve(code_bytes + kernels::kvquant_code_slack);
+                    std::memset(codes->data() + code_bytes, 0, kernels::kvquant_code_slack);
+                    codes->resize_within_capacity(code_bytes + kernels::kvquant_code_slack);
+                }
+        a.elements("kvquant_head value parameters", self.value_params_, 2 * packed);
+        a.elements("kvquant_head outlier ends", self.outlier_end_, packed);
+        std::size_t outliers = self.outlier_channel_.size();
+        a.count("kvquant_head outliers", outliers, packed * self.max_outliers_);
+        a.elements("kvquant_head outlier channels", self.outlier_channel_, outliers);
+        a.elements("kvquant_head outlier values", self.outlier_value_, outliers);
+        if constexpr (Archive::loading) {
+            std::uint32_t begin = 0;
+            for (std::size_t t = 0; t < packed; ++t) {
+                const std::uint32_t end = self.outlier_end_[t];
+                a.check(end >= begin && end - begin <= self.max_outliers_ && end <= outliers, "kvquant_head token ", t,
+                        " ends its outliers at ", end, ", expected ", begin, "..", begin + self.max_outliers_,
+                        " within ", outliers);
+                begin = end;
+            }
+            a.check(begin == outliers, "kvquant_head tokens hold ", begin, " outliers, expected ", outliers);
+            for (std::size_t o = 0; o < outliers; ++o)
+                a.check(self.outlier_channel_[o] < self.dim_, "kvquant_head outlier ", o, " is at channel ",
+                        self.outlier_channel_[o], ", expected < ", self.dim_);
+        }
+    }
+
+private:
     unsigned bits_;
     std::size_t dim_, row_bytes_, sink_limit_, max_outliers_;
     double outlier_fraction_;

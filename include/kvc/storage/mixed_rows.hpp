@@ -355,6 +355,42 @@ private:
         }
     }
 
+public:
+    // Serialization (cache/serialization.hpp): formats as shapes, the token
+    // map, then both bodies; on load the map is checked to name each body's
+    // rows in order (attention walks the bodies by it).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("mixed_rows high format", static_cast<std::size_t>(self.high_.key_format));
+        a.shape("mixed_rows low format", static_cast<std::size_t>(self.low_.key_format));
+        a.shape("mixed_rows group size", self.high_.group_size);
+        a.shape("mixed_rows head_dim", self.dim_);
+        std::uint64_t fraction_bits = 0;
+        std::memcpy(&fraction_bits, &self.high_fraction_, sizeof fraction_bits);
+        a.shape("mixed_rows high fraction (double bits)", fraction_bits);
+        std::size_t tokens = self.tokens(), high = self.high_tokens();
+        a.count("mixed_rows tokens", tokens, std::size_t{1} << 31);
+        a.count("mixed_rows high tokens", high, tokens);
+        a.elements("mixed_rows token map", self.slot_, tokens);
+        a.elements("mixed_rows high keys", self.high_keys_, high * self.high_key_bytes_);
+        a.elements("mixed_rows high values", self.high_values_, high * self.high_key_bytes_);
+        a.elements("mixed_rows low keys", self.low_keys_, (tokens - high) * self.low_key_bytes_);
+        a.elements("mixed_rows low values", self.low_values_, (tokens - high) * self.low_key_bytes_);
+        if constexpr (Archive::loading) {
+            std::size_t next_high = 0, next_low = 0;
+            for (std::size_t t = 0; t < tokens; ++t) {
+                const std::uint32_t s = self.slot_[t];
+                const bool low = (s & low_flag) != 0;
+                const std::size_t row = s & ~low_flag;
+                a.check(row == (low ? next_low : next_high), "mixed_rows token ", t, " maps to ",
+                        low ? "low" : "high", " row ", row, ", expected ", low ? next_low : next_high);
+                ++(low ? next_low : next_high);
+            }
+            a.check(next_high == high, "mixed_rows maps ", next_high, " tokens to the high body, expected ", high);
+        }
+    }
+
+private:
     packed_layout high_, low_;
     std::size_t dim_;
     double high_fraction_;

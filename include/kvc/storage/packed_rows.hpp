@@ -304,6 +304,26 @@ private:
         }
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the layout as shapes, the fp16
+    // sink rows, then the packed rows.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("packed_rows key format", static_cast<std::size_t>(self.layout_.key_format));
+        a.shape("packed_rows value format", static_cast<std::size_t>(self.layout_.value_format));
+        a.shape("packed_rows group size", self.layout_.group_size);
+        a.shape("packed_rows sink tokens", self.layout_.sink_tokens);
+        a.shape("packed_rows head_dim", self.dim_);
+        dense_rows::transfer(self.sink_, a);
+        a.check(self.sink_.tokens() <= self.layout_.sink_tokens, "packed_rows holds ", self.sink_.tokens(),
+                " sink tokens, expected at most ", self.layout_.sink_tokens);
+        std::size_t packed = self.packed_tokens();
+        a.count("packed_rows tokens", packed, std::size_t{1} << 31);
+        a.elements("packed_rows keys", self.keys_, packed * self.key_row_bytes_);
+        a.elements("packed_rows values", self.values_, packed * self.value_row_bytes_);
+    }
+
+private:
     packed_layout layout_;
     std::size_t dim_;
     std::size_t key_row_bytes_, value_row_bytes_;

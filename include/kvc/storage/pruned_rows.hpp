@@ -217,6 +217,29 @@ private:
         k.attend_partial[kernels::index_of(type_)](p, state);
     }
 
+public:
+    // Serialization (cache/serialization.hpp): element type and dim as
+    // shapes, the kept channels, the body rows, the recent rows; on load the
+    // channels must ascend below dim (attention gathers queries by them).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("pruned_rows element type", static_cast<std::size_t>(self.type_));
+        a.shape("pruned_rows head_dim", self.dim_);
+        std::size_t kept = self.channels_.size(), body = self.body_tokens();
+        a.count("pruned_rows kept channels", kept, self.dim_);
+        a.elements("pruned_rows channels", self.channels_, kept);
+        a.count("pruned_rows body tokens", body, kept == 0 ? 0 : std::size_t{1} << 31);
+        a.elements("pruned_rows body keys", self.body_keys_, body * kept * size_of(self.type_));
+        a.elements("pruned_rows body values", self.body_values_, body * self.value_row_bytes());
+        dense_rows::transfer(self.recent_, a);
+        if constexpr (Archive::loading)
+            for (std::size_t i = 0; i < kept; ++i)
+                a.check(self.channels_[i] < self.dim_ && (i == 0 || self.channels_[i] > self.channels_[i - 1]),
+                        "pruned_rows channel ", i, " is ", self.channels_[i], ", expected ascending channels below ",
+                        self.dim_);
+    }
+
+private:
     dtype type_;
     std::size_t dim_;
     aligned_buffer<std::uint16_t> channels_;

@@ -68,6 +68,29 @@ public:
         count_ = next_ = 0;
     }
 
+    // Serialization (cache/serialization.hpp): whether the ring is
+    // allocated, then its shape (which must be the one the cache would give
+    // it: element type, window, row floats), position and rows.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a, dtype type, std::size_t window, std::size_t row) {
+        std::size_t held = self.data_.size() != 0 ? 1 : 0;
+        a.count("query_ring allocated", held, window != 0 && row != 0 ? 1 : 0);
+        if (held == 0) return;
+        a.shape("query_ring element type", static_cast<std::size_t>(type));
+        a.shape("query_ring window", window);
+        a.shape("query_ring row floats", row);
+        std::size_t count = self.count_, next = self.next_;
+        a.count("query_ring rows held", count, window);
+        a.count("query_ring next slot", next, window - 1);
+        a.elements("query_ring rows", self.data_, window * row * size_of(type));
+        a.check(count == window || next == count, "query_ring holds ", count, " rows with its next slot at ", next,
+                ", expected the slot after them until the ring is full");
+        if constexpr (Archive::loading) {
+            self.type_ = type, self.window_ = window, self.row_ = row;
+            self.count_ = count, self.next_ = next;
+        }
+    }
+
 private:
     aligned_buffer<std::uint8_t> data_;
     dtype type_ = dtype::f32;

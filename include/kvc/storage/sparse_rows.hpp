@@ -160,6 +160,34 @@ private:
         k.sparse.attend_partial(s, state);
     }
 
+public:
+    // Serialization (cache/serialization.hpp): dim and kept counts as shapes,
+    // then the rows; on load every row's bitmap must keep exactly its kept
+    // count (the kernels read as many values as the bitmap names).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("sparse_rows head_dim", self.dim_);
+        a.shape("sparse_rows key kept", self.key_kept_);
+        a.shape("sparse_rows value kept", self.value_kept_);
+        std::size_t tokens = self.tokens();
+        a.count("sparse_rows tokens", tokens, std::size_t{1} << 31);
+        a.elements("sparse_rows keys", self.keys_, tokens * self.key_row_bytes_);
+        a.elements("sparse_rows values", self.values_, tokens * self.value_row_bytes_);
+        if constexpr (Archive::loading) {
+            for (std::size_t t = 0; t < tokens; ++t)
+                for (int keys = 0; keys < 2; ++keys) {
+                    const unsigned char* row = keys ? self.key_row(t) : self.value_row(t);
+                    std::size_t set = 0;
+                    for (std::size_t i = 0; i < self.dim_ / 8; ++i)
+                        for (unsigned bit = 0; bit < 8; ++bit) set += (row[i] >> bit) & 1u;
+                    const std::size_t kept = keys ? self.key_kept_ : self.value_kept_;
+                    a.check(set == kept, "sparse_rows token ", t, keys ? " key" : " value", " row keeps ", set,
+                            " elements, expected ", kept);
+                }
+        }
+    }
+
+private:
     std::size_t dim_;
     std::size_t key_kept_, value_kept_;
     std::size_t key_row_bytes_, value_row_bytes_;

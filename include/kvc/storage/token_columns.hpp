@@ -164,6 +164,16 @@ public:
         });
     }
 
+    // The column's buffer itself (serialization reads and writes it whole).
+    template <class Column>
+    aligned_buffer<typename Column::value_type>& buffer() noexcept {
+        return std::get<index_of<Column>()>(buffers_);
+    }
+    template <class Column>
+    const aligned_buffer<typename Column::value_type>& buffer() const noexcept {
+        return std::get<index_of<Column>()>(buffers_);
+    }
+
     std::size_t bytes() const noexcept {
         return (std::size_t{0} + ... + std::get<index_of<Columns>()>(buffers_).bytes());
     }

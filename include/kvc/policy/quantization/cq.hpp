@@ -231,6 +231,22 @@ private:
         }
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the shape, the codebooks as a
+    // must-match buffer (they come from the calibration), then the codes.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("cq_head head_dim", self.dim_);
+        a.shape("cq_head channels", self.channels_);
+        a.shape("cq_head bits", self.bits_);
+        a.same("cq_head codebooks", self.codebooks_);
+        std::size_t tokens = self.tokens();
+        a.count("cq_head tokens", tokens, std::size_t{1} << 31);
+        a.elements("cq_head keys", self.keys_, tokens * self.row_bytes_);
+        a.elements("cq_head values", self.values_, tokens * self.row_bytes_);
+    }
+
+private:
     std::size_t dim_, channels_, bits_, groups_, clusters_, row_bytes_;
     aligned_buffer<float> codebooks_;          // [2][groups][channels][2^bits]
     aligned_buffer<unsigned char> keys_, values_;

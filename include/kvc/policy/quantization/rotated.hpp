@@ -241,6 +241,17 @@ private:
                           kernels::hadamard_direction::forward);
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the rotation's parameters as shapes, then the inner store
+    // (which holds the rotated rows as they are).
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("rotated head_dim", self.dim_);
+        a.shape("rotated random signs", self.random_signs_ ? 1 : 0);
+        Inner::transfer(self.inner_, a);
+    }
+
+private:
     Inner inner_;
     std::size_t dim_;
     bool random_signs_;

@@ -289,6 +289,18 @@ private:
         }
     }
 
+public:
+    // Serialization (cache/serialization.hpp): the sink limit, the fp16 sink rows, the inner store.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("with_sinks sink tokens", self.sink_limit_);
+        dense_rows::transfer(self.sink_, a);
+        a.check(self.sink_.tokens() <= self.sink_limit_, "with_sinks holds ", self.sink_.tokens(),
+                " sink tokens, expected at most ", self.sink_limit_);
+        Inner::transfer(self.inner_, a);
+    }
+
+private:
     dense_rows sink_;
     Inner inner_;
     std::size_t sink_limit_;
