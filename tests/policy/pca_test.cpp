@@ -41,14 +41,7 @@ using loki_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc
 constexpr std::size_t layers = 2, kv_heads = 2, query_heads = 4, dim = 32, chunk = 64;
 
 kvc::cache_config shape(kvc::dtype storage = kvc::dtype::f32, kvc::memory_resource* resource = nullptr) {
-    kvc::cache_config c;
-    c.layers = layers;
-    c.kv_heads = kv_heads;
-    c.query_heads = query_heads;
-    c.head_dim = dim;
-    c.storage = storage;
-    c.resource = resource;
-    return c;
+    return kvc_test::shape_of(layers, kv_heads, query_heads, dim, storage, resource);
 }
 
 // A dim x rank matrix with orthonormal columns (Gram-Schmidt in double), row-major.
