@@ -1,5 +1,12 @@
 // bench/eviction.cpp -- what eviction costs and what it buys at decode time.
 //
+// Every cache but full_cache and the static side of BM_run_time_decode and
+// BM_bias_decode is built from its spec by kvc's registry (kvc::make_cache:
+// "knorm:0.25", "q4_0 + snapkv:0.25"), the scorer erased inside the cache:
+// one indirect call per head and compression, per attention call for the
+// statistics, and per appended token for the token-by-token append scorers
+// (knorm, CUR).
+//
 // BM_evict_compress/<scorer>/<resource>: one layer of 32K tokens, 8 KV heads,
 // head dim 128, fp16 rows; one iteration = cache.compress(layer) down to keep
 // ratio 0.25 (scoring every head, selecting, compacting, returning the
@@ -55,13 +62,12 @@
 #include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/core/recycling_resource.hpp"
-#include "kvc/policy/eviction/all.hpp"
-#include "kvc/policy/eviction/any.hpp"
+#include "kvc/policy/eviction/snapkv.hpp"
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
-#include "kvc/policy/quantization/any.hpp"
 #include "kvc/policy/quantization/block.hpp"
 #include "kvc/policy/quantization/none.hpp"
+#include "kvc/registry.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -120,33 +126,36 @@ double fastest_attend_seconds(Cache& cache, std::size_t layers, int calls) {
     return best;
 }
 
-template <class Policy>
-using evicting = kvc::compressed_cache<Policy, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none>;
+// The caches here are built from their spec by kvc's registry (a
+// kvc::dynamic_cache), as a run-time user builds them: `scorer` at the
+// benchmark's keep ratio over fp16 rows.
+kvc::dynamic_cache evicting(const kvc::cache_config& c, const std::string& scorer) {
+    return kvc::make_cache(c, scorer + ":" + std::to_string(evict_ratio));
+}
 
-template <class Policy>
-void BM_evict_compress(benchmark::State& state) {
+void BM_evict_compress(benchmark::State& state, const std::string& scorer) {
     const bool pooled = state.range(0) != 0;
     kvc::recycling_resource pool;
     kvc::cache_config c = evict_shape(1);
     if (pooled) c.resource = &pool;
-    evicting<Policy> full(c, Policy(kvc::evict::budget::ratio(evict_ratio)));
+    kvc::dynamic_cache full = evicting(c, scorer);
     fill(full, 1, evict_tokens);
     const double attention = fastest_attend_seconds(full, 1, 5);
     if (pooled) { // one compression, so the pool holds blocks of the compacted sizes
-        evicting<Policy> warm = full;
+        kvc::dynamic_cache warm = full;
         warm.compress(0);
     }
     double total = 0.0;
     for (auto _ : state) {
         state.PauseTiming();
-        evicting<Policy> copy = full;
+        kvc::dynamic_cache copy = full;
         state.ResumeTiming();
         const auto start = std::chrono::steady_clock::now();
         copy.compress(0);
         total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         benchmark::DoNotOptimize(copy.tokens(0));
         state.PauseTiming();
-        { evicting<Policy> release = std::move(copy); }
+        { kvc::dynamic_cache release = std::move(copy); }
         state.ResumeTiming();
     }
     state.counters["vs_attention"] = total / static_cast<double>(state.iterations()) / attention;
@@ -154,13 +163,12 @@ void BM_evict_compress(benchmark::State& state) {
     state.SetLabel(kvc::name_of(kvc::active_arch()));
 }
 
-template <class Policy>
-void BM_evict_append(benchmark::State& state) {
+void BM_evict_append(benchmark::State& state, const std::string& scorer) {
     const kvc::cache_config c = evict_shape(1);
     double with_scores = 0.0, plain = 0.0;
     for (auto _ : state) {
         {
-            evicting<Policy> cache(c, Policy(kvc::evict::budget::ratio(evict_ratio)));
+            kvc::dynamic_cache cache = evicting(c, scorer);
             const auto start = std::chrono::steady_clock::now();
             fill(cache, 1, evict_tokens);
             with_scores += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -189,11 +197,10 @@ std::vector<float> normal_floats(std::size_t count, unsigned seed) {
 
 void BM_prompt_compression(benchmark::State& state) {
     constexpr std::size_t layers = 4, prompt = 2048, chunk = 64;
-    using cache_type =
-        kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q4_0, kvc::project::none>;
+    using cache_type = kvc::dynamic_cache;
     const kvc::cache_config c = evict_shape(layers);
     const std::size_t kv_row = evict_heads * evict_dim, q_row = c.query_heads * evict_dim;
-    cache_type prefilled(c, kvc::evict::snapkv(kvc::evict::budget::ratio(evict_ratio)));
+    cache_type prefilled = kvc::make_cache(c, "q4_0 + snapkv:" + std::to_string(evict_ratio));
     {
         const std::vector<float> keys = normal_floats(prompt * kv_row, 1), values = normal_floats(prompt * kv_row, 2);
         const std::vector<float> q = normal_floats(prompt * q_row, 3);
@@ -251,13 +258,12 @@ void BM_prompt_compression(benchmark::State& state) {
     state.SetLabel(kvc::name_of(kvc::active_arch()));
 }
 
-template <class Policy>
-void BM_evict_decode(benchmark::State& state) {
+void BM_evict_decode(benchmark::State& state, const std::string& scorer) {
     constexpr std::size_t layers = 4;
     const kvc::cache_config c = evict_shape(layers);
     kvc::full_cache full(c);
     fill(full, layers, evict_tokens);
-    evicting<Policy> cache(c, Policy(kvc::evict::budget::ratio(evict_ratio)));
+    kvc::dynamic_cache cache = evicting(c, scorer);
     fill(cache, layers, evict_tokens);
     cache.compress();
     const auto q = queries();
@@ -351,9 +357,9 @@ void BM_attention_stats(benchmark::State& state) {
     const kvc::cache_config c = evict_shape(layers);
     kvc::full_cache full(c);
     fill(full, layers, evict_tokens);
-    evicting<kvc::evict::streaming> plain(c, kvc::evict::streaming(kvc::evict::budget::ratio(evict_ratio)));
+    kvc::dynamic_cache plain = evicting(c, "streaming");
     fill(plain, layers, evict_tokens);
-    evicting<kvc::evict::h2o> stats(c, kvc::evict::h2o(kvc::evict::budget::ratio(evict_ratio)));
+    kvc::dynamic_cache stats = evicting(c, "h2o");
     fill(stats, layers, evict_tokens); // appends only: no prefill, so nothing is evicted
     const auto q = queries();
     std::vector<float> out(q.size());
@@ -383,8 +389,9 @@ void BM_attention_stats(benchmark::State& state) {
 
 } // namespace
 
-// Issue 13: a cache composed at run time (quant::any holding the codec,
-// evict::any the scorer and selector) against the statically composed type,
+// Issue 13: a cache composed at run time (kvc::make_cache's dynamic_cache:
+// one virtual call into compressed_cache<evict::any, merge::none, quant::any>,
+// the codec and the scorer erased inside) against the statically composed type,
 // at 32K tokens per head (four layers, visited round robin, the order of the
 // two rotating every iteration). Target: run_time_vs_static <= 1.03. The
 // outputs must be identical (checked every iteration).
@@ -424,8 +431,7 @@ void BM_run_time_decode_f16(benchmark::State& state) {
     constexpr std::size_t layers = 4;
     const kvc::cache_config c = evict_shape(layers);
     kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::none> fixed(c);
-    kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none> chosen(
-        c, {}, {}, kvc::quant::any(kvc::quant::none<kvc::half>{}));
+    kvc::dynamic_cache chosen = kvc::make_cache(c, "none:f16");
     fill(fixed, layers, evict_tokens);
     fill(chosen, layers, evict_tokens);
     time_run_time_against_static(state, fixed, chosen);
@@ -436,8 +442,7 @@ void BM_run_time_decode_q4_0_snapkv(benchmark::State& state) {
     const kvc::cache_config c = evict_shape(layers);
     const kvc::evict::snapkv policy(kvc::evict::budget::ratio(evict_ratio));
     kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q4_0, kvc::project::none> fixed(c, policy);
-    kvc::compressed_cache<kvc::evict::any, kvc::merge::none, kvc::quant::any, kvc::project::none> chosen(
-        c, kvc::evict::to_any(policy), {}, kvc::quant::any(kvc::quant::q4_0{}));
+    kvc::dynamic_cache chosen = kvc::make_cache(c, "q4_0 + snapkv:" + std::to_string(evict_ratio));
     // 4 x 32K tokens, compressed to a quarter: what the cache attends over at 32K of context.
     fill(fixed, layers, evict_tokens);
     fill(chosen, layers, evict_tokens);
@@ -447,7 +452,6 @@ void BM_run_time_decode_q4_0_snapkv(benchmark::State& state) {
 }
 
 void register_eviction_benchmarks() {
-    namespace evict = kvc::evict;
     // The score-only policies of issue 4's cost target: E1, E7, E8, E11, E13.
     const auto compress = [](const char* name, auto function) {
         for (const char* resource : {"new_delete", "pool"})
@@ -456,22 +460,20 @@ void register_eviction_benchmarks() {
                 ->Unit(benchmark::kMillisecond)
                 ->Iterations(4);
     };
-    compress("streaming", BM_evict_compress<evict::streaming>);
-    compress("knorm", BM_evict_compress<evict::knorm>);
-    compress("keydiff", BM_evict_compress<evict::keydiff>);
-    compress("lagkv", BM_evict_compress<evict::lagkv>);
-    compress("cur", BM_evict_compress<evict::cur>);
-    for (const auto& [name, function] :
-         {std::pair{"streaming", &BM_evict_append<evict::streaming>}, std::pair{"knorm", &BM_evict_append<evict::knorm>},
-          std::pair{"cur", &BM_evict_append<evict::cur>}, std::pair{"lagkv", &BM_evict_append<evict::lagkv>}})
-        benchmark::RegisterBenchmark((std::string("BM_evict_append/") + name).c_str(), function)
+    for (const char* scorer : {"streaming", "knorm", "keydiff", "lagkv", "cur"})
+        compress(scorer, [scorer](benchmark::State& state) { BM_evict_compress(state, scorer); });
+    for (const char* scorer : {"streaming", "knorm", "cur", "lagkv"})
+        benchmark::RegisterBenchmark((std::string("BM_evict_append/") + scorer).c_str(),
+                                     [scorer](benchmark::State& state) { BM_evict_append(state, scorer); })
             ->Unit(benchmark::kMillisecond)
             ->Iterations(3);
     benchmark::RegisterBenchmark("BM_prompt_compression/q4_0+snapkv", BM_prompt_compression)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond)
         ->Iterations(10);
-    benchmark::RegisterBenchmark("BM_evict_decode/knorm", BM_evict_decode<evict::knorm>)->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark("BM_evict_decode/knorm", [](benchmark::State& state) { BM_evict_decode(state, "knorm"); })
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_bias_decode/f16", BM_bias_decode)->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark("BM_run_time_decode/f16", BM_run_time_decode_f16)
         ->Unit(benchmark::kMillisecond)

@@ -18,7 +18,9 @@
 //                  the single-thread read bandwidth measured at start-up
 // Issue 15's targets: PCA at rank d/4 (32) vs_full_time <= 0.3; Loki at
 // k = 1/8 of the tokens <= 0.35.
-// The bases are coordinate axes (orthonormal, and the time does not depend on
+// The projected caches are built from their spec by kvc's registry
+// (kvc::make_cache("pca:32"), "loki:32:0.125") with a "pca" artifact whose
+// bases are coordinate axes (orthonormal, and the time does not depend on
 // which orthonormal basis it is); rows are uniform noise.
 #include <algorithm>
 #include <chrono>
@@ -31,16 +33,12 @@
 #include <benchmark/benchmark.h>
 
 #include "bench_common.hpp"
-#include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
+#include "kvc/calibration/artifact.hpp"
 #include "kvc/core/cache_config.hpp"
 #include "kvc/core/float16.hpp"
 #include "kvc/kernels/dispatch.hpp"
-#include "kvc/policy/eviction/none.hpp"
-#include "kvc/policy/merging/none.hpp"
-#include "kvc/policy/projection/loki.hpp"
-#include "kvc/policy/projection/pca.hpp"
-#include "kvc/policy/quantization/none.hpp"
+#include "kvc/registry.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -48,10 +46,6 @@ namespace {
 
 constexpr std::size_t kv_heads = 8, group = 4, dim = 128, tokens = 32768, fill_chunk = 1024;
 constexpr std::size_t min_working_set_bytes = std::size_t{128} << 20;
-
-template <class Projection>
-using projected_cache =
-    kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, Projection>;
 
 kvc::cache_config shape(std::size_t layers) {
     kvc::cache_config c;
@@ -69,13 +63,32 @@ std::size_t layers_for(std::size_t bytes_per_token) {
     return std::max<std::size_t>(2, static_cast<std::size_t>(std::ceil(min_working_set_bytes / layer)));
 }
 
-kvc::project::pca axes(std::size_t layers, std::size_t rank) {
-    kvc::project::pca_bases b{layers, kv_heads, dim, rank, {}, {}};
-    b.keys.assign(layers * kv_heads * dim * rank, 0.0f);
+// A "pca" artifact (calibration/pca.hpp's tensors) at full rank whose bases
+// are the coordinate axes, energies descending.
+kvc::calibration::artifact axes(std::size_t layers) {
+    using shape_t = std::vector<std::uint64_t>;
+    kvc::calibration::tensor basis{"key_basis", shape_t{layers, kv_heads, dim, dim}, {}};
+    kvc::calibration::tensor energy{"key_energy", shape_t{layers, kv_heads, dim}, {}};
+    basis.values.assign(layers * kv_heads * dim * dim, 0.0f);
+    energy.values.resize(layers * kv_heads * dim);
     for (std::size_t head = 0; head < layers * kv_heads; ++head)
-        for (std::size_t j = 0; j < rank; ++j) b.keys[head * dim * rank + j * rank + j] = 1.0f;
-    b.values = b.keys;
-    return kvc::project::pca(std::move(b));
+        for (std::size_t j = 0; j < dim; ++j) {
+            basis.values[head * dim * dim + j * dim + j] = 1.0f;
+            energy.values[head * dim + j] = static_cast<float>(dim - j);
+        }
+    kvc::calibration::artifact a;
+    a.kind = "pca";
+    a.tensors = {basis, basis, energy, energy};
+    a.tensors[1].name = "value_basis";
+    a.tensors[3].name = "value_energy";
+    return a;
+}
+
+// The registry's cache for `spec` over `layers` layers, with the axes as its bases.
+kvc::dynamic_cache projected(const std::string& spec, std::size_t layers) {
+    kvc::cache_options options;
+    options.artifacts["pca"] = options.artifacts["loki"] = axes(layers);
+    return kvc::make_cache(shape(layers), spec, options);
 }
 
 // Every layer filled with `tokens` rows of deterministic noise in [-1, 1), in chunks.
@@ -104,8 +117,8 @@ void fill(Cache& cache, std::size_t layers) {
 
 // Attends `cache` (its `layers` filled here) and an fp16 full_cache of the
 // same shape alternately in every iteration; the row's time is `cache`'s.
-template <class Cache>
-void decode_against_full(benchmark::State& state, Cache& cache, std::size_t layers) {
+// report_bandwidth: bw_fraction from stored_bytes(0), what one attend over a layer reads.
+void decode_against_full(benchmark::State& state, kvc::dynamic_cache& cache, std::size_t layers, bool report_bandwidth) {
     fill(cache, layers);
     const std::size_t full_layers = layers_for(2 * dim * 2);
     kvc::full_cache full(shape(full_layers));
@@ -134,15 +147,13 @@ void decode_against_full(benchmark::State& state, Cache& cache, std::size_t laye
         projected_first = !projected_first;
     }
     const double iterations = static_cast<double>(state.iterations());
-    std::size_t read = 0;
-    if constexpr (kvc::detail::has_stored_bytes<typename Cache::head_storage>::value)
-        for (std::size_t h = 0; h < kv_heads; ++h) read += cache.head(0, h).stored_bytes();
+    const std::size_t read = cache.stored_bytes(0);
     state.counters["vs_full_time"] = projected_seconds / full_seconds;
     state.counters["vs_full_bytes"] = (static_cast<double>(cache.bytes()) / static_cast<double>(layers)) /
                                       (static_cast<double>(full.bytes()) / static_cast<double>(full_layers));
     state.counters["projected_us"] = projected_seconds / iterations * 1e6;
     state.counters["full_us"] = full_seconds / iterations * 1e6;
-    if (read != 0)
+    if (report_bandwidth)
         state.counters["bw_fraction"] =
             static_cast<double>(read) / (projected_seconds / iterations) / single_thread_read_bandwidth().bytes_per_second;
     state.SetLabel(kvc::name_of(kvc::active_arch()));
@@ -150,16 +161,13 @@ void decode_against_full(benchmark::State& state, Cache& cache, std::size_t laye
 
 // rank: PCA's rank, or the coordinates Loki's estimate reads; ratio 0: PCA, else Loki's share of tokens.
 void BM_project_decode(benchmark::State& state, std::size_t rank, double ratio) {
-    if (ratio == 0.0) {
-        const std::size_t layers = layers_for(2 * rank * 2);
-        projected_cache<kvc::project::pca> cache(shape(layers), {}, {}, {}, axes(layers, rank));
-        decode_against_full(state, cache, layers);
-    } else {
-        const std::size_t layers = layers_for(2 * dim * 2);
-        projected_cache<kvc::project::loki> cache(shape(layers), {}, {}, {},
-                                                  kvc::project::loki(axes(layers, dim), rank, ratio));
-        decode_against_full(state, cache, layers);
-    }
+    const std::size_t layers = layers_for(2 * (ratio == 0.0 ? rank : dim) * 2);
+    kvc::dynamic_cache cache = projected(ratio == 0.0 ? "pca:" + std::to_string(rank)
+                                                      : "loki:" + std::to_string(rank) + ":" + std::to_string(ratio),
+                                         layers);
+    // Loki's stores count what they hold, not what an attend reads (the
+    // estimate's coordinates of every key, then the chosen rows): no bw_fraction.
+    decode_against_full(state, cache, layers, ratio == 0.0);
 }
 
 struct registrar {

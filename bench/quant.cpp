@@ -1,5 +1,10 @@
-// bench/quant.cpp -- Q1 block codecs against fp16 full_cache: decode attention,
-// quantize-on-append, and attention-output error.
+// bench/quant.cpp -- every codec of kvc's registry against fp16 full_cache:
+// decode attention, quantize-on-append, and attention-output error.
+//
+// The codecs are kvc::methods() of the quantization family, each built by
+// kvc::make_cache from its spec (its name, at its default parameter, plus a
+// few other parameter values listed in codecs()): rows are named by spec, and
+// a codec added to the registry is measured here with no edit to this file.
 //
 // BM_quant_decode: one decode step of one layer (cache.attend for 32 query
 // heads over 8 KV heads, GQA 4, head dim 128) at 32K tokens, single thread,
@@ -7,10 +12,12 @@
 // visited round robin). The fp16 full_cache of the same shape is kept in the
 // same process and measured (>= 0.3 s of calls) right before every row's timed
 // loop, and every row reports
-//   vs_full_time   its time per call / full_cache fp16 time per call
-//   vs_full_bytes  its cache bytes per layer / full_cache fp16 bytes per layer
-//   bw_fraction    packed bytes read per call (every key and value group of
-//                  the layer, scales included) / time / single-thread read bandwidth
+//   vs_full_time    its time per call / full_cache fp16 time per call
+//   vs_full_bytes   its cache bytes per layer / full_cache fp16 bytes per layer
+//   bw_fraction     bytes one call reads (stored_bytes(layer): every key and
+//                   value group, scales, codebooks and fp16 rows included)
+//                   / time / single-thread read bandwidth
+//   bits_per_value  those bytes per key or value element, in bits
 // Issue 3's targets: int4 vs_full_time <= 0.35, int8 <= 0.6, bw_fraction >= 0.5.
 //
 // BM_quant_append: the prefill path. One iteration appends 4096 tokens of
@@ -23,18 +30,18 @@
 // tokens with random queries, on Gaussian data and on data with outlier
 // channels (a few channels 10x larger, as real keys have). One iteration;
 // the numbers are the counters rel_error (mean over query heads and queries)
-// and rel_error_max. KVQuant rows (kvquant_3bit, kvquant_4bit) are calibrated
-// on held-out tokens of the same data (on uniform noise for decode) and take the
-// keys as if they were pre-RoPE: their fp16 reference holds the keys after
-// RoPE (default rope_config) at positions 0.. . scripts/quant_report.py turns all three into
-// docs/QUANTIZATION.md.
+// and rel_error_max. The KVQuant rows (kvquant@3bit, kvquant@4bit: the spec
+// "kvquant" with artifacts learnt at 3 and 4 bits) take the keys as if they
+// were pre-RoPE: their fp16 reference holds the keys after RoPE (default
+// rope_config) at positions 0.. . scripts/quant_report.py turns all three
+// into docs/QUANTIZATION.md.
 //
-// Calibrated codecs (Q8 CQ) learn their codebooks before a benchmark from a
-// small held-out sample of that benchmark's own data distribution (1024
-// tokens of one layer, never the measured tokens); the layers of the decode
-// fixture are i.i.d., so one layer's codebooks are reused for every layer.
-// Their bits_per_value counts the codes only (b / c); vs_full_bytes and
-// bw_fraction include the codebooks (256 KiB per head for b = 8).
+// Q6 (mixed:*) is given its precision from E7 knorm scores of the appended
+// keys once a layer is filled, a stand-in for any scorer. Calibrated codecs
+// (Q3 KVQuant, Q8 CQ) learn their artifact before a benchmark from a small
+// held-out sample of that benchmark's own data distribution (1024 tokens of
+// one layer, never the measured tokens); the layers of the decode fixture are
+// i.i.d., so one layer's codebooks serve every layer.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -44,6 +51,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -52,7 +60,6 @@
 #include <benchmark/benchmark.h>
 
 #include "bench_common.hpp"
-#include "kvc/cache/compressed_cache.hpp"
 #include "kvc/cache/full_cache.hpp"
 #include "kvc/calibration/cq.hpp"
 #include "kvc/calibration/kvquant.hpp"
@@ -61,18 +68,7 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/kernels/rope.hpp"
 #include "kvc/policy/eviction/knorm.hpp"
-#include "kvc/policy/eviction/none.hpp"
-#include "kvc/policy/merging/none.hpp"
-#include "kvc/policy/projection/none.hpp"
-#include "kvc/policy/quantization/block.hpp"
-#include "kvc/policy/quantization/cq.hpp"
-#include "kvc/policy/quantization/gear.hpp"
-#include "kvc/policy/quantization/kivi.hpp"
-#include "kvc/policy/quantization/kvquant.hpp"
-#include "kvc/policy/quantization/mixed.hpp"
-#include "kvc/policy/quantization/rotated.hpp"
-#include "kvc/policy/quantization/sinks.hpp"
-#include "kvc/policy/quantization/sparse.hpp"
+#include "kvc/registry.hpp"
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc_bench {
@@ -87,9 +83,6 @@ constexpr std::size_t fill_chunk = 256;
 constexpr std::size_t append_tokens = 4096;
 constexpr std::size_t fidelity_tokens = 1024;
 constexpr std::size_t calibration_tokens = 1024;
-
-template <class Q>
-using cache_of = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Q, kvc::project::none>;
 
 kvc::cache_config config_for(std::size_t layers) {
     kvc::cache_config c;
@@ -116,7 +109,8 @@ private:
     std::uint64_t state_;
 };
 
-// A cache of either kind behind one interface.
+// A cache of either kind behind one interface: the fp16 full_cache baseline
+// or a codec's cache as kvc's registry builds it (kvc::dynamic_cache).
 class target {
 public:
     virtual ~target() = default;
@@ -127,18 +121,17 @@ public:
                         const kvc::kv_view<const kvc::half>& v, std::int64_t position) = 0;
     virtual void reserve(std::size_t tokens) = 0;
     virtual std::size_t bytes() const = 0;
-    virtual std::size_t stored_bytes(std::size_t layer) const = 0; // K/V bytes one attend reads
-    // Called once after the fixture's tokens are appended (codecs that
-    // re-encode by importance assign precision here).
-    virtual void finish_fill() {}
+    virtual std::size_t stored_bytes(std::size_t layer) const = 0; // what one attend reads
+    // Q6 (mixed precision): after a layer's tokens are in, each head's
+    // precision is assigned from `scores` (tokens x kv_heads, token-major).
+    virtual bool assigns_precision() const { return false; }
+    virtual void assign_precision(std::size_t, const std::vector<float>&) {}
 };
 
 template <class Cache>
-class target_of : public target {
+class target_of final : public target {
 public:
-    explicit target_of(const kvc::cache_config& c) : cache_(c) {}
-    template <class Q>
-    target_of(const kvc::cache_config& c, Q quantization) : cache_(c, {}, {}, std::move(quantization)) {}
+    explicit target_of(Cache cache) : cache_(std::move(cache)) {}
     void attend(std::size_t layer, const float* q, float* out) override { cache_.attend(layer, q, out); }
     void append(std::size_t layer, const kvc::kv_view<const float>& k, const kvc::kv_view<const float>& v,
                 std::int64_t position) override {
@@ -150,238 +143,156 @@ public:
     }
     void reserve(std::size_t tokens) override { cache_.reserve(tokens); }
     std::size_t bytes() const override { return cache_.bytes(); }
-    std::size_t stored_bytes(std::size_t layer) const override {
-        if constexpr (std::is_same_v<Cache, kvc::full_cache>) {
-            return cache_.tokens(layer) * kv_heads * dim * 2 * kvc::size_of(cache_.config().storage);
-        } else if constexpr (kvc::detail::has_stored_bytes<typename Cache::head_storage>::value) {
-            // Head stores other than packed_rows report what one attention reads themselves.
-            std::size_t total = 0;
-            for (std::size_t h = 0; h < kv_heads; ++h) total += cache_.head(layer, h).stored_bytes();
-            return total;
-        } else { // packed_rows: the packed rows and the fp16 sinks
-            std::size_t total = 0;
+    std::size_t stored_bytes(std::size_t layer) const override { return cache_.stored_bytes(layer); }
+    bool assigns_precision() const override {
+        if constexpr (std::is_same_v<Cache, kvc::dynamic_cache>)
+            return cache_.offers(kvc::store_capability::assign_precision);
+        else
+            return false;
+    }
+    void assign_precision(std::size_t layer, const std::vector<float>& scores) override {
+        if constexpr (std::is_same_v<Cache, kvc::dynamic_cache>) {
+            const std::size_t tokens = scores.size() / kv_heads;
+            std::vector<float> head(tokens);
             for (std::size_t h = 0; h < kv_heads; ++h) {
-                const auto& head = cache_.head(layer, h);
-                total += head.packed_tokens() * (head.key_row_bytes() + head.value_row_bytes()) +
-                         head.sink_tokens() * kvc::packed_layout::sink_token_bytes(dim);
+                for (std::size_t t = 0; t < tokens; ++t) head[t] = scores[t * kv_heads + h];
+                cache_.assign_precision(layer, h, head.data());
             }
-            return total;
+            cache_.shrink_to_fit();
+        } else {
+            (void)layer, (void)scores;
         }
     }
-
-protected:
-    Cache& cache() noexcept { return cache_; }
 
 private:
     Cache cache_;
 };
 
+// E7 knorm's score of each appended key (-||k||: low-norm keys draw
+// attention), token-major over the KV heads: Q6's stand-in for any scorer.
+void append_key_norm_scores(const std::vector<float>& keys, std::vector<float>& scores) {
+    const kvc::kernels::kernel_table& k = kvc::kernels::active();
+    for (std::size_t row = 0; row < keys.size() / dim; ++row)
+        scores.push_back(kvc::evict::score::knorm{}.on_append(k, keys.data() + row * dim, nullptr, dim));
+}
+
+// One benchmarked codec: a registry spec. Calibrated methods learn their
+// artifact from a sample of the benchmark's own data (1024 tokens of one
+// layer, never the measured tokens; the layers of the decode fixture are
+// i.i.d., so one layer's artifact serves every layer).
 struct codec {
-    std::string name;
-    double bits_per_value; // key and value average, scales included (16 for fp16)
-    std::function<std::unique_ptr<target>(const kvc::cache_config&)> make;
-    // Calibrated codecs: the codec with codebooks learnt from one layer's
-    // sample keys and values ([calibration_tokens][kv_heads][dim]); `make` is
-    // unusable before.
-    std::function<codec(const std::vector<float>&, const std::vector<float>&)> calibrate;
+    codec(std::string row_name, std::string registry_spec) : name(std::move(row_name)), spec(std::move(registry_spec)) {}
+
+    std::string name; // the row's name: the spec, and the calibration when a learner sets more than the spec
+    std::string spec;
+    // Learns the method's artifact from the sample ([calibration_tokens][kv_heads][dim])
+    // for a cache of `config`; empty for uncalibrated methods.
+    std::function<kvc::calibration::artifact(const kvc::cache_config&, const std::vector<float>&,
+                                              const std::vector<float>&)>
+        learn;
     // Keys are appended before RoPE (KVQuant rotates them inside attention):
     // the fp16 reference of the fidelity rows then holds the keys after RoPE.
     bool keys_before_rope = false;
+    bool full_cache = false; // the fp16 full_cache baseline, not a registry cache
+
+    kvc::cache_options options; // the learnt artifact once ready()
+
+    std::unique_ptr<target> make(const kvc::cache_config& config) const {
+        if (full_cache) return std::make_unique<target_of<kvc::full_cache>>(kvc::full_cache(config));
+        return std::make_unique<target_of<kvc::dynamic_cache>>(kvc::make_cache(config, spec, options));
+    }
 };
 
-// `c` ready to make caches: calibrated on the sample `draw` produces when it needs it.
+// `c` ready to make caches for `config`: calibrated on the sample `draw` produces when it needs one.
 template <class Draw>
-codec ready(const codec& c, Draw&& draw) {
-    if (!c.calibrate) return c;
+codec ready(const codec& c, const kvc::cache_config& config, Draw&& draw) {
+    if (!c.learn) return c;
     std::vector<float> keys, values;
     draw(keys, values);
-    return c.calibrate(keys, values);
+    codec out = c;
+    const kvc::spec_term method = kvc::parse_spec(c.spec).front();
+    out.options.artifacts[method.method->name] = c.learn(config, keys, values);
+    return out;
 }
 
-// CQ with c channels per group and b bits per code, calibrated on one layer
-// and the same codebooks used for every layer of the cache.
-codec cq_codec(std::string name, std::size_t channels, std::size_t bits) {
-    codec c{name, static_cast<double>(bits) / static_cast<double>(channels), nullptr, nullptr};
-    c.calibrate = [name, channels, bits](const std::vector<float>& keys, const std::vector<float>& values) {
+// CQ with c channels per group and b bits per code, learnt on one layer and
+// the codebooks repeated for every layer of the cache.
+codec cq_codec(std::string spec, std::size_t channels, std::size_t bits) {
+    codec c(spec, spec);
+    c.learn = [channels, bits](const kvc::cache_config& config, const std::vector<float>& keys,
+                               const std::vector<float>& values) {
         kvc::calibration::cq_options o;
         o.channels_per_group = channels;
         o.bits = bits;
         o.iterations = 10;
-        const auto one_layer = std::make_shared<const kvc::calibration::artifact>(kvc::calibration::calibrate_cq(
+        kvc::calibration::artifact tiled = kvc::calibration::calibrate_cq(
             kvc::kv_view<const float>(keys.data(), calibration_tokens, kv_heads, dim),
-            kvc::kv_view<const float>(values.data(), calibration_tokens, kv_heads, dim), o));
-        codec out{name, static_cast<double>(bits) / static_cast<double>(channels), nullptr, nullptr};
-        out.make = [one_layer](const kvc::cache_config& config) -> std::unique_ptr<target> {
-            kvc::calibration::artifact tiled = *one_layer;
-            for (kvc::calibration::tensor& t : tiled.tensors) {
-                if (t.shape.size() != 5) continue;
-                const std::vector<float> layer = t.values;
-                t.shape[0] = config.layers;
-                t.values.clear();
-                for (std::size_t l = 0; l < config.layers; ++l) t.values.insert(t.values.end(), layer.begin(), layer.end());
-            }
-            using cache = cache_of<kvc::quant::cq>;
-            return std::make_unique<target_of<cache>>(config, kvc::quant::cq(tiled));
-        };
-        return out;
+            kvc::kv_view<const float>(values.data(), calibration_tokens, kv_heads, dim), o);
+        for (kvc::calibration::tensor& t : tiled.tensors) {
+            if (t.shape.size() != 5) continue;
+            const std::vector<float> layer = t.values;
+            t.shape[0] = config.layers;
+            t.values.clear();
+            for (std::size_t l = 0; l < config.layers; ++l) t.values.insert(t.values.end(), layer.begin(), layer.end());
+        }
+        return tiled;
     };
     return c;
 }
 
-template <class Q>
-codec codec_of(std::string name) {
-    return codec{std::move(name), (Q::key_bits_per_value() + Q::value_bits_per_value()) / 2.0,
-                 [](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<target_of<cache_of<Q>>>(c);
-                 },
-                 nullptr};
-}
-
-// Q10: run-time sparsity; bits per value from the row layout (bitmap included).
-codec sparse_codec(double sparsity) {
-    const kvc::quant::sparse q(sparsity);
-    return codec{"sparse_s" + std::to_string(static_cast<int>(sparsity * 100 + 0.5)),
-                 (q.key_bits_per_value(dim) + q.value_bits_per_value(dim)) / 2.0,
-                 [q](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<target_of<cache_of<kvc::quant::sparse>>>(c, q);
-                 },
-                 nullptr};
-}
-
-// Q9 on top of Q10: the first `sinks` tokens in fp16, the rest sparse.
-codec sinks_sparse_codec(double sparsity, std::size_t sinks) {
-    using Q = kvc::quant::with_sinks<kvc::quant::sparse>;
-    const Q q{kvc::quant::sparse(sparsity), sinks};
-    return codec{"sink" + std::to_string(sinks) + "_sparse_s" + std::to_string(static_cast<int>(sparsity * 100 + 0.5)),
-                 (q.codec.key_bits_per_value(dim) + q.codec.value_bits_per_value(dim)) / 2.0,
-                 [q](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<target_of<cache_of<Q>>>(c, q);
-                 },
-                 nullptr};
-}
-
-// Q6: after the tokens are in, every head's precision is assigned from E7
-// knorm scores (-||k||, low-norm keys draw attention), a stand-in for any scorer.
-template <class Q>
-class mixed_target final : public target_of<cache_of<Q>> {
-public:
-    mixed_target(const kvc::cache_config& c, Q q) : target_of<cache_of<Q>>(c, q) {}
-    void finish_fill() override {
-        auto& cache = this->cache();
-        const kvc::kernels::kernel_table& k = kvc::kernels::active();
-        std::vector<float> keys, scores;
-        for (std::size_t layer = 0; layer < cache.config().layers; ++layer)
-            for (std::size_t h = 0; h < kv_heads; ++h) {
-                const std::size_t tokens = cache.tokens(layer, h);
-                keys.resize(tokens * dim);
-                scores.resize(tokens);
-                cache.head(layer, h).decode_keys(k, 0, tokens, keys.data());
-                for (std::size_t t = 0; t < tokens; ++t)
-                    scores[t] = kvc::evict::score::knorm{}.on_append(k, keys.data() + t * dim, nullptr, dim);
-                cache.assign_precision(layer, h, scores.data());
-            }
-        cache.shrink_to_fit();
-    }
-};
-
-template <class Q>
-codec mixed_codec(std::string name, double high_fraction) {
-    const double bits = high_fraction * Q::high_bits_per_value() + (1.0 - high_fraction) * Q::low_bits_per_value() +
-                        8.0 * 4.0 / (2.0 * dim); // + the 4-byte token map per token and head
-    return codec{std::move(name), bits, [high_fraction](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<mixed_target<Q>>(c, Q(high_fraction));
-                 },
-                 nullptr};
-}
-
-// KVQuant at `bits`: 1% outliers, one fp16 sink, default RoPE, calibrated on
-// the sample for every layer. The bench appends its keys as if they were
-// pre-RoPE keys (the codec rotates them inside attention).
-codec kvquant_codec(std::string name, unsigned bits) {
-    // Average over K and V of the packed body at dim 128: codes b bits, 8 bytes
-    // of value parameters, 8 bytes of outlier end and position, ~1.28 outliers x 6 bytes.
-    const double bits_per_value = bits + (8.0 + 8.0 + 1.28 * 6.0) * 8.0 / (2.0 * dim);
-    codec c{name, bits_per_value, nullptr, nullptr};
+// KVQuant at `bits`, 1% outliers, calibrated on the sample for every layer.
+// The bench appends its keys as if they were pre-RoPE keys (the codec
+// rotates them inside attention, with the default rope_config).
+codec kvquant_codec(unsigned bits) {
+    codec c("kvquant@" + std::to_string(bits) + "bit", "kvquant");
     c.keys_before_rope = true;
-    c.calibrate = [name, bits, bits_per_value](const std::vector<float>& keys, const std::vector<float>& values) {
-        codec out{name, bits_per_value, nullptr, nullptr};
-        out.keys_before_rope = true;
-        out.make = [bits, keys, values](const kvc::cache_config& config) -> std::unique_ptr<target> {
-            const std::size_t tokens = keys.size() / (kv_heads * dim);
-            std::vector<kvc::kv_view<const float>> k, v;
-            for (std::size_t l = 0; l < config.layers; ++l) {
-                k.emplace_back(keys.data(), tokens, kv_heads, dim);
-                v.emplace_back(values.data(), tokens, kv_heads, dim);
-            }
-            kvc::calibration::kvquant_options o;
-            o.bits = bits;
-            o.outlier_fraction = 0.01;
-            const auto artifact = kvc::calibration::calibrate_kvquant(config, k, v, o);
-            return std::make_unique<target_of<cache_of<kvc::quant::kvquant>>>(
-                config, kvc::quant::kvquant(artifact, kvc::rope_config{}, 1));
-        };
-        return out;
+    c.learn = [bits](const kvc::cache_config& config, const std::vector<float>& keys,
+                     const std::vector<float>& values) {
+        const std::size_t tokens = keys.size() / (kv_heads * dim);
+        std::vector<kvc::kv_view<const float>> k, v;
+        for (std::size_t l = 0; l < config.layers; ++l) {
+            k.emplace_back(keys.data(), tokens, kv_heads, dim);
+            v.emplace_back(values.data(), tokens, kv_heads, dim);
+        }
+        kvc::calibration::kvquant_options o;
+        o.bits = bits;
+        o.outlier_fraction = 0.01;
+        return kvc::calibration::calibrate_kvquant(config, k, v, o);
     };
     return c;
 }
 
 codec full_fp16() {
-    return codec{"f16_full", 16.0,
-                 [](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<target_of<kvc::full_cache>>(c);
-                 },
-                 nullptr};
+    codec c("f16_full", "");
+    c.full_cache = true;
+    return c;
 }
 
-// A codec whose policy carries run-time parameters (kvc::quant::gear).
-template <class Q>
-codec codec_with(std::string name, const Q& policy, double bits_per_value) {
-    return codec{std::move(name), bits_per_value,
-                 [policy](const kvc::cache_config& c) -> std::unique_ptr<target> {
-                     return std::make_unique<target_of<cache_of<Q>>>(c, policy);
-                 },
-                 nullptr};
-}
-
-kvc::quant::gear gear_bits(unsigned bits) {
-    kvc::quant::gear g;
-    g.bits = bits;
-    return g;
-}
-
+// Every codec of kvc's registry (kvc::methods(), family quantization) by its
+// name at its default parameter, plus the parameter values below; the
+// calibrated ones with the learner this file has for them. A codec added to
+// the registry is benchmarked without touching this file, unless it is
+// calibrated (then its learner goes in learners()).
 std::vector<codec> codecs() {
-    namespace q = kvc::quant;
-    return {
-        codec_of<q::q8_0>("q8_0"),
-        codec_of<q::q4_0>("q4_0"),
-        codec_of<q::q4_1>("q4_1"),
-        codec_of<q::block<q::int2_asym, 32>>("int2_asym_g32"),
-        codec_of<q::block<q::fp8_e4m3, 32>>("fp8_e4m3_g32"),
-        codec_of<q::block<q::fp8_e5m2, 32>>("fp8_e5m2_g32"),
-        codec_of<q::block<q::int8_sym, 128>>("int8_sym_g128"),
-        codec_of<q::block<q::int4_sym, 128>>("int4_sym_g128"),
-        codec_of<q::block<q::int4_asym, 128>>("int4_asym_g128"),
-        codec_of<q::block<q::int2_asym, 128>>("int2_asym_g128"),
-        codec_of<q::block_kv<q::int4_sym, q::int2_asym, 32>>("k_int4_v_int2_g32"),
-        codec_of<q::block_kv<q::int8_sym, q::int4_sym, 32>>("k_int8_v_int4_g32"),
-        codec_of<q::block<q::int4_sym, 32, 4>>("q4_0_sink4"),
-        codec_of<q::rotated<q::q4_0>>("rot_q4_0"),
-        codec_of<q::rotated<q::block<q::int4_sym, 128>>>("rot_int4_sym_g128"),
-        sparse_codec(0.5),
-        sparse_codec(0.7),
-        sinks_sparse_codec(0.5, 4),
-        mixed_codec<q::mixed<q::int8_sym, q::int2_asym, 32>>("mixed_int8_20pct_int2", 0.2),
-        mixed_codec<q::mixed<q::int8_sym, q::int4_sym, 32>>("mixed_int8_20pct_int4", 0.2),
-        codec_of<q::kivi<4>>("kivi4_g32_r128"),
-        codec_of<q::kivi<2>>("kivi2_g32_r128"),
-        cq_codec("cq_c4_b8", 4, 8),
-        cq_codec("cq_c8_b8", 8, 8),
-        kvquant_codec("kvquant_3bit", 3),
-        kvquant_codec("kvquant_4bit", 4),
-        // GEAR (Q7): int4_asym / int2_asym G = 32 (as q4_1, int2_asym_g32) + 2% outliers + rank 2, n_b = 64.
-        codec_with("gear_4bit", gear_bits(4), gear_bits(4).bits_per_value(dim)),
-        codec_with("gear_2bit", gear_bits(2), gear_bits(2).bits_per_value(dim)),
-    };
+    const std::vector<std::string> more_values = {"kivi:4", "sparse:0.7"};
+    std::vector<codec> list;
+    for (const kvc::method_info& m : kvc::methods()) {
+        if (m.family != kvc::method_family::quantization) continue;
+        if (m.name == "kvquant") {
+            list.push_back(kvquant_codec(3));
+            list.push_back(kvquant_codec(4));
+        } else if (m.name == "cq:c4b8") {
+            list.push_back(cq_codec(m.name, 4, 8));
+        } else if (m.name == "cq:c8b8") {
+            list.push_back(cq_codec(m.name, 8, 8));
+        } else if (m.calibrated) {
+            throw std::runtime_error("bench/quant.cpp: no learner for the calibrated codec " + m.name);
+        } else {
+            list.emplace_back(m.name, m.name);
+        }
+    }
+    for (const std::string& spec : more_values) list.emplace_back(spec, spec);
+    return list;
 }
 
 // ---------------------------------------------------------------------------
@@ -406,31 +317,48 @@ void draw_noise(std::vector<float>& keys, std::vector<float>& values) {
     }
 }
 
+// Appends `tokens` of noise to `layer` in chunks; Q6 codecs then get
+// their precision assigned from the keys' knorm scores.
+void fill_layer(target& cache, std::size_t layer, std::size_t tokens, noise& rng) {
+    std::vector<float> keys(fill_chunk * kv_heads * dim), values(keys.size()), scores;
+    for (std::size_t t0 = 0; t0 < tokens; t0 += fill_chunk) {
+        for (std::size_t i = 0; i < keys.size(); ++i) {
+            keys[i] = rng.next();
+            values[i] = rng.next();
+        }
+        cache.append(layer, kvc::kv_view<const float>(keys.data(), fill_chunk, kv_heads, dim),
+                     kvc::kv_view<const float>(values.data(), fill_chunk, kv_heads, dim), static_cast<std::int64_t>(t0));
+        if (cache.assigns_precision()) append_key_norm_scores(keys, scores);
+    }
+    if (cache.assigns_precision()) cache.assign_precision(layer, scores);
+}
+
 std::unique_ptr<decode_fixture> build_decode_fixture(const codec& uncalibrated) {
-    const codec c = ready(uncalibrated, draw_noise);
-    // Layer size from a one-layer probe of the layout (cheap: no tokens).
-    const double bytes_per_token = c.bits_per_value / 8.0 * dim * 2 * kv_heads;
-    const double layer_bytes = bytes_per_token * decode_tokens;
+    // Layer size from a one-layer probe: its bytes empty and after
+    // probe_tokens, extrapolated to decode_tokens (codebooks and other
+    // per-head parts counted once).
+    constexpr std::size_t probe_tokens = 4 * fill_chunk;
+    double layer_bytes = 0.0;
+    {
+        const codec probe_codec = ready(uncalibrated, config_for(1), draw_noise);
+        const std::unique_ptr<target> probe = probe_codec.make(config_for(1));
+        probe->reserve(probe_tokens);
+        const double empty = static_cast<double>(probe->stored_bytes(0));
+        noise rng(17);
+        fill_layer(*probe, 0, probe_tokens, rng);
+        const double per_token = (static_cast<double>(probe->stored_bytes(0)) - empty) / probe_tokens;
+        layer_bytes = empty + per_token * decode_tokens;
+    }
     std::size_t layers = std::max<std::size_t>(2, static_cast<std::size_t>(std::ceil(min_working_set_bytes / layer_bytes)));
     layers += layers % 2;
+    const codec c = ready(uncalibrated, config_for(layers), draw_noise);
     auto fixture = std::make_unique<decode_fixture>();
     fixture->codec = c.name;
     fixture->layers = layers;
     fixture->cache = c.make(config_for(layers));
     fixture->cache->reserve(decode_tokens);
     noise rng(decode_tokens * 131 + dim * 7 + group);
-    std::vector<float> keys(fill_chunk * kv_heads * dim), values(keys.size());
-    for (std::size_t layer = 0; layer < layers; ++layer)
-        for (std::size_t t0 = 0; t0 < decode_tokens; t0 += fill_chunk) {
-            for (std::size_t i = 0; i < keys.size(); ++i) {
-                keys[i] = rng.next();
-                values[i] = rng.next();
-            }
-            fixture->cache->append(layer, kvc::kv_view<const float>(keys.data(), fill_chunk, kv_heads, dim),
-                                   kvc::kv_view<const float>(values.data(), fill_chunk, kv_heads, dim),
-                                   static_cast<std::int64_t>(t0));
-        }
-    fixture->cache->finish_fill();
+    for (std::size_t layer = 0; layer < layers; ++layer) fill_layer(*fixture->cache, layer, decode_tokens, rng);
     fixture->queries.resize(kv_heads * group * dim);
     for (float& q : fixture->queries) q = rng.next();
     fixture->bytes_per_layer = fixture->cache->bytes() / layers;
@@ -499,7 +427,10 @@ void BM_quant_decode(benchmark::State& state, codec c) {
     state.counters["vs_full_bytes"] =
         static_cast<double>(fixture->bytes_per_layer) / static_cast<double>(full.bytes_per_layer);
     state.counters["full_us"] = full_seconds * 1e6;
-    state.counters["bits_per_value"] = c.bits_per_value;
+    // What one attention reads per key or value element: scales, codebooks,
+    // fp16 sinks and residual rows included.
+    state.counters["bits_per_value"] = 8.0 * static_cast<double>(fixture->read_bytes_per_call) /
+                                       static_cast<double>(decode_tokens * kv_heads * dim * 2);
     state.counters["kv_bytes"] = benchmark::Counter(static_cast<double>(fixture->bytes_per_layer),
                                                     benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
     state.counters["layers"] = static_cast<double>(fixture->layers);
@@ -510,8 +441,8 @@ void BM_quant_decode(benchmark::State& state, codec c) {
 // Quantize on append (prefill path).
 
 void BM_quant_append(benchmark::State& state, codec uncalibrated) {
-    const codec c = ready(uncalibrated, draw_noise);
     const kvc::cache_config config = config_for(1);
+    const codec c = ready(uncalibrated, config, draw_noise);
     noise rng(7);
     std::vector<kvc::half> keys(append_tokens * kv_heads * dim), values(keys.size());
     for (std::size_t i = 0; i < keys.size(); ++i) {
@@ -558,7 +489,7 @@ std::vector<float> synthetic(std::size_t tokens, std::uint32_t seed, std::size_t
 void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t outliers) {
     const kvc::cache_config config = config_for(1);
     // Held-out sample: the tokens after the measured ones (same outlier channels).
-    const codec c = ready(uncalibrated, [&](std::vector<float>& k, std::vector<float>& v) {
+    const codec c = ready(uncalibrated, config, [&](std::vector<float>& k, std::vector<float>& v) {
         const std::size_t skip = fidelity_tokens * kv_heads * dim;
         k = synthetic(fidelity_tokens + calibration_tokens, 11, outliers);
         v = synthetic(fidelity_tokens + calibration_tokens, 12, outliers);
@@ -588,7 +519,11 @@ void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t 
         const auto packed = c.make(config);
         full->append(0, reference_key_view, value_view, 0);
         packed->append(0, key_view, value_view, 0);
-        packed->finish_fill();
+        if (packed->assigns_precision()) {
+            std::vector<float> scores;
+            append_key_norm_scores(keys, scores);
+            packed->assign_precision(0, scores);
+        }
         std::vector<float> want(kv_heads * group * dim), got(want.size());
         double total = 0.0;
         std::size_t count = 0;
@@ -612,7 +547,6 @@ void BM_quant_fidelity(benchmark::State& state, codec uncalibrated, std::size_t 
     }
     state.counters["rel_error"] = mean;
     state.counters["rel_error_max"] = worst;
-    state.counters["bits_per_value"] = c.bits_per_value;
 }
 
 // ---------------------------------------------------------------------------

@@ -43,44 +43,50 @@ TARGETS = {"int4": 0.35, "int8": 0.6, "kivi2": 0.3}
 # Every codec family: (docs/METHODS.md id, policy, head storage, what it stores, bench rows' prefix).
 CODECS = [
     ("Q1", "`block<Format, G, Sinks>`, `q8_0`, `q4_0`, `q4_1`", "storage/packed_rows.hpp",
-     "int8/int4/int2/fp8 groups of G along the head dim, fp16 scale (+ minimum)", "q*_, int*_, fp8_*"),
+     "int8/int4/int2/fp8 groups of G along the head dim, fp16 scale (+ minimum)", "q8_0, q4_*, int*:g*, fp8:*"),
     ("Q2", "`kivi<Bits, G, R, Sinks>`", "storage/kivi_rows.hpp",
      "keys per channel in blocks of G tokens (fp16 scale + minimum per channel), values per token "
-     "(int4/int2 asym groups), the newest R..R+G-1 tokens in fp16", "kivi*"),
+     "(int4/int2 asym groups), the newest R..R+G-1 tokens in fp16", "kivi, kivi:4"),
     ("Q3", "`kvquant(artifact, rope, sinks)`", "storage/kvquant_head.hpp",
      "keys before RoPE per channel in calibrated ranges, non-uniform codebook per layer (k-means), "
      "outliers exact (fp32 + channel), values per token, fp16 sinks; RoPE applied inside attention",
-     "kvquant*"),
+     "kvquant@*"),
     ("Q4", "`rotated<Codec, RotateValues>`", "policy/quantization/rotated.hpp",
      "any codec's rows after a sign-randomised fast Walsh-Hadamard transform (block-diagonal for "
-     "non-power-of-two dims); queries rotated, outputs rotated back", "rot_*"),
+     "non-power-of-two dims); queries rotated, outputs rotated back", "hadamard:*"),
     ("Q5", "`block_kv<KeyFormat, ValueFormat, G>`", "storage/packed_rows.hpp",
-     "separate key and value formats", "k_*_v_*"),
+     "separate key and value formats", "k8v4, k4v2"),
     ("Q6", "`mixed<High, Low, G>(fraction)`", "storage/mixed_rows.hpp",
      "the top fraction of tokens by any scorer's scores in the high format, the rest low, a token map",
-     "mixed_*"),
+     "mixed:*"),
     ("Q7", "`gear<...>`", "storage/gear_rows.hpp",
      "quantized remainder + per-token sparse outliers + rank-r residual by power iteration per chunk",
-     "gear*"),
+     "gear"),
     ("Q8", "`cq(artifact)`", "policy/quantization/cq.hpp",
      "one b-bit code per group of c coupled channels, k-means codebooks per (layer, head, group) "
-     "from calibration", "cq_*"),
+     "from calibration", "cq:*"),
     ("Q9", "the `Sinks` parameter of block/kivi, `sinks` of kvquant", "(each codec)",
-     "the first n tokens of every head in fp16", "*_sink4"),
+     "the first n tokens of every head in fp16", "q4_0+sinks"),
     ("Q10", "`sparse(key_sparsity, value_sparsity)`", "storage/sparse_rows.hpp",
-     "per token the largest (1 - s) of the elements: bitmap + fp16 values", "sparse_*"),
+     "per token the largest (1 - s) of the elements: bitmap + fp16 values", "sparse, sparse:0.7"),
 ]
 TARGET_BW = 0.5
 TARGET_APPEND_BW = 0.25
 
 
 def parse_name(name):
+    """'BM_x/codec:mixed:int8/int2/data:gaussian' -> ('BM_x', {'codec': 'mixed:int8/int2', 'data': 'gaussian'}):
+    a part without ':' belongs to the value before it (registry specs may hold a '/')."""
     parts = name.split("/")
     params = {}
+    last = None
     for part in parts[1:]:
         if ":" in part:
             key, value = part.split(":", 1)
             params[key] = value
+            last = key
+        elif last is not None and not part.startswith(("iterations", "min_time", "repeats", "real_time")):
+            params[last] += "/" + part
     return parts[0], params
 
 
@@ -219,11 +225,11 @@ def verdict(value, limit, below=True):
 
 
 def target_for(codec):
-    if codec in ("q4_0", "q4_1") or codec.startswith("int4"):
+    if codec in ("q4_0", "q4_1") or codec.startswith("int4:"):
         return TARGETS["int4"]
-    if codec in ("q8_0",) or codec.startswith("int8"):
+    if codec in ("q8_0",) or codec.startswith("int8:"):
         return TARGETS["int8"]
-    if codec.startswith("kivi2"):
+    if codec in ("kivi", "kivi:2"):
         return TARGETS["kivi2"]
     return None
 
@@ -266,9 +272,11 @@ def decode_section(runs):
            "thread, cold caches (enough identical layers for >= 128 MiB, visited round robin). `vs_full_time` "
            "divides by fp16 full_cache's time on the same shape, measured in the same process right before each "
            "row (the `f16_full` row compares fp16 with itself: its distance from 1 is the run's noise); `vs_full_bytes` "
-           "is cache bytes per layer over fp16's; `bw_fraction` counts the packed bytes read (scales included) "
-           "against the measured single-thread read bandwidth. Issue 3's targets: int4 vs_full_time <= 0.35, "
-           "int8 <= 0.6, bw_fraction >= 0.5.", ""]
+           "is cache bytes per layer over fp16's; `bw_fraction` counts the bytes one call reads (the cache's "
+           "`stored_bytes(layer)`: scales, codebooks and fp16 rows included) against the measured single-thread "
+           "read bandwidth, and `bits/value` is those bytes per key or value element. Every row is a spec of "
+           "kvc's registry, built by `kvc::make_cache` (a `dynamic_cache`). Issue 3's targets: int4 "
+           "vs_full_time <= 0.35, int8 <= 0.6, bw_fraction >= 0.5.", ""]
     if full is not None:
         out += [f"fp16 full_cache: {seconds_of(full) * 1e3:.2f} ms per call "
                 f"(bw_fraction {fmt(full.get('bw_fraction', 0))}).", ""]
@@ -299,20 +307,21 @@ def append_section(runs):
 
 def fidelity_section(runs):
     data = {}
-    bits = {}
+    bits = {}  # read from the decode rows: stored bits per value at 32K tokens
     for name, entry in runs.items():
         family, params = parse_name(name)
+        if family == "BM_quant_decode":
+            bits[params.get("codec", "?")] = entry.get("bits_per_value", 0)
         if family != "BM_quant_fidelity":
             continue
         codec = params.get("codec", "?")
         data.setdefault(codec, {})[params.get("data", "?")] = entry
-        bits[codec] = entry.get("bits_per_value", 0)
     if not data:
         return []
     kinds = ["gaussian", "outlier_channels"]
     rows = []
-    for codec in sorted(data, key=lambda c: (-bits[c], c)):
-        cells = [f"`{codec}`", fmt(bits[codec])]
+    for codec in sorted(data, key=lambda c: (-bits.get(c, 0), c)):
+        cells = [f"`{codec}`", fmt(bits[codec]) if codec in bits else "-"]
         for kind in kinds:
             e = data[codec].get(kind)
             cells.append(f"{e['rel_error']:.3g} (max {e['rel_error_max']:.3g})" if e else "-")
@@ -324,7 +333,8 @@ def fidelity_section(runs):
            "10, as real keys have (logit spread ~2): one large channel sets the scale of its whole group, so "
            "per-token groups lose the other channels' resolution (what KIVI's per-channel keys address). "
            "Calibrated codecs (cq, kvquant) are calibrated on held-out tokens of the same data; kvquant's keys "
-           "are appended as pre-RoPE keys and compared with the fp16 cache of the rotated keys.", ""]
+           "are appended as pre-RoPE keys and compared with the fp16 cache of the rotated keys. `bits/value` is "
+           "the codec's decode row's (32K tokens).", ""]
     out += table(["codec", "bits/value", "gaussian", "outlier channels"], rows)
     return out + [""]
 

@@ -403,8 +403,10 @@ std::vector<spec_term> parse_spec(std::string_view spec) {
     return terms;
 }
 
-dynamic_cache make_cache(const cache_config& config, std::string_view spec, const cache_options& options) {
-    const std::vector<spec_term> terms = parse_spec(spec);
+namespace {
+
+dynamic_cache build_from(const cache_config& config, const std::vector<spec_term>& terms,
+                         const cache_options& options) {
     composition into;
     for (const spec_term& term : terms) {
         const auto at = static_cast<std::size_t>(term.method - methods().data());
@@ -419,6 +421,31 @@ dynamic_cache make_cache(const cache_config& config, std::string_view spec, cons
     }
     return dynamic_cache(config, std::move(*into.codec), std::move(into.eviction), std::move(into.merging),
                          std::move(into.projection));
+}
+
+} // namespace
+
+dynamic_cache make_cache(const cache_config& config, std::string_view spec, const cache_options& options) {
+    return build_from(config, parse_spec(spec), options);
+}
+
+dynamic_cache make_cache(const cache_config& config, const cache_spec& spec, const cache_options& options) {
+    const std::pair<const std::string*, method_family> fields[] = {{&spec.quantization, method_family::quantization},
+                                                                   {&spec.eviction, method_family::eviction},
+                                                                   {&spec.merging, method_family::merging},
+                                                                   {&spec.projection, method_family::projection}};
+    std::vector<spec_term> terms;
+    for (const auto& [text, family] : fields) {
+        const std::vector<spec_term> field = parse_spec(*text);
+        detail::require(field.size() <= 1, "kvc::make_cache: cache_spec::", name_of(family),
+                        ": expected one method, got '", *text, "'");
+        if (field.empty()) continue;
+        detail::require(field[0].method->family == family, "kvc::make_cache: cache_spec::", name_of(family),
+                        ": expected a method of the ", name_of(family), " family, got '", *text,
+                        "', a method of the ", name_of(field[0].method->family), " family");
+        terms.push_back(field[0]);
+    }
+    return build_from(config, terms, options);
 }
 
 } // namespace kvc

@@ -76,4 +76,16 @@ std::vector<spec_term> parse_spec(std::string_view spec);
 // The cache a spec describes, for the model shape `config`.
 dynamic_cache make_cache(const cache_config& config, std::string_view spec, const cache_options& options = {});
 
+// The same spec as a struct: each family's method as a spec writes it
+// ("kivi:2", "snapkv:0.25"), empty for none. A field naming a method of
+// another family throws kvc::error naming the field and the method's family.
+//   kvc::cache_spec spec;
+//   spec.quantization = "kivi:2";
+//   spec.eviction = "snapkv:0.25";
+//   kvc::dynamic_cache cache = kvc::make_cache(config, spec);
+struct cache_spec {
+    std::string quantization, eviction, merging, projection;
+};
+dynamic_cache make_cache(const cache_config& config, const cache_spec& spec, const cache_options& options = {});
+
 } // namespace kvc

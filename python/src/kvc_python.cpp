@@ -210,6 +210,10 @@ public:
         std::lock_guard<std::mutex> hold(lock_);
         return cache_.bytes();
     }
+    std::size_t stored_bytes(std::size_t layer) const {
+        std::lock_guard<std::mutex> hold(lock_);
+        return cache_.stored_bytes(layer);
+    }
 
     // Copies: the cache's own memory moves when it appends or compresses.
     py::array_t<std::int32_t> positions(std::size_t layer, std::size_t head) const {
@@ -579,6 +583,8 @@ rope_interleaved: pairs (2i, 2i+1), else (i, i + dims/2) as HF Llama).)")
         .def("tokens_seen", &cache::tokens_seen, py::arg("layer"))
         .def("next_position", &cache::next_position, py::arg("layer"))
         .def_property_readonly("bytes", &cache::bytes, "Every byte the cache holds.")
+        .def("stored_bytes", &cache::stored_bytes, py::arg("layer"),
+             "The bytes one attention over the layer reads: every head's rows with their scales and codebooks.")
         .def("positions", &cache::positions, py::arg("layer"), py::arg("head"),
              "Original positions of the tokens one KV head holds (int32 copy).")
         .def("attention_statistic", &cache::attention_statistic, py::arg("layer"), py::arg("head"),

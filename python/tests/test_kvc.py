@@ -260,6 +260,19 @@ def test_compress_keeps_the_budget_and_reports_positions():
     assert kvc.Cache("none:f32", **SHAPE).attention_statistic(0, 0) is None
 
 
+def test_stored_bytes_are_the_rows_one_attention_reads():
+    # From the layouts at head_dim 64: fp32 rows 64 x 4 bytes for K and V
+    # each; q4_0 18 bytes per 32 values, so 36 a row. Layer 1 stays empty.
+    prompt, _ = scenario(seed=6)
+    for spec, per_token in [("none:f32", 2 * HEAD_DIM * 4), ("q4_0", 2 * 36)]:
+        cache = kvc.Cache(spec, **SHAPE)
+        cache.append(0, *prompt[0][:2], 0)
+        assert cache.stored_bytes(0) == KV_HEADS * PROMPT * per_token, spec
+        assert cache.stored_bytes(1) == 0 and cache.stored_bytes(0) <= cache.bytes
+        with pytest.raises(kvc.error, match="layer"):
+            cache.stored_bytes(LAYERS)
+
+
 def test_external_scores_choose_what_eviction_keeps():
     prompt, _ = scenario(seed=6)
     keys, values, queries = prompt[0]

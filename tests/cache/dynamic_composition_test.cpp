@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -24,6 +25,13 @@ namespace {
 using token_major = kvc::kv_view<const float, kvc::layout_token_major>;
 using run_time_cache = kvc::compressed_cache<kvc::evict::any, kvc::merge::none, kvc::quant::any, kvc::project::none>;
 using run_time_codec_only = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::none>;
+
+// evict::policy has a default constructor exactly when both stages do:
+// score::any holds a chosen scorer and has none. (Asking used to be a hard
+// error under clang, which evaluated `Scorer scorer{}` for the defaulted one.)
+static_assert(!std::is_default_constructible_v<kvc::evict::any>);
+static_assert(std::is_default_constructible_v<kvc::evict::snapkv>);
+static_assert(std::is_constructible_v<std::optional<kvc::evict::any>>);
 
 kvc::cache_config shape() {
     return kvc_test::shape_of(2, 2, 4, 64); // head_dim: a multiple of every codec's group (32, 64)

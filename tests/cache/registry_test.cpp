@@ -52,6 +52,35 @@ TEST(Registry, EveryUncalibratedMethodRunsFromItsName) {
     }
 }
 
+// stored_bytes(layer) is what one attention over the layer reads, from the
+// layouts at 2 KV heads of dim 64: fp16 rows 2 x 64 x 2 bytes a token for K
+// and V each; q4_0 18 bytes per 32 values (fp16 scale + 16 bytes of nibbles),
+// so 36 bytes a row; q4_0+sinks keeps its first 4 tokens in fp16.
+TEST(Registry, StoredBytesAreWhatOneAttentionReads) {
+    const kvc::cache_config c = shape();
+    constexpr std::size_t tokens = 40, heads = 2, fp16_token = 2 * 64 * 2, q4_token = 2 * 36;
+    const std::vector<float> rows = kvc_test::random_floats(tokens * heads * 64, 3);
+    const kvc::kv_view<const float> view(rows.data(), tokens, heads, 64);
+    kvc::full_cache full(c);
+    full.append(0, view, view, 0);
+    EXPECT_EQ(heads * tokens * fp16_token, full.stored_bytes(0));
+    EXPECT_EQ(0u, full.stored_bytes(1));
+    EXPECT_THROW(full.stored_bytes(2), kvc::error);
+    const struct {
+        const char* spec;
+        std::size_t bytes;
+    } cases[] = {{"none:f16", heads * tokens * fp16_token},
+                 {"q4_0", heads * tokens * q4_token},
+                 {"q4_0+sinks", heads * (4 * fp16_token + (tokens - 4) * q4_token)}};
+    for (const auto& expected : cases) {
+        kvc::dynamic_cache cache = kvc::make_cache(c, expected.spec);
+        cache.append(0, view, view, 0);
+        EXPECT_EQ(expected.bytes, cache.stored_bytes(0)) << expected.spec;
+        EXPECT_EQ(0u, cache.stored_bytes(1)) << expected.spec;
+        EXPECT_THROW(cache.stored_bytes(2), kvc::error) << expected.spec;
+    }
+}
+
 // A spec's cache is the static composition it names, bit for bit.
 TEST(Registry, ASpecBuildsTheCompositionItNames) {
     {
@@ -104,6 +133,37 @@ TEST(Registry, BadSpecsNameWhatWasExpectedAndWhatIsClose) {
     EXPECT_NE(std::string::npos, learnt.find("cache_options::artifacts[\"cq:c4b8\"]")) << learnt;
     const std::string merge_alone = error("compensation");
     EXPECT_NE(std::string::npos, merge_alone.find("expected an eviction policy")) << merge_alone;
+}
+
+// The struct form is the string form: the same cache, field by field, and a
+// field naming another family's method refused with the field's name.
+TEST(Registry, ASpecStructBuildsWhatItsStringBuilds) {
+    kvc::cache_spec spec;
+    spec.quantization = "q4_0";
+    spec.eviction = "h2o:0.5";
+    spec.merging = "compensation";
+    kvc::dynamic_cache by_struct = kvc::make_cache(shape(), spec);
+    kvc::dynamic_cache by_string = kvc::make_cache(shape(), "q4_0 + h2o:0.5 + compensation");
+    const std::vector<float> a = outputs_of(by_struct), b = outputs_of(by_string);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+    EXPECT_EQ(by_string.bytes(), by_struct.bytes());
+    EXPECT_EQ(by_string.tokens(0), by_struct.tokens(0));
+
+    const auto error = [](const kvc::cache_spec& bad) {
+        return kvc_test::error_of([&] { (void)kvc::make_cache(shape(), bad); });
+    };
+    kvc::cache_spec swapped;
+    swapped.quantization = "snapkv:0.25";
+    const std::string wrong = error(swapped);
+    EXPECT_NE(std::string::npos,
+              wrong.find("cache_spec::quantization: expected a method of the quantization family, got 'snapkv:0.25', "
+                         "a method of the eviction family"))
+        << wrong;
+    kvc::cache_spec two;
+    two.eviction = "h2o + q4_0";
+    const std::string both = error(two);
+    EXPECT_NE(std::string::npos, both.find("cache_spec::eviction: expected one method, got 'h2o + q4_0'")) << both;
 }
 
 TEST(Registry, HeadRolesPicksTheHeadsAttendingFarthestBack) {

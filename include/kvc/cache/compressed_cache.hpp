@@ -233,15 +233,34 @@ public:
         state.scratch.reserve(std::max({append_scratch_of(eviction_), append_scratch_of(merging_),
                                          append_scratch_of(quantization_), append_scratch_of(projection_)}));
         const kernels::kernel_table& k = kernels::active();
-        for (std::size_t t = 0; t < count; ++t)
-            for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-                if constexpr (detail::wants_positions<head_storage>::value)
-                    mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h),
-                                                          static_cast<std::int32_t>(first_position +
-                                                                                    static_cast<std::int64_t>(t)));
-                else
-                    mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h), values.row(t, h));
-            }
+        if constexpr (detail::has_push_back_rows<head_storage>::value) {
+            // A store chosen at run time (any_store): one call a block of a head's rows.
+            constexpr std::size_t block = 64;
+            const void* key_rows[block];
+            const void* value_rows[block];
+            for (std::size_t h = 0; h < config_.kv_heads; ++h)
+                for (std::size_t t0 = 0; t0 < count; t0 += block) {
+                    const std::size_t n = std::min(block, count - t0);
+                    for (std::size_t i = 0; i < n; ++i) {
+                        key_rows[i] = keys.row(t0 + i, h);
+                        value_rows[i] = values.row(t0 + i, h);
+                    }
+                    mutable_head(layer, h).rows.push_back_rows(
+                        k, KeyView::element_dtype, key_rows, value_rows, n,
+                        static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t0)));
+                }
+        } else {
+            for (std::size_t t = 0; t < count; ++t)
+                for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+                    const std::int32_t position = static_cast<std::int32_t>(first_position + static_cast<std::int64_t>(t));
+                    if constexpr (detail::wants_positions<head_storage>::value)
+                        mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype, keys.row(t, h),
+                                                              values.row(t, h), position);
+                    else
+                        (void)position, mutable_head(layer, h).rows.push_back(k, KeyView::element_dtype,
+                                                                              keys.row(t, h), values.row(t, h));
+                }
+        }
         for (std::size_t h = 0; h < config_.kv_heads; ++h) {
             head_slot& slot = mutable_head(layer, h);
             const std::size_t old = slot.rows.tokens() - count;
@@ -398,6 +417,20 @@ public:
     std::size_t query_window_bytes() const noexcept {
         std::size_t total = 0;
         for (const layer_state& state : layers_) total += state.queries.bytes();
+        return total;
+    }
+
+    // The bytes one attention over `layer` reads, every head's rows with
+    // their scales and codebooks (stores without stored_bytes(): all they
+    // hold). What a decode step's memory traffic is measured against.
+    std::size_t stored_bytes(std::size_t layer) const {
+        detail::validate_layer(config_, layers_.size(), layer, "compressed_cache::stored_bytes");
+        std::size_t total = 0;
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) {
+            const head_storage& rows = rows_at(layer, h);
+            if constexpr (detail::has_stored_bytes<head_storage>::value) total += rows.stored_bytes();
+            else total += rows.bytes();
+        }
         return total;
     }
 

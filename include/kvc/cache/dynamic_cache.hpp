@@ -119,6 +119,8 @@ public:
     bool offers(store_capability c) const { return live().offers(c); }
 
     std::size_t bytes() const noexcept { return cache_ ? cache_->bytes() : 0; }
+    // What one attention over `layer` reads (compressed_cache::stored_bytes).
+    std::size_t stored_bytes(std::size_t layer) const { return live().stored_bytes(layer); }
     std::size_t query_window_bytes() const noexcept { return cache_ ? cache_->query_window_bytes() : 0; }
     void reserve(std::size_t tokens) { live().reserve(tokens); }
     void shrink_to_fit() { live().shrink_to_fit(); }
@@ -163,6 +165,7 @@ private:
         virtual void assign_precision(std::size_t, std::size_t, const float*) = 0;
         virtual bool offers(store_capability) const noexcept = 0;
         virtual std::size_t bytes() const noexcept = 0;
+        virtual std::size_t stored_bytes(std::size_t) const = 0;
         virtual std::size_t query_window_bytes() const noexcept = 0;
         virtual void reserve(std::size_t) = 0;
         virtual void shrink_to_fit() = 0;
@@ -218,6 +221,7 @@ private:
         }
         bool offers(store_capability c) const noexcept override { return cache.offers(c); }
         std::size_t bytes() const noexcept override { return cache.bytes(); }
+        std::size_t stored_bytes(std::size_t l) const override { return cache.stored_bytes(l); }
         std::size_t query_window_bytes() const noexcept override { return cache.query_window_bytes(); }
         void reserve(std::size_t tokens) override { cache.reserve(tokens); }
         void shrink_to_fit() override { cache.shrink_to_fit(); }

@@ -203,6 +203,14 @@ public:
         return head_at(layer, kv_head);
     }
 
+    // The bytes one attention over `layer` reads: every head's key and value rows.
+    std::size_t stored_bytes(std::size_t layer) const {
+        check_layer(layer, "full_cache::stored_bytes");
+        std::size_t total = 0;
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) total += head_at(layer, h).stored_bytes();
+        return total;
+    }
+
     // Every byte the cache holds, exactly what it took from its memory
     // resource: key and value rows, positions, and the per-head bookkeeping.
     std::size_t bytes() const noexcept {

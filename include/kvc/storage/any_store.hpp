@@ -7,8 +7,8 @@
 // once, each codec's store once, and nothing per pair.
 //
 // Cost. One indirect call per store call: per (layer, KV head) for attention
-// (the kernels inside run as they do for S), per row for push_back, which
-// encodes that row anyway. The outputs are S's, bit for bit.
+// (the kernels inside run as they do for S), per block of rows for an append
+// (push_back_rows), per row for push_back. The outputs are S's, bit for bit.
 // Memory. S lives in a block taken from the cache's memory resource, and
 // bytes() counts that block with S's own bytes: what the cache holds.
 // Capabilities. The optional members (store_key, store_row, assign_precision,
@@ -62,6 +62,8 @@ struct store_table {
     std::size_t (*stored_bytes)(const void*) noexcept;
     void (*reserve_for_append)(void*, std::size_t);
     void (*push_back)(void*, const kernels::kernel_table&, dtype, const void*, const void*, std::int32_t) noexcept;
+    void (*push_back_rows)(void*, const kernels::kernel_table&, dtype, const void* const*, const void* const*,
+                           std::size_t, std::int32_t) noexcept;
     void (*attend)(const void*, const kernels::kernel_table&, const kernels::decode_problem&,
                    const kernels::decode_state&) noexcept;
     void (*prefill)(const void*, const kernels::kernel_table&, const kernels::prefill_problem&, float*) noexcept;
@@ -122,6 +124,17 @@ const store_table& table_of() noexcept {
            std::int32_t position) noexcept {
             if constexpr (wants_positions<S>::value) as<S>(s).push_back(k, from, key, value, position);
             else (void)position, as<S>(s).push_back(k, from, key, value);
+        },
+        [](void* s, const kernels::kernel_table& k, dtype from, const void* const* keys, const void* const* values,
+           std::size_t count, std::int32_t first_position) noexcept {
+            S& store = as<S>(s);
+            for (std::size_t t = 0; t < count; ++t) {
+                if constexpr (wants_positions<S>::value)
+                    store.push_back(k, from, keys[t], values[t], first_position + static_cast<std::int32_t>(t));
+                else
+                    store.push_back(k, from, keys[t], values[t]);
+            }
+            (void)first_position;
         },
         [](const void* s, const kernels::kernel_table& k, const kernels::decode_problem& p,
            const kernels::decode_state& state) noexcept { as<S>(s).attend(k, p, state); },
@@ -231,6 +244,10 @@ public:
     void push_back(const kernels::kernel_table& k, dtype from, const void* key, const void* value,
                    std::int32_t position) noexcept {
         table_->push_back(object_, k, from, key, value, position);
+    }
+    void push_back_rows(const kernels::kernel_table& k, dtype from, const void* const* keys, const void* const* values,
+                        std::size_t count, std::int32_t first_position) noexcept {
+        table_->push_back_rows(object_, k, from, keys, values, count, first_position);
     }
     void attend(const kernels::kernel_table& k, kernels::decode_problem p,
                 const kernels::decode_state& state) const noexcept {

@@ -95,6 +95,8 @@ public:
 
     // Bytes held (allocated), keys and values.
     std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes(); }
+    // Bytes one attention call reads: every stored key and value row.
+    std::size_t stored_bytes() const noexcept { return tokens() * bytes_per_token(); }
 
     // Rows both buffers can hold without allocating. The two grow one after
     // the other, so after a failed allocation the keys may hold more than the

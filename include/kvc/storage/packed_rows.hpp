@@ -99,6 +99,10 @@ public:
 
     // Bytes held (capacity): packed rows with their scales and minimums, and the fp16 sink rows.
     std::size_t bytes() const noexcept { return keys_.bytes() + values_.bytes() + sink_.bytes(); }
+    // Bytes one attention call reads: the packed rows (scales included) and the fp16 sink rows.
+    std::size_t stored_bytes() const noexcept {
+        return packed_tokens() * (key_row_bytes_ + value_row_bytes_) + sink_.stored_bytes();
+    }
 
     // Room for `extra` more tokens; the only step of an append that may throw.
     void reserve_for_append(std::size_t extra) {

@@ -22,7 +22,11 @@
 //   reserve(n), shrink_to_fit(), release()
 // Optional capabilities, each with the default a cache uses without it:
 //   bytes_per_token()                          needed for byte budgets (default: none allowed)
-//   stored_bytes()                             the rows one attention reads (benchmarks)
+//   stored_bytes()                             the bytes one attention reads (default: bytes())
+//   push_back_rows(kernels, from, keys, values, count, first_position)
+//                                              push_back of `count` rows given by pointers, the
+//                                              t-th at position first_position + t (any_store:
+//                                              one indirect call a block; default: push_back a row)
 //   store_key(kernels, t, row)                 rewrite a key (key re-rotation; default: refused)
 //   store_row(kernels, t, key, value)          re-encode a token from fp32 rows (merged slots;
 //                                              default: merging refused)
@@ -60,6 +64,10 @@ KVC_STORE_MEMBER(has_push_back, std::declval<S&>().push_back(std::declval<const 
 KVC_STORE_MEMBER(has_push_back_at, std::declval<S&>().push_back(std::declval<const kernels::kernel_table&>(), dtype::f32,
                                                                 std::declval<const void*>(), std::declval<const void*>(),
                                                                 std::int32_t{}))
+KVC_STORE_MEMBER(has_push_back_rows,
+                 std::declval<S&>().push_back_rows(std::declval<const kernels::kernel_table&>(), dtype::f32,
+                                                   std::declval<const void* const*>(),
+                                                   std::declval<const void* const*>(), std::size_t{}, std::int32_t{}))
 KVC_STORE_MEMBER(has_attend, std::declval<const S&>().attend(std::declval<const kernels::kernel_table&>(),
                                                              std::declval<kernels::decode_problem>(),
                                                              std::declval<kernels::decode_state&>()))

@@ -15,8 +15,8 @@
 // held scorer and selector are immutable and shared between copies (they are
 // parameters; the cache holds the state). Cost: one indirect call per head
 // and compression for score(), per attention call for observe(), per append
-// for on_append_rows, and per appended token for the token-by-token
-// append scorers (knorm, CUR), whose per-token work is a norm of the row.
+// for on_append_rows, and per block of appended rows for the token-by-token
+// append scorers (knorm, CUR: on_append_block, 4096 / head_dim rows a call).
 #pragma once
 
 #include <cstddef>
@@ -59,6 +59,11 @@ public:
                     std::size_t dim) const noexcept {
         return model_->on_append(k, key, value, dim);
     }
+    // The token-by-token scorers' scores of `count` rows in one indirect call.
+    void on_append_block(const kernels::kernel_table& k, const float* keys, const float* values, std::size_t count,
+                         std::size_t dim, float* scores) const noexcept {
+        model_->on_append_block(k, keys, values, count, dim, scores);
+    }
     std::size_t append_scratch(std::size_t dim) const noexcept { return model_->append_scratch(dim); }
     void on_append_rows(const append_inputs& in, float* scores) const noexcept { model_->on_append_rows(in, scores); }
     void validate(const cache_config& config) const { model_->validate(config); }
@@ -75,6 +80,8 @@ private:
         virtual void score(const head_inputs&, float*) const = 0;
         virtual void observe(float*, const float*, std::size_t, std::size_t) const noexcept = 0;
         virtual float on_append(const kernels::kernel_table&, const float*, const float*, std::size_t) const noexcept = 0;
+        virtual void on_append_block(const kernels::kernel_table&, const float*, const float*, std::size_t,
+                                     std::size_t, float*) const noexcept = 0;
         virtual std::size_t append_scratch(std::size_t) const noexcept = 0;
         virtual void on_append_rows(const append_inputs&, float*) const noexcept = 0;
         virtual void validate(const cache_config&) const = 0;
@@ -93,6 +100,14 @@ private:
                         std::size_t dim) const noexcept override {
             if constexpr (scores_each_append_of<Scorer>::value) return scorer.on_append(k, key, value, dim);
             else return (void)k, (void)key, (void)value, (void)dim, 0.0f;
+        }
+        void on_append_block(const kernels::kernel_table& k, const float* keys, const float* values,
+                             std::size_t count, std::size_t dim, float* scores) const noexcept override {
+            if constexpr (scores_each_append_of<Scorer>::value)
+                for (std::size_t t = 0; t < count; ++t)
+                    scores[t] = scorer.on_append(k, keys + t * dim, values + t * dim, dim);
+            else
+                (void)k, (void)keys, (void)values, (void)count, (void)dim, (void)scores;
         }
         std::size_t append_scratch(std::size_t dim) const noexcept override {
             if constexpr (scores_append_rows_of<Scorer>::value) return scorer.append_scratch(dim);

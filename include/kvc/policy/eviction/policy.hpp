@@ -545,7 +545,12 @@ struct policy {
     Selector selector{};
     rerotation rerotate{};
 
-    policy() = default;
+    // Only when both stages have a default: score::any holds a chosen scorer and
+    // has none, and a defaulted constructor would still make clang evaluate
+    // `Scorer scorer{}` (a hard error) when anything asks is_constructible.
+    template <class S = Scorer, class Sel = Selector,
+              std::enable_if_t<std::is_default_constructible_v<S> && std::is_default_constructible_v<Sel>, int> = 0>
+    policy() {}
     explicit policy(budget keep_budget, schedule when_to = {}, Scorer scorer_ = {}, Selector selector_ = {})
         : keep(keep_budget), when(when_to), scorer(std::move(scorer_)), selector(std::move(selector_)) {}
 
@@ -695,7 +700,22 @@ struct policy {
                     continue;
                 }
             (void)scratch;
-            if constexpr (scores_each_append_of<Scorer>::value) {
+            if constexpr (scores_append_blocks_of<Scorer>::value) {
+                // Rows widened a block at a time, one scorer call a block
+                // (score::any: one indirect call per block, not per token).
+                constexpr std::size_t block_floats = 4096;
+                static_assert(block_floats >= 4 * max_head_dim, "a block holds at least four rows");
+                float key_rows[block_floats], value_rows[block_floats];
+                const std::size_t block = block_floats / dim;
+                for (std::size_t t0 = 0; t0 < count; t0 += block) {
+                    const std::size_t n = std::min(block, count - t0);
+                    for (std::size_t i = 0; i < n; ++i) {
+                        widen_into<KeyView>(k, keys.row(t0 + i, h), key_rows + i * dim, dim);
+                        widen_into<ValueView>(k, values.row(t0 + i, h), value_rows + i * dim, dim);
+                    }
+                    scorer.on_append_block(k, key_rows, value_rows, n, dim, appended + held_before + t0);
+                }
+            } else if constexpr (scores_each_append_of<Scorer>::value) {
                 float key_row[max_head_dim], value_row[max_head_dim];
                 for (std::size_t t = 0; t < count; ++t) {
                     const float* key = widened<KeyView>(k, keys.row(t, h), key_row, dim);
@@ -744,6 +764,14 @@ struct policy {
     }
 
 private:
+    // An engine row as fp32 in `buffer`.
+    template <class View, class Element>
+    static void widen_into(const kernels::kernel_table& k, const Element* row, float* buffer, std::size_t dim) noexcept {
+        if constexpr (View::element_dtype == dtype::f32)
+            (void)k, std::memcpy(buffer, row, dim * sizeof(float));
+        else
+            k.to_f32[kernels::index_of(View::element_dtype)](row, buffer, dim);
+    }
     // An engine row as fp32: itself when it is fp32, else widened into `buffer`.
     template <class View, class Element>
     static const float* widened(const kernels::kernel_table& k, const Element* row, float* buffer,

@@ -170,6 +170,17 @@ struct scores_each_append_of<S, std::void_t<decltype(std::declval<const S&>().on
                                     std::declval<const kernels::kernel_table&>(), std::declval<const float*>(),
                                     std::declval<const float*>(), std::size_t{}))>> : std::true_type {};
 
+// A token-by-token append scorer that also takes a block of rows in one call
+// (score::any: one indirect call a block instead of one a token):
+//   void on_append_block(kernels, keys, values, count, dim, scores)   rows [count][dim], fp32
+template <class S, class = void>
+struct scores_append_blocks_of : std::false_type {};
+template <class S>
+struct scores_append_blocks_of<S, std::void_t<decltype(std::declval<const S&>().on_append_block(
+                                      std::declval<const kernels::kernel_table&>(), std::declval<const float*>(),
+                                      std::declval<const float*>(), std::size_t{}, std::size_t{},
+                                      std::declval<float*>()))>> : std::true_type {};
+
 // What a scorer asks for, as values. A scorer type's constants say it
 // (needs_of reads them, at compile time); a scorer chosen at run time
 // (score::any) declares every request possible and answers `needs()` with
