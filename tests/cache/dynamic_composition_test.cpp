@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -19,6 +20,7 @@
 #include "kvc/cache/dynamic_cache.hpp"
 #include "kvc/policy/eviction/any.hpp"
 #include "kvc/policy/quantization/any.hpp"
+#include "kvc/registry.hpp"
 
 namespace {
 
@@ -99,9 +101,9 @@ void codec_alone(Codec codec, const std::string& name) {
 }
 
 template <class Codec, class Scorer, class Selector = kvc::evict::per_head_topk>
-void evicting(Codec codec, Scorer scorer, const std::string& name, Selector selector = {}, double keep = 0.3) {
+void evicting(Codec codec, Scorer scorer, const std::string& name, Selector selector = {},
+              kvc::evict::budget budget = kvc::evict::budget::ratio(0.3)) {
     using fixed_policy = kvc::evict::policy<Scorer, Selector>;
-    const kvc::evict::budget budget = kvc::evict::budget::ratio(keep);
     const kvc::evict::schedule when{true, 8}; // after the prompt, and 8 tokens over budget in decode
     kvc::compressed_cache<fixed_policy, kvc::merge::none, Codec, kvc::project::none> fixed(
         shape(), fixed_policy(budget, when, scorer, selector), {}, codec);
@@ -119,52 +121,149 @@ void evicting(Codec codec, Scorer scorer, const std::string& name, Selector sele
 namespace q = kvc::quant;
 namespace e = kvc::evict;
 
-TEST(RunTimeComposition, EveryCodecAloneMatchesItsStaticCache) {
-    codec_alone(q::none<float>{}, "none:f32");
-    codec_alone(q::none<kvc::half>{}, "none:f16");
-    codec_alone(q::none<kvc::bfloat16>{}, "none:bf16");
-    codec_alone(q::q8_0{}, "q8_0");
-    codec_alone(q::q4_0{}, "q4_0");
-    codec_alone(q::q4_1{}, "q4_1");
-    codec_alone(q::block<q::int2_asym, 32>{}, "int2:g32");
-    codec_alone(q::block<q::fp8_e4m3, 32>{}, "fp8:e4m3");
-    codec_alone(q::block_kv<q::int4_sym, q::int2_asym, 32>{}, "k4v2");
-    codec_alone(q::block<q::int4_sym, 32, 4>{}, "q4_0+sinks");
-    codec_alone(q::kivi<2>{}, "kivi:2");
-    codec_alone(q::gear{}, "gear");
-    codec_alone(q::rotated<q::q4_0>{}, "hadamard:q4_0");
-    codec_alone(q::sparse(0.5), "sparse:0.5");
-    codec_alone(q::mixed<q::int4_sym, q::int2_asym, 32>(0.2), "mixed");
+// Artifacts learnt from random sample rows (256 tokens a layer), as the
+// conformance suite learns them, for the calibrated codecs and scorers.
+struct learnt_artifacts {
+    kvc::calibration::artifact cq4, cq8, kvquant, qfilter;
+};
+const learnt_artifacts& learnt() {
+    static const learnt_artifacts a = [] {
+        const kvc::cache_config c = shape();
+        const std::size_t tokens = 256;
+        const std::vector<float> keys = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 61);
+        const std::vector<float> values = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 62);
+        const std::vector<float> queries = kvc_test::random_floats(tokens * c.query_heads * c.head_dim, 63);
+        using view = kvc::kv_view<const float>;
+        const std::vector<view> k(c.layers, view(keys.data(), tokens, c.kv_heads, c.head_dim));
+        const std::vector<view> v(c.layers, view(values.data(), tokens, c.kv_heads, c.head_dim));
+        const std::vector<view> q(c.layers, view(queries.data(), tokens, c.query_heads, c.head_dim));
+        learnt_artifacts out;
+        kvc::calibration::cq_options coupled;
+        coupled.bits = 8;
+        coupled.channels_per_group = 4;
+        out.cq4 = kvc::calibration::calibrate_cq(k, v, coupled);
+        coupled.channels_per_group = 8;
+        out.cq8 = kvc::calibration::calibrate_cq(k, v, coupled);
+        kvc::calibration::kvquant_options bits3;
+        bits3.bits = 3;
+        out.kvquant = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
+        out.qfilter = kvc::calibration::query_filters(c, q);
+        return out;
+    }();
+    return a;
 }
 
-TEST(RunTimeComposition, EveryScorerMatchesItsStaticPolicy) {
-    const q::none<kvc::half> f16;
-    evicting(f16, e::score::streaming{}, "streaming");
-    evicting(f16, e::score::h2o{}, "h2o");
-    evicting(f16, e::score::a2sf{}, "a2sf");
-    evicting(f16, e::score::scissorhands{}, "scissorhands");
-    evicting(f16, e::score::snapkv{}, "snapkv");
-    evicting(f16, e::score::tova{}, "tova");
-    evicting(f16, e::score::knorm{}, "knorm");
-    evicting(f16, e::score::keydiff{}, "keydiff");
-    evicting(f16, e::score::expected_attention{}, "expected_attention");
+// Every codec of the registry, by its spec, with its static type:
+// f(spec, codec). The coverage test below checks that no registry codec is missing.
+template <class F>
+void every_codec(F&& f) {
+    f("none:f32", q::none<float>{});
+    f("none:f16", q::none<kvc::half>{});
+    f("none:bf16", q::none<kvc::bfloat16>{});
+    f("q8_0", q::q8_0{});
+    f("q4_0", q::q4_0{});
+    f("q4_1", q::q4_1{});
+    f("int8:g64", q::block<q::int8_sym, 64>{});
+    f("int4:g64", q::block<q::int4_asym, 64>{});
+    f("int2:g32", q::block<q::int2_asym, 32>{});
+    f("fp8:e4m3", q::block<q::fp8_e4m3, 32>{});
+    f("fp8:e5m2", q::block<q::fp8_e5m2, 32>{});
+    f("k8v4", q::block_kv<q::int8_sym, q::int4_sym, 32>{});
+    f("k4v2", q::block_kv<q::int4_sym, q::int2_asym, 32>{});
+    f("q4_0+sinks", q::block<q::int4_sym, 32, 4>{});
+    f("kivi:2", q::kivi<2>{});
+    f("kivi:4", q::kivi<4>{});
+    f("gear", q::gear{});
+    f("hadamard:q4_0", q::rotated<q::q4_0>{});
+    f("hadamard:k4v2", q::rotated<q::block_kv<q::int4_sym, q::int2_asym, 32>>{});
+    f("sparse:0.5", q::sparse(0.5));
+    f("cq:c4b8", q::cq(learnt().cq4));
+    f("cq:c8b8", q::cq(learnt().cq8));
+    f("kvquant", q::kvquant(learnt().kvquant, kvc::rope_config{}));
+    f("mixed:int8/int2", q::mixed<q::int8_sym, q::int2_asym, 32>(0.2));
+    f("mixed:int4/int2", q::mixed<q::int4_sym, q::int2_asym, 32>(0.2));
+}
+
+// Every eviction of the registry but head_roles (its own test below), by
+// its spec, with its static scorer, selector and budget: f(spec, scorer,
+// selector, budget).
+template <class F>
+void every_eviction(F&& f) {
+    const e::per_head_topk topk;
+    const e::budget keep = e::budget::ratio(0.3);
+    f("streaming", e::score::streaming{}, topk, keep);
+    f("h2o", e::score::h2o{}, topk, keep);
+    f("a2sf", e::score::a2sf{}, topk, keep);
+    f("scissorhands", e::score::scissorhands{}, topk, keep);
+    f("snapkv", e::score::snapkv{}, topk, keep);
+    f("tova", e::score::tova{}, topk, keep);
+    f("knorm", e::score::knorm{}, topk, keep);
+    f("keydiff", e::score::keydiff{}, topk, keep);
+    f("expected_attention", e::score::expected_attention{}, topk, keep);
+    f("qfilter", e::score::qfilter::from(learnt().qfilter), topk, keep);
+    f("lagkv", e::score::lagkv{}, topk, keep);
     e::score::lagkv lag16;
     lag16.lag = 16;
-    evicting(f16, lag16, "lagkv16");
-    evicting(f16, e::score::leverage{}, "leverage");
-    evicting(f16, e::score::cur{}, "cur");
-    evicting(f16, e::score::value_weighted<>{}, "value_weighted");
-    evicting(f16, e::score::hash_evict{}, "hash_evict");
-    evicting(f16, e::score::global_local{}, "global_local");
-    evicting(f16, e::score::random{}, "random");
+    f("lagkv16", lag16, topk, keep);
+    f("leverage", e::score::leverage{}, topk, keep);
+    f("cur", e::score::cur{}, topk, keep);
+    f("value_weighted", e::score::value_weighted<>{}, topk, keep);
+    f("hash_evict", e::score::hash_evict{}, topk, keep);
+    f("global_local", e::score::global_local{}, topk, keep);
+    f("random", e::score::random{}, topk, keep);
+    f("external", e::score::external{}, topk, keep);
+    f("adakv", e::score::snapkv{}, e::adakv{}, keep);
+    e::budget pyramid = keep;
+    pyramid.layers = e::layer_allocation::pyramid();
+    f("pyramidkv", e::score::snapkv{}, topk, pyramid);
+    f("chunkkv", e::score::snapkv{}, e::chunkkv{}, keep);
 }
 
-TEST(RunTimeComposition, EverySelectorMatchesItsStaticPolicy) {
+TEST(RunTimeComposition, EveryCodecAloneMatchesItsStaticCache) {
+    every_codec([](const std::string& spec, const auto& codec) { codec_alone(codec, spec); });
+}
+
+TEST(RunTimeComposition, EveryScorerAndSelectorMatchesItsStaticPolicy) {
     const q::none<kvc::half> f16;
-    evicting(f16, e::score::snapkv{}, "adakv", e::adakv{});
+    every_eviction([&](const std::string& spec, const auto& scorer, const auto& selector, const e::budget& keep) {
+        evicting(f16, scorer, spec, selector, keep);
+    });
+    // Selectors the registry does not spell.
     evicting(f16, e::score::h2o{}, "top_p", e::top_p{});
     evicting(f16, e::score::knorm{}, "threshold", e::threshold{});
-    evicting(f16, e::score::snapkv{}, "chunkkv", e::chunkkv{});
+}
+
+// B6: the static policy (streaming scores, the heads' roles selecting)
+// against the registry's head_roles built from the same profile.
+TEST(RunTimeComposition, HeadRolesMatchesItsStaticPolicy) {
+    kvc::calibration::artifact roles;
+    roles.kind = "head_roles";
+    roles.tensors.push_back({"retrieval", {2, 2}, {1.0f, 0.0f, 0.0f, 1.0f}});
+    using fixed_policy = e::policy<e::score::streaming, e::by_head_role>;
+    kvc::compressed_cache<fixed_policy, kvc::merge::none, q::none<kvc::half>, kvc::project::none> fixed(
+        shape(), fixed_policy(e::budget::ratio(0.25), e::schedule{true, 0}, {}, e::by_head_role::from(roles)));
+    kvc::cache_options options;
+    options.artifacts["head_roles"] = roles;
+    kvc::dynamic_cache chosen = kvc::make_cache(shape(), "head_roles:0.25", options);
+    const run_record a = run(fixed), b = run(chosen);
+    expect_same_results(a, b, "head_roles");
+    EXPECT_LT(a.tokens[1], a.tokens[0]) << "a streaming head kept fewer tokens than a retrieval head";
+}
+
+// The lists above and the mergers below name every method of the registry
+// (projections: think here, pca and loki in registry_test's
+// CalibratedProjectionsMatchTheirStaticCaches), so a method added to the
+// registry without its static twin here fails.
+TEST(RunTimeComposition, TheComparisonsCoverEveryRegistryMethod) {
+    std::set<std::string> covered = {"none", "merge:none", "compensation", "zero_merge", "similarity",
+                                     "cam", "think", "pca", "loki", "head_roles"};
+    const auto method = [](const std::string& spec) { return kvc::parse_spec(spec).front().method->name; };
+    every_codec([&](const std::string& spec, const auto&) { covered.insert(method(spec)); });
+    every_eviction([&](const std::string& spec, const auto&, const auto&, const e::budget&) {
+        covered.insert(method(spec));
+    });
+    for (const kvc::method_info& m : kvc::methods())
+        EXPECT_EQ(1u, covered.count(m.name)) << m.name << " has no static comparison here";
 }
 
 TEST(RunTimeComposition, CodecsUnderEvictionMatchTheirStaticCache) {
