@@ -15,11 +15,11 @@
 #
 # The two language standards kvc supports are each built and tested in full
 # once: C++17 optimised (release) and C++20 sanitized (sanitize). A separate
-# optimised C++20 phase built and ran the same tests a third time; it found
-# nothing the other two miss and cost a quarter of the run. -g1 keeps the
+# optimised C++20 phase built and ran the same tests a third time, for a
+# quarter of the run's time. -g1 keeps the
 # line tables the sanitizers' reports need and drops the rest of the debug
 # information (in every sanitized phase).
-#   tsan      clang, -O1 -g with ThreadSanitizer: only the tests that run threads (the threading
+#   tsan      clang, -O1 -g1 with ThreadSanitizer: only the tests that run threads (the threading
 #             contract for every cache type on a shared recycling_resource, full_cache's concurrency tests)
 #   fuzz      clang++-14 -fsanitize=fuzzer,address,undefined: the libFuzzer targets of tests/fuzz only,
 #             each run for a fixed number of executions (scripts/fuzz.sh runs them long)
