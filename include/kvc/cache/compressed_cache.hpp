@@ -426,11 +426,7 @@ public:
     std::size_t stored_bytes(std::size_t layer) const {
         detail::validate_layer(config_, layers_.size(), layer, "compressed_cache::stored_bytes");
         std::size_t total = 0;
-        for (std::size_t h = 0; h < config_.kv_heads; ++h) {
-            const head_storage& rows = rows_at(layer, h);
-            if constexpr (detail::has_stored_bytes<head_storage>::value) total += rows.stored_bytes();
-            else total += rows.bytes();
-        }
+        for (std::size_t h = 0; h < config_.kv_heads; ++h) total += detail::stored_bytes_of(rows_at(layer, h));
         return total;
     }
 

@@ -115,10 +115,7 @@ const store_table& table_of() noexcept {
             if constexpr (has_bytes_per_token<S>::value) return as<S>(s).bytes_per_token();
             else return (void)s, 0;
         },
-        [](const void* s) noexcept -> std::size_t {
-            if constexpr (has_stored_bytes<S>::value) return as<S>(s).stored_bytes();
-            else return as<S>(s).bytes();
-        },
+        [](const void* s) noexcept { return stored_bytes_of(as<S>(s)); },
         [](void* s, std::size_t n) { as<S>(s).reserve_for_append(n); },
         [](void* s, const kernels::kernel_table& k, dtype from, const void* key, const void* value,
            std::int32_t position) noexcept {

@@ -96,6 +96,14 @@ KVC_STORE_MEMBER(has_prefill_workspace, std::declval<const S&>().prefill_workspa
                                                                                           bool{}))
 #undef KVC_STORE_MEMBER
 
+// The bytes one attention over the store reads: its stored_bytes(), or by
+// default all it holds.
+template <class S>
+std::size_t stored_bytes_of(const S& store) noexcept {
+    if constexpr (has_stored_bytes<S>::value) return store.stored_bytes();
+    else return store.bytes();
+}
+
 // Codecs that need each token's position with its rows (KVQuant stores keys
 // before RoPE and rotates them inside attention) declare
 // `static constexpr bool wants_positions = true` and take push_back(..., position).

@@ -779,7 +779,7 @@ private:
         if constexpr (View::element_dtype == dtype::f32) {
             return (void)k, (void)buffer, (void)dim, row;
         } else {
-            k.to_f32[kernels::index_of(View::element_dtype)](row, buffer, dim);
+            widen_into<View>(k, row, buffer, dim);
             return buffer;
         }
     }

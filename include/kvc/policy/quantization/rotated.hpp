@@ -114,17 +114,10 @@ public:
     void assign_precision(const kernels::kernel_table& k, const float* scores) {
         inner_.assign_precision(k, scores);
     }
-    // Bytes of stored rows one attention reads (what bench/quant.cpp reports).
-    template <class S = Inner,
-              std::enable_if_t<detail::has_stored_bytes<S>::value || std::is_same_v<S, packed_rows> ||
-                                   std::is_same_v<S, dense_rows>,
-                               int> = 0>
+    // Bytes of stored rows one attention reads: the inner store's.
+    template <class S = Inner, std::enable_if_t<detail::has_stored_bytes<S>::value, int> = 0>
     std::size_t stored_bytes() const noexcept {
-        if constexpr (detail::has_stored_bytes<S>::value) return inner_.stored_bytes();
-        else if constexpr (std::is_same_v<S, packed_rows>)
-            return inner_.packed_tokens() * (inner_.key_row_bytes() + inner_.value_row_bytes()) +
-                   inner_.sink_tokens() * packed_layout::sink_token_bytes(dim_);
-        else return inner_.tokens() * inner_.bytes_per_token();
+        return inner_.stored_bytes();
     }
 
     // Rotates the key (and value) row on the stack, then hands both to the
