@@ -259,6 +259,30 @@ public:
         return cache(*this);
     }
 
+    // docs/SERIALIZATION.md's bytes: the whole cache, or one layer.
+    py::bytes save(std::optional<std::size_t> layer) const {
+        std::vector<unsigned char> out;
+        {
+            py::gil_scoped_release unlocked;
+            std::lock_guard<std::mutex> hold(lock_);
+            out = layer ? kvc::save_layer(cache_, *layer) : kvc::save_cache(cache_);
+        }
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    }
+    // Takes any contiguous buffer of bytes (bytes, bytearray, memoryview,
+    // a uint8 array). The GIL stays held: a bytearray cannot change under the load.
+    void load(const py::buffer& data, std::optional<std::size_t> layer) {
+        const py::buffer_info info = data.request();
+        const bool contiguous = info.ndim == 1 && (info.shape[0] <= 1 || info.strides[0] == info.itemsize);
+        require(info.itemsize == 1 && contiguous,
+                "kvc.Cache.load: expected the bytes of save() (bytes, bytearray or a contiguous uint8 buffer), got a "
+                "buffer of ", info.ndim, " dimensions and ", info.itemsize, "-byte items");
+        const auto size = static_cast<std::size_t>(info.shape[0]);
+        std::lock_guard<std::mutex> hold(lock_);
+        if (layer) kvc::load_layer(cache_, *layer, info.ptr, size);
+        else kvc::load_cache(cache_, info.ptr, size);
+    }
+
 private:
     static kvc::dynamic_cache build(const std::string& spec, std::size_t layers, std::size_t kv_heads,
                                     std::size_t query_heads, std::size_t head_dim, const std::string& storage,
@@ -591,6 +615,11 @@ rope_interleaved: pairs (2i, 2i+1), else (i, i + dims/2) as HF Llama).)")
              "The running attention statistic of one head (float32 copy), or None when no policy keeps one.")
         .def("set_external_scores", &cache::set_external_scores, py::arg("layer"), py::arg("head"),
              py::arg("scores"), "E18 ('external'): the scores eviction ranks one head's tokens by.")
+        .def("save", &cache::save, py::arg("layer") = py::none(),
+             "The cache (or one layer) as bytes, in kvc's versioned format (docs/SERIALIZATION.md).")
+        .def("load", &cache::load, py::arg("data"), py::arg("layer") = py::none(),
+             "Replaces the content (or one layer's) with what save() wrote; the cache must have been built with "
+             "the same spec, shape and artifacts. kvc.error, and the cache unchanged, otherwise.")
         .def("fork", &cache::fork, "An independent copy.")
         .def("__copy__", &cache::fork)
         .def("__deepcopy__", [](const cache& c, const py::dict&) { return c.fork(); }, py::arg("memo"))

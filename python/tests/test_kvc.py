@@ -318,6 +318,40 @@ def test_fork_copies_and_clear_empties():
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def test_save_and_load_continue_bit_for_bit_and_refuse_other_caches():
+    prompt, steps = scenario(seed=13)
+    cache = kvc.Cache("q4_0 + snapkv:0.25", **SHAPE)
+    prefill(cache, prompt)
+    data = cache.save()
+    assert isinstance(data, bytes) and data[:8] == b"KVCCACHE"
+    whole, by_layer = kvc.Cache("q4_0 + snapkv:0.25", **SHAPE), kvc.Cache("q4_0 + snapkv:0.25", **SHAPE)
+    whole.load(bytearray(data))
+    for layer in range(LAYERS):
+        by_layer.load(memoryview(cache.save(layer)), layer=layer)
+    assert whole.save() == by_layer.save() == data
+    for step in steps:
+        for layer, (key, value, query) in enumerate(step):
+            position = cache.next_position(layer)
+            outputs = []
+            for c in (cache, whole, by_layer):
+                c.append(layer, key, value, position)
+                outputs.append(c.attend(layer, query).view(np.uint32))
+            np.testing.assert_array_equal(outputs[0], outputs[1])
+            np.testing.assert_array_equal(outputs[0], outputs[2])
+    # Another codec, another budget, damaged bytes: refused, nothing changed.
+    other = kvc.Cache("q8_0 + snapkv:0.25", **SHAPE)
+    before = other.save()
+    with pytest.raises(kvc.error, match="quantization policy"):
+        other.load(data)
+    with pytest.raises(kvc.error, match="keep.keep_ratio"):
+        kvc.Cache("q4_0 + snapkv:0.5", **SHAPE).load(data)
+    with pytest.raises(kvc.error, match="truncated"):
+        other.load(data[:100])
+    with pytest.raises(kvc.error, match="expected the bytes of save"):
+        other.load(np.zeros((2, 2), dtype=np.uint8))
+    assert other.save() == before
+
+
 def test_threads_sharing_a_cache_get_sequential_results():
     prompt, _ = scenario(seed=10)
     shared, alone = kvc.Cache("q8_0", **SHAPE), kvc.Cache("q8_0", **SHAPE)

@@ -21,6 +21,11 @@
 //
 // Views: append takes any kv_view of fp32, fp16 or bf16 rows; contiguous and
 // strided views go through layout_strided, paged views as they are.
+// Serialization: kvc::save_cache / load_cache / save_layer / load_layer
+// (below; the format of cache/serialization.hpp) save what the held cache
+// holds. A file's header names the held codec, scorer and selector types,
+// so it loads only into a dynamic_cache of the same composition (not into the
+// equivalent static compressed_cache, whose columns differ).
 // Errors and thread safety are compressed_cache's. A pairing the methods do
 // not support is refused at construction with kvc::error: merging without an
 // eviction policy (nothing is dropped to fold), a projection with an eviction
@@ -30,14 +35,18 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <istream>
 #include <memory>
+#include <ostream>
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <variant>
+#include <vector>
 
 #include "kvc/cache/compressed_cache.hpp"
+#include "kvc/cache/serialization.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/policy/eviction/any.hpp"
 #include "kvc/policy/eviction/none.hpp"
@@ -55,6 +64,11 @@
 #include "kvc/view/kv_view.hpp"
 
 namespace kvc {
+
+class dynamic_cache;
+namespace detail {
+struct dynamic_cache_access;
+}
 
 // The merging and projection policies a dynamic_cache can hold: adding one
 // is a line here.
@@ -136,6 +150,8 @@ public:
     }
 
 private:
+    friend struct detail::dynamic_cache_access;
+
     template <class T>
     using strided = kv_view<const T, layout_strided>;
     template <class T>
@@ -170,6 +186,10 @@ private:
         virtual void reserve(std::size_t) = 0;
         virtual void shrink_to_fit() = 0;
         virtual void clear() noexcept = 0;
+        virtual void save(detail::byte_sink&, const char* who) const = 0;
+        virtual void save_layer(detail::byte_sink&, std::size_t, const char* who) const = 0;
+        virtual void load(detail::byte_source&, const char* who) = 0;
+        virtual void load_layer(detail::byte_source&, std::size_t, const char* who) = 0;
     };
 
     template <class Cache>
@@ -226,6 +246,14 @@ private:
         void reserve(std::size_t tokens) override { cache.reserve(tokens); }
         void shrink_to_fit() override { cache.shrink_to_fit(); }
         void clear() noexcept override { cache.clear(); }
+        void save(detail::byte_sink& sink, const char* who) const override { detail::save_to(sink, cache, who); }
+        void save_layer(detail::byte_sink& sink, std::size_t l, const char* who) const override {
+            detail::save_layer_to(sink, cache, l, who);
+        }
+        void load(detail::byte_source& source, const char* who) override { detail::load_from(source, cache, who); }
+        void load_layer(detail::byte_source& source, std::size_t l, const char* who) override {
+            detail::load_layer_from(source, cache, l, who);
+        }
     };
 
     // The compressed_cache type for the choices, built.
@@ -288,5 +316,54 @@ private:
 
     std::unique_ptr<interface> cache_;
 };
+
+namespace detail {
+// The serialization overloads below reach the held cache through this.
+struct dynamic_cache_access {
+    static const auto& held(const dynamic_cache& c) { return c.live(); }
+    static auto& held(dynamic_cache& c) { return c.live(); }
+};
+} // namespace detail
+
+// Serialization of a dynamic_cache (cache/serialization.hpp's functions,
+// which these overloads take the place of): the held cache's bytes.
+inline void save_cache(const dynamic_cache& cache, std::ostream& out) {
+    detail::byte_sink sink(out);
+    detail::dynamic_cache_access::held(cache).save(sink, "kvc::save_cache");
+}
+inline std::vector<unsigned char> save_cache(const dynamic_cache& cache) {
+    std::vector<unsigned char> out;
+    detail::byte_sink sink(out);
+    detail::dynamic_cache_access::held(cache).save(sink, "kvc::save_cache");
+    return out;
+}
+inline void load_cache(dynamic_cache& cache, std::istream& in) {
+    detail::byte_source source(in);
+    detail::dynamic_cache_access::held(cache).load(source, "kvc::load_cache");
+}
+inline void load_cache(dynamic_cache& cache, const void* data, std::size_t size) {
+    detail::require(data != nullptr || size == 0, "kvc::load_cache: expected non-null data");
+    detail::byte_source source(data, size);
+    detail::dynamic_cache_access::held(cache).load(source, "kvc::load_cache");
+}
+inline void save_layer(const dynamic_cache& cache, std::size_t layer, std::ostream& out) {
+    detail::byte_sink sink(out);
+    detail::dynamic_cache_access::held(cache).save_layer(sink, layer, "kvc::save_layer");
+}
+inline std::vector<unsigned char> save_layer(const dynamic_cache& cache, std::size_t layer) {
+    std::vector<unsigned char> out;
+    detail::byte_sink sink(out);
+    detail::dynamic_cache_access::held(cache).save_layer(sink, layer, "kvc::save_layer");
+    return out;
+}
+inline void load_layer(dynamic_cache& cache, std::size_t layer, std::istream& in) {
+    detail::byte_source source(in);
+    detail::dynamic_cache_access::held(cache).load_layer(source, layer, "kvc::load_layer");
+}
+inline void load_layer(dynamic_cache& cache, std::size_t layer, const void* data, std::size_t size) {
+    detail::require(data != nullptr || size == 0, "kvc::load_layer: expected non-null data");
+    detail::byte_source source(data, size);
+    detail::dynamic_cache_access::held(cache).load_layer(source, layer, "kvc::load_layer");
+}
 
 } // namespace kvc

@@ -26,6 +26,7 @@
 #include <typeinfo>
 #include <utility>
 
+#include "kvc/core/archive.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/core/memory.hpp"
@@ -78,6 +79,8 @@ struct store_table {
     void (*store_key)(void*, const kernels::kernel_table&, std::size_t, const float*) noexcept;
     void (*store_row)(void*, const kernels::kernel_table&, std::size_t, const float*, const float*) noexcept;
     void (*assign_precision)(void*, const kernels::kernel_table&, const float*);
+    void (*save)(const void*, archive_writer&);
+    void (*load)(void*, archive_reader&);
 };
 
 template <class S>
@@ -87,6 +90,10 @@ S& as(void* p) noexcept {
 template <class S>
 const S& as(const void* p) noexcept {
     return *static_cast<const S*>(p);
+}
+
+[[noreturn]] inline void no_serialized_form() {
+    fail("any_store: expected a store with a serialized form (a static transfer member), got one without");
 }
 
 template <class S>
@@ -171,6 +178,14 @@ const store_table& table_of() noexcept {
         [](void* s, const kernels::kernel_table& k, const float* scores) {
             if constexpr (has_assign_precision<S>::value) as<S>(s).assign_precision(k, scores);
             else (void)s, (void)k, (void)scores;
+        },
+        [](const void* s, archive_writer& a) {
+            if constexpr (has_transfer<S>::value) S::transfer(as<S>(s), a);
+            else (void)s, (void)a, no_serialized_form();
+        },
+        [](void* s, archive_reader& a) {
+            if constexpr (has_transfer<S>::value) S::transfer(as<S>(s), a);
+            else (void)s, (void)a, no_serialized_form();
         },
     };
     return table;
@@ -291,6 +306,17 @@ public:
                         "any_store::assign_precision: expected a codec that re-encodes by importance (Q6), got one "
                         "that does not");
         table_->assign_precision(object_, k, scores);
+    }
+
+    // Serialization (kvc/core/archive.hpp): the held store's type, which a
+    // load requires to be the destination's (every quant::any cache has
+    // one type, so this is where a file from another codec is refused),
+    // then the held store's own form.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.identity("any_store held store type", self.table_->type->name());
+        if constexpr (Archive::loading) self.table_->load(self.live(), a);
+        else self.table_->save(self.live(), a);
     }
 
 private:

@@ -172,6 +172,19 @@ public:
                      p.out + i * p.out_token_stride + g * p.out_head_stride);
     }
 
+public:
+    // Serialization (kvc/core/archive.hpp): dim and rank as shapes, the
+    // bases as the policy's (calibrated: on load they must equal the
+    // destination's, so a file from another calibration is refused), then
+    // the latents.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("latent_rows head_dim", self.dim_);
+        a.shape("latent_rows rank", self.rank_);
+        a.same("latent_rows bases", self.bases_);
+        dense_rows::transfer(self.latents_, a);
+    }
+
 private:
     latent_rows(dense_rows latents, const latent_rows& bases_of)
         : dim_(bases_of.dim_), rank_(bases_of.rank_), bases_(bases_of.bases_), latents_(std::move(latents)) {}

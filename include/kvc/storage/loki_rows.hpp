@@ -216,6 +216,24 @@ public:
         rows_.prefill(k, q, workspace + p.chunk * p.group * dim_);
     }
 
+    // Serialization (kvc/core/archive.hpp): dim, rank, group and ratio as
+    // shapes, the basis as the policy's (calibrated: equal on load), then the
+    // rows. The leading copy is not written: it is the first `rank` elements
+    // of each stored key, rebuilt on load (with the decode scratch), so a
+    // file cannot make the two disagree.
+    template <class Self, class Archive>
+    static void transfer(Self& self, Archive& a) {
+        a.shape("loki_rows head_dim", self.dim_);
+        a.shape("loki_rows rank", self.rank_);
+        a.shape("loki_rows group", self.group_);
+        std::uint64_t ratio_bits = 0;
+        std::memcpy(&ratio_bits, &self.ratio_, sizeof ratio_bits);
+        a.shape("loki_rows ratio (double bits)", static_cast<std::size_t>(ratio_bits));
+        a.same("loki_rows basis", self.basis_);
+        dense_rows::transfer(self.rows_, a);
+        if constexpr (Archive::loading) self.rebuild_leading();
+    }
+
 private:
     loki_rows(dense_rows rows, const loki_rows& other)
         : dim_(other.dim_), rank_(other.rank_), group_(other.group_), ratio_(other.ratio_), basis_(other.basis_),
@@ -223,6 +241,16 @@ private:
           rows_(std::move(rows)) {}
 
     std::size_t leading_row_bytes() const noexcept { return rank_ * size_of(type()); }
+    // The leading copy from the stored keys (a load: the rows are all there is).
+    void rebuild_leading() {
+        const std::size_t n = rows_.tokens(), lrb = leading_row_bytes();
+        leading_.clear();
+        leading_.reserve(detail::checked_mul(n, lrb, "kvc::loki_rows", "rows", "bytes per leading row"));
+        for (std::size_t t = 0; t < n; ++t)
+            std::memcpy(leading_.data() + t * lrb, rows_.key_row(t), lrb);
+        leading_.resize_within_capacity(n * lrb);
+        reserve_scratch(rows_.capacity());
+    }
     void store_leading(const kernels::kernel_table& k, std::size_t t, const float* rotated) noexcept {
         detail::convert_row(k, dtype::f32, rotated, type(), leading_.data() + t * leading_row_bytes(), rank_);
     }

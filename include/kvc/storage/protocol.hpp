@@ -34,6 +34,10 @@
 //   prefill_workspace_floats(group, chunk, with_mass)
 //                                              scratch beyond the kernels' (default: theirs)
 //   static constexpr bool wants_positions      push_back takes each row's position (default false)
+//   template <class Self, class Archive> static void transfer(Self&, Archive&)
+//                                              its serialized form (kvc/core/archive.hpp; default:
+//                                              a cache of it cannot be saved; any_store refuses
+//                                              at run time with kvc::error)
 #pragma once
 
 #include <cstddef>
@@ -41,6 +45,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kvc/core/archive.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/kernels/problem.hpp"
 #include "kvc/kernels/table.hpp"
@@ -94,6 +99,8 @@ KVC_STORE_MEMBER(has_assign_precision, std::declval<S&>().assign_precision(std::
                                                                            std::declval<const float*>()))
 KVC_STORE_MEMBER(has_prefill_workspace, std::declval<const S&>().prefill_workspace_floats(std::size_t{}, std::size_t{},
                                                                                           bool{}))
+KVC_STORE_MEMBER(has_transfer, (S::transfer(std::declval<const S&>(), std::declval<archive_writer&>()),
+                                 S::transfer(std::declval<S&>(), std::declval<archive_reader&>())))
 #undef KVC_STORE_MEMBER
 
 // The bytes one attention over the store reads: its stored_bytes(), or by

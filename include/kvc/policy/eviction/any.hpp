@@ -73,6 +73,8 @@ public:
     const Scorer* target() const noexcept {
         return model_->type() == typeid(Scorer) ? &model_of<Scorer>().scorer : nullptr;
     }
+    // The held scorer's type (cache serialization names it in a file's header).
+    const std::type_info& held_type() const noexcept { return model_->type(); }
 
 private:
     struct model_base {
@@ -150,6 +152,8 @@ public:
     const Selector* target() const noexcept {
         return model_->type() == typeid(Selector) ? &static_cast<const model<Selector>&>(*model_).selector : nullptr;
     }
+    // The held selector's type (cache serialization names it in a file's header).
+    const std::type_info& held_type() const noexcept { return model_->type(); }
     bool targets() const noexcept { return targets_; }
     bool equal_lengths() const noexcept { return equal_lengths_; }
     void select(const layer_candidates& layer, std::vector<std::vector<std::uint32_t>>& keep) const {

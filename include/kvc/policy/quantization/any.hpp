@@ -59,6 +59,8 @@ public:
     const Codec* target() const noexcept {
         return model_->type() == typeid(Codec) ? &static_cast<const model<Codec>&>(*model_).codec : nullptr;
     }
+    // The held codec's type (cache serialization names it in a file's header).
+    const std::type_info& held_type() const noexcept { return model_->type(); }
 
 private:
     struct model_base {
