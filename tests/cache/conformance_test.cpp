@@ -170,6 +170,11 @@ TEST(Conformance, EveryCalibratedMethod) {
             conforms("q4_0 + " + m.name, options);
         } else {
             conforms("none:f16 + " + m.name + (m.name == "loki" ? ":16:0.25" : ":16"), options);
+            conforms("h2o:0.4 + " + m.name + (m.name == "loki" ? ":16:0.25" : ":16"), options);
+            if (m.name == "pca") { // latents in a quantizing codec
+                conforms("q8_0 + pca:32", options);
+                conforms("kivi:2 + snapkv:0.3 + pca:32", options);
+            }
         }
     }
     EXPECT_EQ(covered, options.artifacts.size()) << "a calibrated method without an artifact here";

@@ -74,7 +74,9 @@ std::vector<std::string> every_method() {
 const char* const compositions[] = {"q4_0 + snapkv:0.25",    "kivi:2 + h2o:0.5",  "k8v4 + pyramidkv:0.3 + cam",
                                     "gear + knorm:0.4",      "mixed:int8/int2 + tova:0.5",
                                     "hadamard:q4_0 + streaming:0.3 + compensation", "kvquant + expected_attention:0.5",
-                                    "cq:c4b8 + chunkkv:0.4", "sparse:0.5 + adakv:0.3"};
+                                    "cq:c4b8 + chunkkv:0.4", "sparse:0.5 + adakv:0.3",
+                                    "q8_0 + pca:32",         "kivi:2 + snapkv:0.3 + pca:32",
+                                    "none:f16 + h2o:0.5 + think:0.5", "loki:32:0.25 + tova:0.5"};
 
 // The first part of a sequence: a 96-token prompt in two chunks and 20
 // decode steps (schedules compress after the prompt), then an explicit

@@ -200,7 +200,40 @@ TEST(Registry, CalibratedProjectionsMatchTheirStaticCaches) {
         kvc::dynamic_cache chosen = kvc::make_cache(c, "none:f16 + pca:16", options);
         const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
         EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
-        EXPECT_EQ(fixed.bytes(), chosen.bytes());
+        // The run-time cache keeps the latents in the held codec's store: the
+        // same bytes, and the block the held store lives in.
+        using held = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::any, kvc::project::pca>;
+        const held* inside = chosen.target<held>();
+        ASSERT_NE(nullptr, inside);
+        for (std::size_t l = 0; l < c.layers; ++l)
+            for (std::size_t h = 0; h < c.kv_heads; ++h)
+                EXPECT_EQ(fixed.head(l, h).bytes() + sizeof(kvc::dense_rows), inside->head(l, h).bytes());
+    }
+    {
+        // Latents in q8_0 (rank 32: its blocks are 32 wide), with and without eviction.
+        kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::q8_0, kvc::project::pca> fixed(
+            c, {}, {}, {}, kvc::project::pca(bases, 32));
+        kvc::dynamic_cache chosen = kvc::make_cache(c, "q8_0 + pca:32", options);
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::q8_0, kvc::project::pca> evicting(
+            c, kvc::evict::snapkv(kvc::evict::budget::ratio(0.5)), {}, {}, kvc::project::pca(bases, 32));
+        kvc::dynamic_cache chosen_evicting = kvc::make_cache(c, "q8_0 + snapkv:0.5 + pca:32", options);
+        const std::vector<float> d = outputs_of(evicting), e = outputs_of(chosen_evicting);
+        EXPECT_EQ(0, std::memcmp(d.data(), e.data(), d.size() * sizeof(float)));
+        EXPECT_EQ(evicting.tokens(0), chosen_evicting.tokens(0));
+        EXPECT_LT(chosen_evicting.tokens(0), chosen.tokens(0)) << "the eviction kept every token";
+        const std::string narrow = kvc_test::error_of([&] { (void)kvc::make_cache(c, "q8_0 + pca:16", options); });
+        EXPECT_NE(std::string::npos, narrow.find("the projection stores 16 channels a row")) << narrow;
+    }
+    {
+        // ThinK after SnapKV, as its paper runs it.
+        kvc::compressed_cache<kvc::evict::snapkv, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::think>
+            fixed(c, kvc::evict::snapkv(kvc::evict::budget::ratio(0.5)), {}, {}, kvc::project::think(0.5));
+        kvc::dynamic_cache chosen = kvc::make_cache(c, "none:f16 + snapkv:0.5 + think:0.5", options);
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        EXPECT_EQ(fixed.tokens(1), chosen.tokens(1));
     }
     {
         kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::loki> fixed(

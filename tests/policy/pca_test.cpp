@@ -1,7 +1,9 @@
 // P1 PCA projection (project::pca, storage/latent_rows.hpp, calibration/pca.hpp):
 // latent attention is exact attention over the projected rows, rows in the
 // span are kept, full rank is the full cache, calibration finds the span and
-// is deterministic, bad bases are refused, and bytes() is the layout.
+// is deterministic, bad bases are refused, and bytes() is the layout;
+// latents kept by a quantizing codec attend exactly over what that codec
+// decodes, a codec that cannot take rows of the rank is refused.
 // P4 Loki (project::loki, storage/loki_rows.hpp): exact attention over the
 // top-k tokens of the low-rank estimate, full attention when k is every token.
 #include <gtest/gtest.h>
@@ -25,6 +27,8 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/pca.hpp"
+#include "kvc/policy/quantization/block.hpp"
+#include "kvc/policy/quantization/kivi.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/storage/dense_rows.hpp"
 #include "kvc/storage/latent_rows.hpp"
@@ -233,7 +237,7 @@ TEST(Pca, RowsInTheSpanAreReproduced) {
     const kvc::kernels::kernel_table& k = kvc::kernels::active();
     for (std::size_t l = 0; l < layers; ++l)
         for (std::size_t h = 0; h < kv_heads; ++h) {
-            const kvc::latent_rows& rows = cache.head(l, h);
+            const kvc::latent_rows<>& rows = cache.head(l, h);
             ASSERT_EQ(rows.tokens(), total);
             std::vector<float> keys(total * dim), values(total * dim), want_keys(total * dim), want_values(total * dim);
             rows.decode_keys(k, 0, total, keys.data());
@@ -364,6 +368,109 @@ TEST(Pca, BytesAreTheLayoutAtEveryRank) {
             }
         EXPECT_EQ(cache.bytes(), memory.in_use);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Latents kept by a codec (Palu's latent quantization)
+
+// Rank 32 of head_dim 32 (the codecs' groups are 32 wide; lower ranks at
+// head_dim 64 are in conformance_test and registry_test). Latents in fp8
+// blocks (keys scored against the fp32 query, so attention is exact over
+// the decoded rows; the integer formats score a query rounded to int8,
+// kernels/quant/common.hpp, which an exact oracle would have to copy), KIVI's
+// 2 bits with a residual of 32 rows, and q8_0 (an fp16 scale and 32 codes:
+// 34 bytes a row) for the layout.
+using fp8_latents = kvc::quant::block<kvc::quant::fp8_e4m3, 32>;
+using kivi_latents = kvc::quant::kivi<2, 32, 32>;
+using int8_latents = kvc::quant::q8_0;
+constexpr std::size_t latent_rank = 32;
+
+// What the store decodes (U U^T of its decoded latents), gathered as engine rows [tokens][kv_heads][dim].
+template <class Cache>
+void decoded_rows(const Cache& cache, std::size_t layer, std::size_t tokens, std::vector<float>& keys,
+                  std::vector<float>& values) {
+    const kvc::kernels::kernel_table& k = kvc::kernels::active();
+    keys.assign(tokens * kv_heads * dim, 0.0f);
+    values.assign(keys.size(), 0.0f);
+    std::vector<float> head(tokens * dim);
+    for (std::size_t h = 0; h < kv_heads; ++h)
+        for (int which = 0; which < 2; ++which) {
+            if (which == 0) cache.head(layer, h).decode_keys(k, 0, tokens, head.data());
+            else cache.head(layer, h).decode_values(k, 0, tokens, head.data());
+            std::vector<float>& to = which == 0 ? keys : values;
+            for (std::size_t t = 0; t < tokens; ++t)
+                std::copy(head.data() + t * dim, head.data() + (t + 1) * dim, to.data() + (t * kv_heads + h) * dim);
+        }
+}
+
+// Decode and prefill over quantized latents are exact attention (in double)
+// over the rows the store decodes; and those rows are the projected rows
+// with the codec's error, not the projected rows themselves (the codec acts).
+template <class Codec>
+void check_codec_latents_on_active_arch() {
+    const kvc::project::pca_bases b = random_bases(latent_rank, 700);
+    const std::vector<layer_data> data = draw(b, total, 3, false);
+    const kvc::cache_config c = shape();
+    using cache_t = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, Codec, kvc::project::pca>;
+    cache_t cache(c, {}, {}, {}, kvc::project::pca(b));
+    std::vector<float> keys, values;
+    run(cache, data, prompt, total,
+        [&](std::size_t l, std::size_t first, const std::vector<float>& out) {
+            decoded_rows(cache, l, first + chunk, keys, values);
+            for (std::size_t i = 0; i < chunk; ++i) {
+                const auto want = kvc_test::oracle_attention(c, keys, values, first + i + 1,
+                                                             data[l].queries.data() + (first + i) * query_heads * dim);
+                ASSERT_LT(kvc_test::worst_head_error(c, out.data() + i * query_heads * dim, want), 1e-5)
+                    << "layer " << l << " chunk query " << first + i;
+            }
+        },
+        [&](std::size_t l, std::size_t t, const std::vector<float>& out, const std::vector<float>&) {
+            decoded_rows(cache, l, t + 1, keys, values);
+            const auto want =
+                kvc_test::oracle_attention(c, keys, values, t + 1, data[l].queries.data() + t * query_heads * dim);
+            ASSERT_LT(kvc_test::worst_head_error(c, out.data(), want), 1e-5) << "layer " << l << " token " << t;
+        });
+    const std::vector<float> exact = projected(b, b.keys, 0, data[0].keys);
+    decoded_rows(cache, 0, total, keys, values);
+    const double error = kvc_test::relative_error(keys, exact);
+    EXPECT_GT(error, 1e-4) << "the codec left the latents as they were";
+    const double most = std::is_same_v<Codec, fp8_latents> ? 0.1 : 0.6;
+    EXPECT_LT(error, most) << "the latents are not the projected rows";
+}
+
+TEST(PcaLatents, QuantizedLatentsAttendExactlyOverWhatTheCodecDecodes) {
+    kvc_test::on_every_arch([] {
+        check_codec_latents_on_active_arch<fp8_latents>();
+        check_codec_latents_on_active_arch<kivi_latents>();
+    });
+}
+
+// bytes() is the codec's layout at width r plus the bases: q8_0 is 34 bytes
+// a row, a key and a value row a token.
+TEST(PcaLatents, BytesAreTheCodecLayoutAtTheRank) {
+    using cache_t = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, int8_latents, kvc::project::pca>;
+    constexpr std::size_t tokens = 100;
+    const std::vector<float> keys = random_floats(tokens * kv_heads * dim, 7), values = random_floats(keys.size(), 8);
+    kvc_test::counting_resource memory;
+    cache_t cache(shape(kvc::dtype::f32, &memory), {}, {}, {}, kvc::project::pca(random_bases(latent_rank, 600)));
+    for (std::size_t l = 0; l < layers; ++l)
+        cache.append(l, view(keys.data(), tokens, kv_heads, dim), view(values.data(), tokens, kv_heads, dim), 0);
+    cache.shrink_to_fit();
+    const std::size_t bases = 2 * dim * latent_rank * sizeof(float);
+    for (std::size_t l = 0; l < layers; ++l)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+            EXPECT_EQ(cache.head(l, h).bytes(), tokens * 2 * 34 + bases);
+            EXPECT_EQ(cache.head(l, h).stored_bytes(), tokens * 2 * 34 + bases);
+        }
+    EXPECT_EQ(cache.bytes(), memory.in_use);
+}
+
+// A codec whose groups do not divide the rank is refused when the cache is
+// built, naming the width: q8_0's blocks of 32 do not take rank 16.
+TEST(PcaLatents, ACodecThatCannotTakeTheRankIsRefused) {
+    using cache_t = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, int8_latents, kvc::project::pca>;
+    const std::string message = kvc_test::error_of([] { cache_t(shape(), {}, {}, {}, kvc::project::pca(random_bases(16, 1))); });
+    EXPECT_NE(std::string::npos, message.find("the projection stores 16 channels a row")) << "[" << message << "]";
 }
 
 // ---------------------------------------------------------------------------
@@ -542,7 +649,8 @@ TEST(ProjectedStores, CompactedAndCopiedStoresKeepTheirRows) {
     // Full-rank bases: every row is in the span, so both stores give the rows back.
     const kvc::project::pca_bases b = random_bases(dim, 1000);
     const std::vector<float> keys = random_floats(tokens * dim, 11), values = random_floats(tokens * dim, 12);
-    kvc::latent_rows latent(kvc::dense_rows(kvc::dtype::f32, dim, nullptr), dim, b.keys.data(), b.values.data(), dim);
+    kvc::latent_rows<> latent(kvc::dense_rows(kvc::dtype::f32, dim, nullptr), dim, dim, nullptr, b.keys.data(), b.values.data(),
+                              dim);
     kvc::loki_rows loki(kvc::dense_rows(kvc::dtype::f32, dim, nullptr), b.keys.data(), 8, 0.5, 2);
     latent.reserve_for_append(tokens);
     loki.reserve_for_append(tokens);
@@ -552,7 +660,7 @@ TEST(ProjectedStores, CompactedAndCopiedStoresKeepTheirRows) {
     }
     expect_rows(latent.compacted(kept.data(), kept.size()), keys, values, kept);
     expect_rows(loki.compacted(kept.data(), kept.size()), keys, values, kept);
-    const kvc::latent_rows latent_copy(latent);
+    const kvc::latent_rows<> latent_copy(latent);
     const kvc::loki_rows loki_copy(loki);
     expect_rows(latent_copy, keys, values, every);
     expect_rows(loki_copy, keys, values, every);

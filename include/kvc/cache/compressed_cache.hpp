@@ -134,7 +134,7 @@ public:
                               Quantization quantization = {}, Projection projection = {})
         : config_(checked(config)), eviction_(validated(std::move(eviction))), merging_(validated(std::move(merging))),
           quantization_(validated(std::move(quantization))), projection_(validated(std::move(projection))),
-          heads_(config_.resource), layers_(config_.resource) {
+          codec_config_(codec_config()), heads_(config_.resource), layers_(config_.resource) {
         const policy_requests asked[] = {requests_of(eviction_), requests_of(merging_), requests_of(quantization_),
                                          requests_of(projection_)};
         stats_wanted_ = collects_attention_stats &&
@@ -552,7 +552,7 @@ private:
     // One head's store: the codec's, wrapped by the projection when it projects.
     head_storage make_head(std::size_t layer, std::size_t kv_head) const {
         if constexpr (projects)
-            return projection_.make_head(detail::make_head_of(quantization_, config_, layer, kv_head), config_, layer,
+            return projection_.make_head(codec_store(layer, kv_head), config_, layer,
                                          kv_head);
         else
             return detail::make_head_of(quantization_, config_, layer, kv_head);
@@ -604,6 +604,36 @@ private:
     P validated(P policy) const {
         detail::validate_part(policy, config_);
         return policy;
+    }
+
+    // What the codec's store is built for: config_, narrowed to the
+    // projection's stored width when it keeps fewer channels a row (PCA's
+    // latents), the codec checked against that width too.
+    cache_config codec_config() const {
+        const cache_config narrow = detail::inner_config_of(projection_, config_);
+        if (narrow.head_dim != config_.head_dim) {
+            try {
+                detail::validate_part(quantization_, narrow);
+            } catch (const error& e) {
+                narrower_than_codec(narrow, e);
+            }
+        }
+        return narrow;
+    }
+    // The codec's store for the projection to wrap (codecs that check the
+    // width in make_head refuse a narrow one here).
+    typename Quantization::head_storage codec_store(std::size_t layer, std::size_t kv_head) const {
+        if (codec_config_.head_dim == config_.head_dim)
+            return detail::make_head_of(quantization_, codec_config_, layer, kv_head);
+        try {
+            return detail::make_head_of(quantization_, codec_config_, layer, kv_head);
+        } catch (const error& e) {
+            narrower_than_codec(codec_config_, e);
+        }
+    }
+    [[noreturn]] void narrower_than_codec(const cache_config& narrow, const error& e) const {
+        detail::fail("compressed_cache: the projection stores ", narrow.head_dim,
+                     " channels a row, which the codec does not take: ", e.what());
     }
 
     // The budget's tokens for one head of `layer` holding `held` tokens, the layer having seen `seen`.
@@ -870,6 +900,7 @@ private:
     Merging merging_;
     Quantization quantization_;
     Projection projection_;
+    cache_config codec_config_; // what the codec's stores are built for (codec_config())
     detail::emptied_by_move<head_slot> heads_;    // [layer][kv_head]
     detail::emptied_by_move<layer_state> layers_; // [layer]; empty once moved from
     std::size_t byte_budget_tokens_ = 0;   // tokens_for_bytes(), fixed by the codec and the budget

@@ -12,8 +12,9 @@
 // How it is erased. The codec (quant::any) and the eviction's scorer and
 // selector (evict::any) are held at run time inside one compressed_cache
 // type; the merger and the projection are type parameters of that cache, so
-// the dynamic cache holds one of a few compressed_cache types (one per merger,
-// one per projection over each row type), chosen at construction, behind one
+// the dynamic cache holds one of a few compressed_cache types (one per merger;
+// per projection, with and without eviction: PCA over quant::any, ThinK and
+// Loki over each row type), chosen at construction, behind one
 // indirect call per operation. Nothing is erased per token or per element,
 // and every output is the static composition's bit for bit (tests/cache/
 // dynamic_composition_test.cpp). The instantiations are the sum of the family
@@ -28,9 +29,9 @@
 // equivalent static compressed_cache, whose columns differ).
 // Errors and thread safety are compressed_cache's. A pairing the methods do
 // not support is refused at construction with kvc::error: merging without an
-// eviction policy (nothing is dropped to fold), a projection with an eviction
-// policy or merging (not offered yet), a projection (ThinK, PCA, Loki) over a
-// codec that does not store rows as they are.
+// eviction policy (nothing is dropped to fold), a projection with merging
+// (not offered yet), ThinK or Loki over a codec that does not store rows as
+// they are, PCA over a codec that does not take rows of its rank.
 #pragma once
 
 #include <cstddef>
@@ -279,8 +280,10 @@ private:
             merging);
     }
 
-    // A projection runs alone here (no eviction, no merging) over a codec
-    // that stores rows as they are: its store is built around that codec's.
+    // A projection with or without eviction (not with merging yet). PCA
+    // keeps its latents in any codec that takes rows of its rank (the codec
+    // held at run time, built at that width); ThinK and Loki rebuild rows as
+    // they are, over the codecs that store them so.
     template <class Projection>
     static std::unique_ptr<interface> projected(const cache_config& config, const quant::any& codec,
                                                 const std::optional<evict::any>& eviction, const any_merger& merging,
@@ -288,21 +291,31 @@ private:
         if constexpr (std::is_same_v<Projection, project::none>) {
             return nullptr; // not reached: build() handles project::none
         } else {
-            detail::require(!eviction && std::holds_alternative<merge::none>(merging),
-                            "dynamic_cache: a projection composes with neither eviction nor merging yet; expected "
-                            "evict none and merge none with it");
-            if (codec.target<quant::none<float>>()) return with_rows<float>(config, std::move(projection));
-            if (codec.target<quant::none<half>>()) return with_rows<half>(config, std::move(projection));
-            if (codec.target<quant::none<bfloat16>>()) return with_rows<bfloat16>(config, std::move(projection));
-            detail::require(false, "dynamic_cache: this projection works on rows stored as they are; expected the "
-                                   "codec none:f32, none:f16 or none:bf16, got another codec");
-            return nullptr;
+            detail::require(std::holds_alternative<merge::none>(merging),
+                            "dynamic_cache: a projection composes with eviction but not with merging yet; expected "
+                            "merge none with it");
+            if constexpr (std::is_same_v<Projection, project::pca>) {
+                return over(config, codec, eviction, std::move(projection));
+            } else {
+                if (codec.target<quant::none<float>>()) return over(config, quant::none<float>{}, eviction, std::move(projection));
+                if (codec.target<quant::none<half>>()) return over(config, quant::none<half>{}, eviction, std::move(projection));
+                if (codec.target<quant::none<bfloat16>>())
+                    return over(config, quant::none<bfloat16>{}, eviction, std::move(projection));
+                detail::require(false, "dynamic_cache: this projection works on rows stored as they are; expected the "
+                                       "codec none:f32, none:f16 or none:bf16, got another codec (pca takes any "
+                                       "codec for its latents)");
+                return nullptr;
+            }
         }
     }
-    template <class T, class Projection>
-    static std::unique_ptr<interface> with_rows(const cache_config& config, Projection projection) {
-        return std::make_unique<model<compressed_cache<evict::none, merge::none, quant::none<T>, Projection>>>(
-            config, evict::none{}, merge::none{}, quant::none<T>{}, std::move(projection));
+    template <class Codec, class Projection>
+    static std::unique_ptr<interface> over(const cache_config& config, Codec codec,
+                                           const std::optional<evict::any>& eviction, Projection projection) {
+        if (!eviction)
+            return std::make_unique<model<compressed_cache<evict::none, merge::none, Codec, Projection>>>(
+                config, evict::none{}, merge::none{}, std::move(codec), std::move(projection));
+        return std::make_unique<model<compressed_cache<evict::any, merge::none, Codec, Projection>>>(
+            config, *eviction, merge::none{}, std::move(codec), std::move(projection));
     }
 
     interface& live() {

@@ -345,10 +345,17 @@ private:
 namespace detail {
 
 // Whether a store offers an optional member: its type says so at compile
-// time, or, for a store chosen at run time (any_store), the store at run time.
+// time, or, for a store chosen at run time (any_store, or one around it that
+// says so through offers(): latent_rows), the store at run time.
+template <class S, class = void>
+struct answers_offers : std::false_type {};
+template <class S>
+struct answers_offers<S, std::void_t<decltype(bool{std::declval<const S&>().offers(store_capability::store_row)})>>
+    : std::true_type {};
+
 template <class S>
 bool store_offers(const S& store, store_capability c) noexcept {
-    if constexpr (std::is_same_v<S, any_store>) {
+    if constexpr (answers_offers<S>::value) {
         return store.offers(c);
     } else {
         (void)store;

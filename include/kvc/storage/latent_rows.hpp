@@ -3,34 +3,42 @@
 // projection, policy/projection/pca.hpp).
 //
 // Layout:
-//   latents   a dense_rows of width r: row t holds U_k^T k_t and U_v^T v_t in
-//             the codec's element type (fp32, fp16 or bf16)
+//   latents   the codec's store (Inner) built for width r: row t holds
+//             U_k^T k_t and U_v^T v_t as that codec encodes r-wide rows
+//             (dense_rows: as they are in fp32, fp16 or bf16; q8_0, KIVI, ...:
+//             quantized, Palu's latent quantization)
 //   bases     U_k then U_v, each head_dim x r fp32, row-major (row d holds
 //             channel d's coordinates on the r basis vectors); the head's own
 //             copy, from the cache's memory resource, so bytes() counts it
-// bytes() = latents (2 r elements a token, capacity) + 2 head_dim r 4.
+// bytes() = the latents' store (dense: 2 r elements a token, capacity) + 2 head_dim r 4.
 //
 // Rows are projected as they are appended (push_back, on the stack: no
 // allocation, so it stays noexcept). Attention never rebuilds a row: with
 // P = U U^T, <q, P_k k> = <U_k^T q, U_k^T k>, and sum_t a_t P_v v_t =
 // U_v (sum_t a_t U_v^T v_t). So decode projects the group's queries once,
-// runs the plain-row kernel over the r-wide latents into a fresh running
+// runs the latents' own attention (for dense latents the plain-row kernel;
+// for a codec's store its fused kernel) over the r-wide rows into a fresh running
 // state, multiplies its accumulator by U_v once per query head and merges
 // it into the caller's state (any number of segments may follow). Prefill
-// does the same around the plain-row prefill kernel, with the projected
+// does the same around the latents' prefill, with the projected
 // queries and latent outputs in the caller's workspace
 // (prefill_workspace_floats). Logits, bias and attention mass are those of
 // the latent attention, indexed by token as usual.
 //
 // decode_keys / decode_values return U U^T of the appended rows (what the
-// logits see), rounded through the latents' element type. store_row and
-// store_key project what they are given, as push_back does. release() frees
-// the latents and keeps the bases: a cleared cache appends again.
+// logits see), rounded through the latents' encoding. store_row and
+// store_key project what they are given, as push_back does, when the
+// latents' store has them (offers() says so at run time for any_store).
+// release() frees the latents and keeps the bases: a cleared cache appends
+// again. A codec that takes positions with its rows (KVQuant: keys before
+// RoPE) cannot hold latents, whose coordinates are not RoPE pairs: refused
+// at compile time, or at construction for an any_store holding one.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "kvc/core/cache_config.hpp"
@@ -38,19 +46,30 @@
 #include "kvc/core/memory.hpp"
 #include "kvc/kernels/common.hpp"
 #include "kvc/kernels/dispatch.hpp"
+#include "kvc/core/error.hpp"
+#include "kvc/storage/any_store.hpp"
 #include "kvc/storage/dense_rows.hpp"
+#include "kvc/storage/protocol.hpp"
 
 namespace kvc {
 
+template <class Inner = dense_rows>
 class latent_rows {
+    static_assert(std::is_same_v<Inner, any_store> || !detail::wants_positions<Inner>::value,
+                  "kvc::latent_rows: a codec that takes positions with its rows (KVQuant) cannot store latents");
+
 public:
-    // `latents` (width r, empty) will hold the coordinates; key_basis and
-    // value_basis are head_dim x r, row d at basis + d * basis_stride
-    // (basis_stride >= r: the first r columns of a wider basis). Copies them
-    // into the store; may throw bad_alloc.
-    latent_rows(dense_rows latents, std::size_t head_dim, const float* key_basis, const float* value_basis,
-                std::size_t basis_stride)
-        : dim_(head_dim), rank_(latents.dim()), bases_(latents.resource()), latents_(std::move(latents)) {
+    // `latents` (built for width `rank`, empty) will hold the coordinates;
+    // key_basis and value_basis are head_dim x rank, row d at basis + d *
+    // basis_stride (basis_stride >= rank: the first rank columns of a wider
+    // basis). Copies them into the store, from `resource`; may throw bad_alloc.
+    latent_rows(Inner latents, std::size_t head_dim, std::size_t rank, memory_resource* resource,
+                const float* key_basis, const float* value_basis, std::size_t basis_stride)
+        : dim_(head_dim), rank_(rank), bases_(resource), latents_(std::move(latents)) {
+        if constexpr (std::is_same_v<Inner, any_store>)
+            detail::require(!latents_.offers(store_capability::positions),
+                            "kvc::latent_rows: expected a codec that stores rows as given, got one that takes "
+                            "positions with its rows (KVQuant): latents are not RoPE pairs");
         bases_.reserve(2 * dim_ * rank_);
         bases_.resize_within_capacity(2 * dim_ * rank_);
         for (std::size_t d = 0; d < dim_; ++d) {
@@ -59,18 +78,31 @@ public:
         }
     }
 
-    dtype type() const noexcept { return latents_.type(); }
     std::size_t dim() const noexcept { return dim_; }
     std::size_t rank() const noexcept { return rank_; }
     std::size_t tokens() const noexcept { return latents_.tokens(); }
-    const dense_rows& latents() const noexcept { return latents_; }
+    const Inner& latents() const noexcept { return latents_; }
     const float* key_basis() const noexcept { return bases_.data(); }
     const float* value_basis() const noexcept { return bases_.data() + dim_ * rank_; }
 
     std::size_t bytes() const noexcept { return latents_.bytes() + bases_.bytes(); }
-    std::size_t bytes_per_token() const noexcept { return latents_.bytes_per_token(); }
-    // What one attention reads: every latent row and both bases.
-    std::size_t stored_bytes() const noexcept { return tokens() * latents_.bytes_per_token() + bases_.bytes(); }
+    template <class I = Inner, std::enable_if_t<detail::has_bytes_per_token<I>::value, int> = 0>
+    std::size_t bytes_per_token() const noexcept {
+        return latents_.bytes_per_token();
+    }
+    // What one attention reads: the latents' stored bytes and both bases.
+    std::size_t stored_bytes() const noexcept { return detail::stored_bytes_of(latents_) + bases_.bytes(); }
+    // The optional members the latents' store has (any_store: the held one's).
+    bool offers(store_capability c) const noexcept {
+        switch (c) {
+        case store_capability::store_key:
+        case store_capability::store_row:
+        case store_capability::bytes_per_token: return detail::store_offers(latents_, c);
+        case store_capability::assign_precision:
+        case store_capability::positions: return false;
+        }
+        return false;
+    }
 
     void reserve_for_append(std::size_t extra) { latents_.reserve_for_append(extra); }
     void reserve(std::size_t rows) { latents_.reserve(rows); }
@@ -82,9 +114,13 @@ public:
         float coordinates[2][max_head_dim];
         project(key_basis(), rows[0], coordinates[0]);
         project(value_basis(), rows[1], coordinates[1]);
-        latents_.push_back(k, dtype::f32, coordinates[0], coordinates[1]);
+        if constexpr (std::is_same_v<Inner, any_store>)
+            latents_.push_back(k, dtype::f32, coordinates[0], coordinates[1], 0); // refused position-takers: unused
+        else
+            latents_.push_back(k, dtype::f32, coordinates[0], coordinates[1]);
     }
     // A merged slot (fp32 rows in the model's space), projected as push_back does.
+    template <class I = Inner, std::enable_if_t<detail::has_store_row<I>::value, int> = 0>
     void store_row(const kernels::kernel_table& k, std::size_t t, const float* key, const float* value) noexcept {
         float coordinates[2][max_head_dim];
         project(key_basis(), key, coordinates[0]);
@@ -92,6 +128,7 @@ public:
         latents_.store_row(k, t, coordinates[0], coordinates[1]);
     }
     // A rewritten key (re-rotation), projected: a rotated key leaves the span in general.
+    template <class I = Inner, std::enable_if_t<detail::has_store_key<I>::value, int> = 0>
     void store_key(const kernels::kernel_table& k, std::size_t t, const float* key) noexcept {
         float coordinates[max_head_dim];
         project(key_basis(), key, coordinates);
@@ -99,7 +136,14 @@ public:
     }
 
     latent_rows compacted(const std::uint32_t* indices, std::size_t count) const {
-        return latent_rows(latents_.compacted(indices, count), *this);
+        if constexpr (detail::has_compacted<Inner>::value) {
+            return latent_rows(latents_.compacted(indices, count), *this);
+        } else {
+            Inner kept(latents_);
+            kept.keep(indices, count);
+            kept.shrink_to_fit();
+            return latent_rows(std::move(kept), *this);
+        }
     }
 
     // Rows [first, first + count) as U U^T row, fp32 [count][head_dim].
@@ -142,9 +186,9 @@ public:
         }
     }
 
-    // Workspace of prefill: the chunk's projected queries and latent outputs, then the kernels'.
+    // Workspace of prefill: the chunk's projected queries and latent outputs, then the latents' own.
     std::size_t prefill_workspace_floats(std::size_t group, std::size_t chunk, bool with_mass) const noexcept {
-        return 2 * chunk * group * rank_ + kernels::prefill_workspace_floats(group, rank_, tokens(), with_mass);
+        return 2 * chunk * group * rank_ + detail::prefill_workspace_of(latents_, group, rank_, chunk, with_mass);
     }
 
     // Causal chunk attention in the latent space: the queries projected into
@@ -182,11 +226,11 @@ public:
         a.shape("latent_rows head_dim", self.dim_);
         a.shape("latent_rows rank", self.rank_);
         a.same("latent_rows bases", self.bases_);
-        dense_rows::transfer(self.latents_, a);
+        Inner::transfer(self.latents_, a);
     }
 
 private:
-    latent_rows(dense_rows latents, const latent_rows& bases_of)
+    latent_rows(Inner latents, const latent_rows& bases_of)
         : dim_(bases_of.dim_), rank_(bases_of.rank_), bases_(bases_of.bases_), latents_(std::move(latents)) {}
 
     // out[j] = sum_d row[d] U[d][j]: the coordinates of `row` (head_dim) on the r basis vectors.
@@ -209,17 +253,21 @@ private:
     }
     void decode(const kernels::kernel_table& k, const float* basis, std::size_t first, std::size_t count, float* out,
                 bool keys) const noexcept {
-        float coordinates[max_head_dim];
-        for (std::size_t t = 0; t < count; ++t) {
-            const void* row = keys ? latents_.key_row(first + t) : latents_.value_row(first + t);
-            k.to_f32[kernels::index_of(type())](row, coordinates, rank_);
-            lift(basis, coordinates, out + t * dim_);
+        // The latents' own decode, a block of rows at a time (8 KiB on the stack).
+        constexpr std::size_t budget = 2048;
+        alignas(64) float coordinates[budget];
+        const std::size_t block = budget / rank_;
+        for (std::size_t t0 = 0; t0 < count; t0 += block) {
+            const std::size_t n = count - t0 < block ? count - t0 : block;
+            if (keys) latents_.decode_keys(k, first + t0, n, coordinates);
+            else latents_.decode_values(k, first + t0, n, coordinates);
+            for (std::size_t t = 0; t < n; ++t) lift(basis, coordinates + t * rank_, out + (t0 + t) * dim_);
         }
     }
 
     std::size_t dim_, rank_;
     aligned_buffer<float> bases_; // [2][head_dim][rank]: U_k, U_v
-    dense_rows latents_;
+    Inner latents_;
 };
 
 } // namespace kvc

@@ -22,7 +22,7 @@
 //
 // Choices made where the sources leave room:
 // - One rank r for keys and values (Palu and Eigen Attention pick them per
-//   layer and separately); the latents of a head are one r-wide dense_rows.
+//   layer and separately); the latents of a head are one r-wide store.
 // - Every token is projected as it is appended, prompt and decode alike (no
 //   full-precision window: that is P5); the projection stage has nothing
 //   left to do and project() returns nullopt.
@@ -35,10 +35,14 @@
 //   stored row is U U^T x, not mu + U U^T (x - mu), so nothing but the
 //   latents is added to attention. A key's mean direction is then usually
 //   the first component.
-// - Storage: latents in the codec's element type over quant::none<T> (as
-//   ThinK); quantized latents would need the codec's store made at width r,
-//   which make_head cannot ask the codec for (it is handed a finished store).
-// - Memory: 2 r elements a token, plus each head's own fp32 copy of its two
+// - Storage: the latents are the codec's own store built for width r
+//   (stored_width): quant::none<T> keeps them as they are, any codec that
+//   accepts r-wide rows quantizes them (Palu quantizes its latents after a
+//   Hadamard rotation: quant::rotated<...> here), and attention runs that
+//   codec's fused kernel over them. KVQuant (keys before RoPE) is refused.
+//   Palu's rotation is a choice of codec here, not part of PCA.
+// - Memory: the codec's bytes for 2 r-wide rows a token (2 r elements over
+//   quant::none), plus each head's own fp32 copy of its two
 //   bases (2 head_dim r 4 bytes, 32 KiB at 128 x 32) in the cache's resource;
 //   the policy's copy (shared by every copy of the policy) is not in bytes().
 // - Palu's group-head latents (one latent shared by several KV heads) are
@@ -101,7 +105,7 @@ public:
     static constexpr bool projects = true;
 
     template <class Inner>
-    using head_storage = latent_rows;
+    using head_storage = latent_rows<Inner>;
 
     // From the engine's bases: throws kvc::error (naming what was expected
     // and what was given) for a shape that does not add up, a rank outside
@@ -156,19 +160,21 @@ public:
                         " x ", config.head_dim);
     }
 
+    // The codec stores r-wide rows: the latents.
+    std::size_t stored_width(const cache_config&) const noexcept { return rank_; }
+
     template <class Inner>
-    latent_rows make_head(Inner inner, const cache_config& config, std::size_t layer, std::size_t kv_head) const {
-        static_assert(std::is_same_v<Inner, dense_rows>,
-                      "kvc::project::pca stores latents as plain rows: use it with quant::none<T>");
+    latent_rows<Inner> make_head(Inner inner, const cache_config& config, std::size_t layer,
+                                 std::size_t kv_head) const {
         validate(config);
         const std::size_t offset = (layer * kv_heads_ + kv_head) * head_dim_ * rank_;
-        return latent_rows(dense_rows(inner.type(), rank_, inner.resource()), head_dim_, keys_->data() + offset,
-                           values_->data() + offset, rank_);
+        return latent_rows<Inner>(std::move(inner), head_dim_, rank_, config.resource, keys_->data() + offset,
+                                  values_->data() + offset, rank_);
     }
 
     // Rows are projected as they arrive: the stage has nothing to do.
-    template <class Layer>
-    std::optional<latent_rows> project(const Layer&, std::size_t, const latent_rows&) const {
+    template <class Layer, class Store>
+    std::optional<Store> project(const Layer&, std::size_t, const Store&) const {
         return std::nullopt;
     }
 

@@ -23,6 +23,12 @@
 //       current store: read its rows from `from`, the recent queries and
 //       columns from the layer); returns the projected store, or nullopt when
 //       nothing changes. May throw; must not change `from`.
+// Optional:
+//   std::size_t stored_width(const cache_config&) const;
+//       the width the codec's store Inner is built for (default head_dim): a
+//       projection that keeps r coordinates a row (P1 PCA) asks for r, and
+//       any codec that accepts rows of that width stores them (the host
+//       validates the codec against the narrowed config).
 // S is a head store (storage/protocol.hpp). It may also declare what every
 // family may: columns, needs_queries + query_window (query-driven methods:
 // the host keeps the window for it), needs_attention_stats + observe,
@@ -66,6 +72,23 @@ struct has_projection_make_head<
     P, Inner,
     std::void_t<decltype(std::declval<const P&>().make_head(std::declval<Inner>(), std::declval<const cache_config&>(),
                                                            std::size_t{}, std::size_t{}))>> : std::true_type {};
+
+template <class P, class = void>
+struct has_stored_width : std::false_type {};
+template <class P>
+struct has_stored_width<
+    P, std::void_t<decltype(std::size_t{std::declval<const P&>().stored_width(std::declval<const cache_config&>())})>>
+    : std::true_type {};
+
+// The config the codec's store is built for: the model's, its head_dim
+// narrowed to the projection's stored width.
+template <class P>
+cache_config inner_config_of(const P& projection, const cache_config& config) {
+    cache_config inner = config;
+    if constexpr (has_stored_width<P>::value) inner.head_dim = projection.stored_width(config);
+    else (void)projection;
+    return inner;
+}
 
 struct any_projection_layer {};
 template <class P, class S, class = void>
