@@ -276,6 +276,20 @@ const std::vector<entry>& entries() {
              const double ratio = number({c.config, c.options, ratio_term, c.into}, 0.0, 1.0, true);
              c.into.projection = project::loki(project::pca(artifact_of(c)), rank, ratio);
          }},
+        {{"cskv", s::projection, "P5", "rank:window", "32:32",
+          "CSKV: the newest `window` tokens of each head whole, older ones as rank-r PCA latents (learnt; any codec "
+          "of width r keeps them), one softmax over both", true},
+         [](const build_context& c) {
+             const std::string& text = c.term.value;
+             const std::size_t colon = text.find(':');
+             detail::require(colon != std::string::npos, "kvc::make_cache: '", written(c.term),
+                             "': expected cskv:rank:window (e.g. cskv:32:32), got cskv:", text);
+             const spec_term rank_term{c.term.method, text.substr(0, colon)};
+             const spec_term window_term{c.term.method, text.substr(colon + 1)};
+             const std::size_t rank = whole({c.config, c.options, rank_term, c.into}, 1, c.config.head_dim);
+             const std::size_t window = whole({c.config, c.options, window_term, c.into}, 0, std::size_t{1} << 31);
+             c.into.projection = project::cskv(project::pca(artifact_of(c), rank), window);
+         }},
     };
     return list;
 }

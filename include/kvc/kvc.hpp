@@ -51,6 +51,7 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/merging/similarity.hpp"
 #include "kvc/policy/merging/zero_merge.hpp"
+#include "kvc/policy/projection/cskv.hpp"
 #include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/projection/pca.hpp"

@@ -157,7 +157,7 @@ TEST(Conformance, EveryCalibratedMethod) {
     options.artifacts["qfilter"] = kvc::calibration::query_filters(c, q);
     options.artifacts["head_roles"] = kvc::calibration::head_roles(c, k, q);
     options.artifacts["pca"] = kvc::calibration::calibrate_pca(c, k, v);
-    options.artifacts["loki"] = options.artifacts["pca"];
+    options.artifacts["loki"] = options.artifacts["cskv"] = options.artifacts["pca"];
     std::size_t covered = 0;
     for (const kvc::method_info& m : kvc::methods()) {
         if (!m.calibrated) continue;
@@ -169,11 +169,12 @@ TEST(Conformance, EveryCalibratedMethod) {
             conforms("none:f16 + " + m.name, options);
             conforms("q4_0 + " + m.name, options);
         } else {
-            conforms("none:f16 + " + m.name + (m.name == "loki" ? ":16:0.25" : ":16"), options);
-            conforms("h2o:0.4 + " + m.name + (m.name == "loki" ? ":16:0.25" : ":16"), options);
-            if (m.name == "pca") { // latents in a quantizing codec
-                conforms("q8_0 + pca:32", options);
-                conforms("kivi:2 + snapkv:0.3 + pca:32", options);
+            const std::string value = m.name == "loki" ? ":16:0.25" : m.name == "cskv" ? ":16:8" : ":16";
+            conforms("none:f16 + " + m.name + value, options);
+            conforms("h2o:0.4 + " + m.name + value, options);
+            if (m.name == "pca" || m.name == "cskv") { // latents in a quantizing codec
+                conforms("q8_0 + " + m.name + (m.name == "cskv" ? ":32:8" : ":32"), options);
+                conforms("kivi:2 + snapkv:0.3 + " + m.name + (m.name == "cskv" ? ":32:8" : ":32"), options);
             }
         }
     }

@@ -251,12 +251,12 @@ TEST(RunTimeComposition, HeadRolesMatchesItsStaticPolicy) {
 }
 
 // The lists above and the mergers below name every method of the registry
-// (projections: think here, pca and loki in registry_test's
+// (projections: think here, pca, loki and cskv in registry_test's
 // CalibratedProjectionsMatchTheirStaticCaches), so a method added to the
 // registry without its static twin here fails.
 TEST(RunTimeComposition, TheComparisonsCoverEveryRegistryMethod) {
     std::set<std::string> covered = {"none", "merge:none", "compensation", "zero_merge", "similarity",
-                                     "cam", "think", "pca", "loki", "head_roles"};
+                                     "cam", "think", "pca", "loki", "cskv", "head_roles"};
     const auto method = [](const std::string& spec) { return kvc::parse_spec(spec).front().method->name; };
     every_codec([&](const std::string& spec, const auto&) { covered.insert(method(spec)); });
     every_eviction([&](const std::string& spec, const auto&, const auto&, const e::budget&) {

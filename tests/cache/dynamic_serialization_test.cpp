@@ -51,7 +51,7 @@ const kvc::cache_options& options() {
         out.artifacts["kvquant"] = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
         out.artifacts["qfilter"] = kvc::calibration::query_filters(c, q);
         out.artifacts["head_roles"] = kvc::calibration::head_roles(c, k, q);
-        out.artifacts["pca"] = out.artifacts["loki"] = kvc::calibration::calibrate_pca(c, k, v);
+        out.artifacts["pca"] = out.artifacts["loki"] = out.artifacts["cskv"] = kvc::calibration::calibrate_pca(c, k, v);
         return out;
     }();
     return o;
@@ -76,7 +76,8 @@ const char* const compositions[] = {"q4_0 + snapkv:0.25",    "kivi:2 + h2o:0.5",
                                     "hadamard:q4_0 + streaming:0.3 + compensation", "kvquant + expected_attention:0.5",
                                     "cq:c4b8 + chunkkv:0.4", "sparse:0.5 + adakv:0.3",
                                     "q8_0 + pca:32",         "kivi:2 + snapkv:0.3 + pca:32",
-                                    "none:f16 + h2o:0.5 + think:0.5", "loki:32:0.25 + tova:0.5"};
+                                    "none:f16 + h2o:0.5 + think:0.5", "loki:32:0.25 + tova:0.5",
+                                    "q4_0 + cskv:32:16"};
 
 // The first part of a sequence: a 96-token prompt in two chunks and 20
 // decode steps (schedules compress after the prompt), then an explicit

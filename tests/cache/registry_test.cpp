@@ -194,6 +194,7 @@ TEST(Registry, CalibratedProjectionsMatchTheirStaticCaches) {
     kvc::cache_options options;
     options.artifacts["pca"] = bases;
     options.artifacts["loki"] = bases;
+    options.artifacts["cskv"] = bases;
     {
         kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>, kvc::project::pca> fixed(
             c, {}, {}, {}, kvc::project::pca(bases, 16));
@@ -225,6 +226,18 @@ TEST(Registry, CalibratedProjectionsMatchTheirStaticCaches) {
         EXPECT_LT(chosen_evicting.tokens(0), chosen.tokens(0)) << "the eviction kept every token";
         const std::string narrow = kvc_test::error_of([&] { (void)kvc::make_cache(c, "q8_0 + pca:16", options); });
         EXPECT_NE(std::string::npos, narrow.find("the projection stores 16 channels a row")) << narrow;
+    }
+    {
+        // CSKV: rank-32 latents in q8_0 (its rows are 32 wide), a window of 8 tokens, under H2O.
+        kvc::compressed_cache<kvc::evict::h2o, kvc::merge::none, kvc::quant::q8_0, kvc::project::cskv> fixed(
+            c, kvc::evict::h2o(kvc::evict::budget::ratio(0.5)), {}, {},
+            kvc::project::cskv(kvc::project::pca(bases, 32), 8));
+        kvc::dynamic_cache chosen = kvc::make_cache(c, "q8_0 + h2o:0.5 + cskv:32:8", options);
+        const std::vector<float> a = outputs_of(fixed), b = outputs_of(chosen);
+        EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+        EXPECT_EQ(fixed.tokens(1), chosen.tokens(1));
+        const std::string bad = kvc_test::error_of([&] { (void)kvc::make_cache(c, "cskv:32", options); });
+        EXPECT_NE(std::string::npos, bad.find("expected cskv:rank:window")) << bad;
     }
     {
         // ThinK after SnapKV, as its paper runs it.

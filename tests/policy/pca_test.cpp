@@ -6,6 +6,9 @@
 // decodes, a codec that cannot take rows of the rank is refused.
 // P4 Loki (project::loki, storage/loki_rows.hpp): exact attention over the
 // top-k tokens of the low-rank estimate, full attention when k is every token.
+// P5 CSKV (project::cskv, storage/window_latent_rows.hpp): the window exact,
+// older tokens as P1's latents, one softmax; a window as long as the
+// sequence is the full cache; bytes() is the two branches' layout.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -25,6 +28,7 @@
 #include "kvc/kernels/dispatch.hpp"
 #include "kvc/policy/eviction/none.hpp"
 #include "kvc/policy/merging/none.hpp"
+#include "kvc/policy/projection/cskv.hpp"
 #include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/pca.hpp"
 #include "kvc/policy/quantization/block.hpp"
@@ -471,6 +475,105 @@ TEST(PcaLatents, ACodecThatCannotTakeTheRankIsRefused) {
     using cache_t = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, int8_latents, kvc::project::pca>;
     const std::string message = kvc_test::error_of([] { cache_t(shape(), {}, {}, {}, kvc::project::pca(random_bases(16, 1))); });
     EXPECT_NE(std::string::npos, message.find("the projection stores 16 channels a row")) << "[" << message << "]";
+}
+
+// ---------------------------------------------------------------------------
+// P5 CSKV
+
+using cskv_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<float>, kvc::project::cskv>;
+constexpr std::size_t cskv_window = 16;
+
+// After the prompt (128 tokens, compressed at the first decode step) the
+// oldest 112 tokens are projected and the newest 16 whole; the decode
+// tokens stay whole. Decode and prefill outputs and decode's attention mass
+// are exact attention (in double) over those rows, on every instruction set.
+void check_cskv_on_active_arch() {
+    const kvc::project::pca_bases b = random_bases(8, 900);
+    const std::vector<layer_data> data = draw(b, total, 5, false);
+    const std::size_t moved = prompt - cskv_window;
+    std::vector<std::vector<float>> keys(layers), values(layers);
+    for (std::size_t l = 0; l < layers; ++l) {
+        keys[l] = data[l].keys;
+        values[l] = data[l].values;
+        const std::vector<float> pk = projected(b, b.keys, l, data[l].keys), pv = projected(b, b.values, l, data[l].values);
+        std::copy(pk.begin(), pk.begin() + static_cast<std::ptrdiff_t>(moved * kv_heads * dim), keys[l].begin());
+        std::copy(pv.begin(), pv.begin() + static_cast<std::ptrdiff_t>(moved * kv_heads * dim), values[l].begin());
+    }
+    const kvc::cache_config c = shape();
+    cskv_cache cache(c, {}, {}, {}, kvc::project::cskv(kvc::project::pca(b), cskv_window));
+    run(cache, data, prompt, total,
+        [&](std::size_t l, std::size_t first, const std::vector<float>& out) {
+            for (std::size_t i = 0; i < chunk; ++i) { // the prompt: every row whole yet
+                const auto want = kvc_test::oracle_attention(c, data[l].keys, data[l].values, first + i + 1,
+                                                             data[l].queries.data() + (first + i) * query_heads * dim);
+                ASSERT_LT(kvc_test::worst_head_error(c, out.data() + i * query_heads * dim, want), 1e-5)
+                    << "layer " << l << " chunk query " << first + i;
+            }
+        },
+        [&](std::size_t l, std::size_t t, const std::vector<float>& out, const std::vector<float>& mass) {
+            ASSERT_EQ(cache.head(l, 0).body_tokens(), moved);
+            std::vector<double> want_mass;
+            const auto want = kvc_test::oracle_attention(c, keys[l], values[l], t + 1,
+                                                         data[l].queries.data() + t * query_heads * dim, &want_mass);
+            ASSERT_LT(kvc_test::worst_head_error(c, out.data(), want), 1e-5) << "layer " << l << " token " << t;
+            for (std::size_t i = 0; i < mass.size(); ++i) ASSERT_NEAR(mass[i], want_mass[i], 1e-5) << i;
+        });
+    // A prompt chunk after the projection: its rows land in the window and
+    // attend causally over both branches (prefill by decode passes).
+    cskv_cache more(c, {}, {}, {}, kvc::project::cskv(kvc::project::pca(b), cskv_window));
+    const layer_data& x = data[0];
+    const std::size_t row = kv_heads * dim, q = query_heads * dim;
+    std::vector<float> out(chunk * q);
+    more.append(0, view(x.keys.data(), chunk, kv_heads, dim), view(x.values.data(), chunk, kv_heads, dim), 0);
+    more.attend_chunk(0, x.queries.data(), chunk, out.data());
+    more.compress(0);
+    ASSERT_EQ(more.head(0, 0).body_tokens(), chunk - cskv_window);
+    more.append(0, view(x.keys.data() + chunk * row, chunk, kv_heads, dim),
+                view(x.values.data() + chunk * row, chunk, kv_heads, dim), chunk);
+    more.attend_chunk(0, x.queries.data() + chunk * q, chunk, out.data());
+    std::vector<float> k0 = x.keys, v0 = x.values;
+    const std::vector<float> pk = projected(b, b.keys, 0, x.keys), pv = projected(b, b.values, 0, x.values);
+    std::copy(pk.begin(), pk.begin() + static_cast<std::ptrdiff_t>((chunk - cskv_window) * row), k0.begin());
+    std::copy(pv.begin(), pv.begin() + static_cast<std::ptrdiff_t>((chunk - cskv_window) * row), v0.begin());
+    for (std::size_t i = 0; i < chunk; ++i) {
+        const auto want = kvc_test::oracle_attention(c, k0, v0, chunk + i + 1, x.queries.data() + (chunk + i) * q);
+        ASSERT_LT(kvc_test::worst_head_error(c, out.data() + i * q, want), 1e-5) << "second chunk query " << i;
+    }
+}
+
+TEST(Cskv, TheWindowIsExactAndOlderTokensAreProjected) {
+    kvc_test::on_every_arch([] { check_cskv_on_active_arch(); });
+}
+
+// A window as long as the sequence keeps every row whole: the full cache.
+TEST(Cskv, AWindowAsLongAsTheSequenceIsTheFullCache) {
+    const kvc::project::pca_bases b = random_bases(4, 910);
+    cskv_cache cache(shape(), {}, {}, {}, kvc::project::cskv(kvc::project::pca(b), total));
+    against_full(cache, draw(b, total, 6, false), near_full);
+}
+
+// bytes(): the body as P1's latents (2 r fp16 a token and the two fp32
+// bases), the window as whole fp16 rows.
+TEST(Cskv, BytesAreTheTwoBranchesLayout) {
+    using half_cache = kvc::compressed_cache<kvc::evict::none, kvc::merge::none, kvc::quant::none<kvc::half>,
+                                             kvc::project::cskv>;
+    constexpr std::size_t tokens = 100, rank = 8;
+    const std::vector<float> keys = random_floats(tokens * kv_heads * dim, 7), values = random_floats(keys.size(), 8);
+    kvc_test::counting_resource memory;
+    half_cache cache(shape(kvc::dtype::f16, &memory), {}, {}, {},
+                     kvc::project::cskv(kvc::project::pca(random_bases(rank, 600)), cskv_window));
+    for (std::size_t l = 0; l < layers; ++l)
+        cache.append(l, view(keys.data(), tokens, kv_heads, dim), view(values.data(), tokens, kv_heads, dim), 0);
+    cache.compress();
+    cache.shrink_to_fit();
+    const std::size_t body = tokens - cskv_window;
+    for (std::size_t l = 0; l < layers; ++l)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+            EXPECT_EQ(cache.head(l, h).body_tokens(), body);
+            EXPECT_EQ(cache.head(l, h).bytes(), body * 2 * rank * sizeof(kvc::half) + 2 * dim * rank * sizeof(float) +
+                                                    cskv_window * 2 * dim * sizeof(kvc::half));
+        }
+    EXPECT_EQ(cache.bytes(), memory.in_use);
 }
 
 // ---------------------------------------------------------------------------

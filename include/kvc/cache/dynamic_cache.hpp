@@ -13,8 +13,8 @@
 // selector (evict::any) are held at run time inside one compressed_cache
 // type; the merger and the projection are type parameters of that cache, so
 // the dynamic cache holds one of a few compressed_cache types (one per merger;
-// per projection, with and without eviction: PCA over quant::any, ThinK and
-// Loki over each row type), chosen at construction, behind one
+// per projection, with and without eviction: PCA and CSKV over quant::any,
+// ThinK and Loki over each row type), chosen at construction, behind one
 // indirect call per operation. Nothing is erased per token or per element,
 // and every output is the static composition's bit for bit (tests/cache/
 // dynamic_composition_test.cpp). The instantiations are the sum of the family
@@ -56,6 +56,7 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/merging/similarity.hpp"
 #include "kvc/policy/merging/zero_merge.hpp"
+#include "kvc/policy/projection/cskv.hpp"
 #include "kvc/policy/projection/loki.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/projection/pca.hpp"
@@ -74,7 +75,7 @@ struct dynamic_cache_access;
 // The merging and projection policies a dynamic_cache can hold: adding one
 // is a line here.
 using any_merger = std::variant<merge::none, merge::compensation, merge::zero_merge, merge::similarity, merge::cam>;
-using any_projection = std::variant<project::none, project::think, project::pca, project::loki>;
+using any_projection = std::variant<project::none, project::think, project::pca, project::loki, project::cskv>;
 
 class dynamic_cache {
 public:
@@ -280,10 +281,10 @@ private:
             merging);
     }
 
-    // A projection with or without eviction (not with merging yet). PCA
-    // keeps its latents in any codec that takes rows of its rank (the codec
-    // held at run time, built at that width); ThinK and Loki rebuild rows as
-    // they are, over the codecs that store them so.
+    // A projection with or without eviction (not with merging yet). PCA and
+    // CSKV keep their latents in any codec that takes rows of their rank (the
+    // codec held at run time, built at that width); ThinK and Loki rebuild
+    // rows as they are, over the codecs that store them so.
     template <class Projection>
     static std::unique_ptr<interface> projected(const cache_config& config, const quant::any& codec,
                                                 const std::optional<evict::any>& eviction, const any_merger& merging,
@@ -294,7 +295,7 @@ private:
             detail::require(std::holds_alternative<merge::none>(merging),
                             "dynamic_cache: a projection composes with eviction but not with merging yet; expected "
                             "merge none with it");
-            if constexpr (std::is_same_v<Projection, project::pca>) {
+            if constexpr (detail::has_stored_width<Projection>::value) { // latents: PCA, CSKV
                 return over(config, codec, eviction, std::move(projection));
             } else {
                 if (codec.target<quant::none<float>>()) return over(config, quant::none<float>{}, eviction, std::move(projection));
