@@ -99,6 +99,6 @@ echo "fidelity.sh: measured in $(($(date +%s) - start)) s"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 
 "$fidelity" --markdown-header >"$results/header.md"
-python3 "$report" --results "$results" --doc "$doc" --plot "$plot" \
+python3 -B "$report" --results "$results" --doc "$doc" --plot "$plot" \
   --command "$command" --load "$load_before before, $load_after after"
 echo "fidelity.sh: wrote $doc and $plot"

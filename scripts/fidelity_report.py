@@ -146,14 +146,29 @@ def calibration_note(results):
             "(`kvc_cache` in `examples/engine/cache_choice.hpp`).\n\n" % "; ".join(texts))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(description, command):
+    """The command line scripts/fidelity.sh gives a report script (FIDELITY_REPORT)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--results", required=True, help="directory with NNN.json, NNN.md and header.md")
     parser.add_argument("--doc", required=True, help="Markdown report to write")
     parser.add_argument("--plot", required=True, help="PNG to write")
-    parser.add_argument("--command", default="scripts/fidelity.sh", help="how the report was made, for the text")
+    parser.add_argument("--command", default=command, help="how the report was made, for the text")
     parser.add_argument("--load", default="not recorded", help="load average around the runs, for the text")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def setting(args, r):
+    """What every report says of how it was measured, for str.format: from the
+    command line and the first result (every run shares model, text and windows)."""
+    return dict(command=args.command, load=args.load, date=datetime.date.today().isoformat(), cpu=cpu_name(),
+                kernels=r["kernels"], model=r["model"], text=r["text"], windows=r["windows"],
+                window=r["prompt_tokens"] + r["scored_tokens"] + 1, prompt=r["prompt_tokens"], chunk=r["chunk"],
+                scored=r["scored_tokens"], positions=r["scored_positions"], reference=r["reference"],
+                reference_ppl=r["perplexity_reference"])
+
+
+def main():
+    args = arguments(__doc__, "scripts/fidelity.sh")
 
     results, table = load(args.results)
 
@@ -272,25 +287,11 @@ A new policy appears here after one entry in kvc's registry (`src/registry.cpp`;
 its sweep values, when not the defaults, in `examples/engine/cache_registry.hpp`)
 and a rerun of `scripts/fidelity.sh`.
 """.format(
-        command=args.command,
         calibration=calibration_note(results),
-        load=args.load,
-        date=datetime.date.today().isoformat(),
-        cpu=cpu_name(),
-        kernels=r["kernels"],
-        model=r["model"],
-        text=r["text"],
-        windows=r["windows"],
-        window=r["prompt_tokens"] + r["scored_tokens"] + 1,
-        prompt=r["prompt_tokens"],
-        chunk=r["chunk"],
-        scored=r["scored_tokens"],
-        positions=r["scored_positions"],
-        reference=r["reference"],
-        reference_ppl=reference_ppl,
         bits=bits,
         table=table,
         plot=plot_link,
+        **setting(args, r)
     )
     with open(args.doc, "w") as out:
         out.write(text)

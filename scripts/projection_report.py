@@ -8,11 +8,9 @@ with its code, and writes the projection family's report: the same table as
 docs/FIDELITY.md, what each method saves, and for each projection the best
 reference point that needs no more memory. Standard library only.
 """
-import argparse
-import datetime
 import os
 
-from fidelity_report import cpu_name, draw, load
+from fidelity_report import arguments, draw, load, setting
 
 
 def spelled(r):
@@ -53,13 +51,7 @@ def comparison(results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", required=True, help="directory with NNN.json, NNN.md and header.md")
-    parser.add_argument("--doc", required=True, help="Markdown report to write")
-    parser.add_argument("--plot", required=True, help="PNG to write")
-    parser.add_argument("--command", default="scripts/projection.sh", help="how the report was made, for the text")
-    parser.add_argument("--load", default="not recorded", help="load average around the runs, for the text")
-    args = parser.parse_args()
+    args = arguments(__doc__, "scripts/projection.sh")
 
     results, table = load(args.results)
     projected = sorted({x["method"] for x in results if x.get("project", "none") != "none"})
@@ -96,15 +88,18 @@ One full-rank artifact serves every rank (`examples/engine/cache_registry.hpp`,
 
 ## What each method saves
 
-- **ThinK** (`think:S`, P3): drops the share S of each head's key channels, those
-  the newest 32 prompt queries use least, from every token but the newest 128;
-  values are kept whole. Saves memory (at most S/2 of the rows, less the recent
-  rows, the channel lists and the query window it scores with). No calibration.
+- **ThinK** (`think:S`, P3): once the prompt is in, drops the share S of each
+  head's key channels, those the newest 32 prompt queries use least, from the
+  prompt's tokens but its newest 128 (here {pruned} of the {held} tokens; decoded
+  tokens stay whole, as nothing compresses again); values are kept whole. Saves
+  memory: S/2 of each pruned row, less the channel lists and the window of
+  queries it scores with. No calibration.
 - **PCA** (`pca:R`, P1): keys and values stored as R coordinates in the learnt
   bases (R/64 of each row), attention computed in that space. Saves memory;
   `bytes()` also counts each head's fp32 copy of its two bases
-  (2 x 64 x R x 4 bytes per KV head, 128 KiB in all at R = 32 here: a fixed
-  cost that a long context amortises, large next to these 768-token windows).
+  (2 x 64 x R x 4 bytes per KV head, 128 KiB over kvref's 8 KV heads at
+  R = 32: a fixed cost that a long context amortises, large next to these
+  {held}-token windows).
   Nothing is kept at full precision: every token, the newest too, is projected.
 - **Loki** (`loki:R:F`, P4): keys stored rotated into their full principal basis
   (a rotation, nothing lost) and values whole: it saves **no memory** (its
@@ -148,26 +143,15 @@ The swept values are in `examples/engine/cache_registry.hpp`
 (`projection_sweeps()`); a projection added to kvc's registry appears here on
 the next run. Load average during these runs: {load}.
 """.format(
-        command=args.command,
-        date=datetime.date.today().isoformat(),
-        cpu=cpu_name(),
-        kernels=r["kernels"],
-        model=r["model"],
-        text=r["text"],
-        windows=r["windows"],
-        prompt=r["prompt_tokens"],
-        chunk=r["chunk"],
-        scored=r["scored_tokens"],
-        positions=r["scored_positions"],
-        reference=r["reference"],
-        reference_ppl=r["perplexity_reference"],
         calibration="; ".join(texts) if texts else "(no calibrated configuration ran)",
         table=table,
         plot=os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.doc))),
         comparison=comparison(results),
+        pruned=max(r["prompt_tokens"] - 128, 0),
+        held=r["prompt_tokens"] + r["scored_tokens"],
         unsaving=", ".join("`%s`" % x["project"] for x in results
                            if x.get("project", "none") != "none" and saves_no_memory(results, x)) or "none",
-        load=args.load,
+        **setting(args, r)
     )
     with open(args.doc, "w") as out:
         out.write(text)
