@@ -14,7 +14,15 @@
 #   BUILD_DIR          build directory (default build/fidelity)
 #   FIDELITY_MODEL     checkpoint (default models/kvref/model.bin; its eval.txt is the text)
 #   FIDELITY_WINDOWS   text windows per configuration (default 8)
-#   FIDELITY_DOC       report (default docs/FIDELITY.md; the plot goes next to it as fidelity.png)
+#   FIDELITY_DOC       report (default docs/FIDELITY.md)
+#   FIDELITY_PLOT      its plot (default fidelity.png next to the report)
+#   FIDELITY_ONLY      measure only the configurations matching this extended regex (grep -E), matched
+#                      against each `kvc-fidelity --list` line with its tabs as spaces, e.g.
+#                      "pca none:f16 none 0 none pca:32" (default: every configuration)
+#   FIDELITY_REPORT    the script that writes the report and plot from the results, taking
+#                      scripts/fidelity_report.py's arguments (default that one; scripts/projection.sh
+#                      passes scripts/projection_report.py)
+#   FIDELITY_COMMAND   how the report says it was made (default "FIDELITY_WINDOWS=N scripts/fidelity.sh")
 #   KVC_FIDELITY_SKIP_DEPS=1   do not run scripts/install-deps.sh or install gnuplot
 #   KVC_FIDELITY_NO_BUILD=1    use the kvc-fidelity already built in BUILD_DIR (any Release build with examples)
 set -euo pipefail
@@ -26,7 +34,9 @@ build_dir=${BUILD_DIR:-build/fidelity}
 model=${FIDELITY_MODEL:-models/kvref/model.bin}
 windows=${FIDELITY_WINDOWS:-8}
 doc=${FIDELITY_DOC:-docs/FIDELITY.md}
-plot="$(dirname "$doc")/fidelity.png"
+plot=${FIDELITY_PLOT:-"$(dirname "$doc")/fidelity.png"}
+report=${FIDELITY_REPORT:-scripts/fidelity_report.py}
+command=${FIDELITY_COMMAND:-"FIDELITY_WINDOWS=$windows scripts/fidelity.sh"}
 
 as_root=()
 if ((EUID != 0)) && command -v sudo >/dev/null 2>&1; then as_root=(sudo); fi
@@ -61,6 +71,17 @@ results="$build_dir/results"
 rm -rf "$results"
 mkdir -p "$results"
 mapfile -t sweep < <("$fidelity" --list)
+if [[ -n "${FIDELITY_ONLY:-}" ]]; then
+  selected=()
+  for line in "${sweep[@]}"; do
+    if grep -Eq -- "$FIDELITY_ONLY" <<<"${line//$'\t'/ }"; then selected+=("$line"); fi
+  done
+  sweep=("${selected[@]}")
+  if ((${#sweep[@]} == 0)); then
+    echo "fidelity.sh: FIDELITY_ONLY='$FIDELITY_ONLY' matches no line of kvc-fidelity --list" >&2
+    exit 1
+  fi
+fi
 echo "fidelity.sh: ${#sweep[@]} configurations on $model, $windows windows each"
 start=$(date +%s)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
@@ -78,6 +99,6 @@ echo "fidelity.sh: measured in $(($(date +%s) - start)) s"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 
 "$fidelity" --markdown-header >"$results/header.md"
-python3 scripts/fidelity_report.py --results "$results" --doc "$doc" --plot "$plot" \
-  --command "FIDELITY_WINDOWS=$windows scripts/fidelity.sh" --load "$load_before before, $load_after after"
+python3 -B "$report" --results "$results" --doc "$doc" --plot "$plot" \
+  --command "$command" --load "$load_before before, $load_after after"
 echo "fidelity.sh: wrote $doc and $plot"

@@ -33,15 +33,39 @@ def quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def draw(results, plot_path, work_dir):
-    """KL (log scale) against cache KiB, one curve per method; the reference as a line."""
+def load(results_dir):
+    """The runs' JSON reports, in sweep order, and the Markdown table of their rows."""
+    names = sorted(path[:-5] for path in glob.glob(os.path.join(results_dir, "[0-9]*.json")))
+    if not names:
+        sys.exit("%s: no results in %s" % (os.path.basename(sys.argv[0]), results_dir))
+    results = []
+    rows = []
+    for name in names:
+        with open(name + ".json") as data:
+            results.append(json.load(data))
+        with open(name + ".md") as row:
+            rows.append(row.read().strip())
+    with open(os.path.join(results_dir, "header.md")) as header:
+        table = header.read().strip() + "\n" + "\n".join(rows)
+    return results, table
+
+
+def draw(results, plot_path, work_dir,
+         heading="kvref on held-out Python source: next-token KL against KV cache memory", labelled=()):
+    """KL (log scale) against cache KiB, one curve per method; the reference as a line.
+
+    The points of the methods in `labelled` are labelled with their value
+    (a keep ratio, a projection's value)."""
     reference = results[0]
     reference_kib = reference["cache_bytes_reference"] / 1024.0
     curves = {}  # method -> [(kib, kl, label)], in sweep order of first appearance
     for r in results:
         if r["kl_mean"] is None or r["kl_mean"] <= 0.0:
             continue  # exactly zero: identical to the reference, drawn as the reference line
-        label = r["cache"] if r["evict"] == "none" else r["evict"].split(":", 1)[-1]
+        if r.get("project", "none") != "none":
+            label = r["project"].split(":", 1)[-1]
+        else:
+            label = r["cache"] if r["evict"] == "none" else r["evict"].split(":", 1)[-1]
         curves.setdefault(r["method"], []).append((r["cache_bytes"] / 1024.0, r["kl_mean"], label))
 
     plots = []
@@ -71,13 +95,16 @@ def draw(results, plot_path, work_dir):
         if full or method == "none":
             offset = "offset -1.2,0.9 right" if full else "offset 1.2,-0.9 left"
             plots.append("%s using 1:2:3 with labels %s font ',9' notitle" % (quote(data), offset))
+        elif method in labelled:
+            plots.append("%s using 1:2:3 with labels offset 0,1 font ',9' textcolor rgb '%s' notitle"
+                         % (quote(data), colours[index % len(colours)]))
 
     lowest = min((kl for points in curves.values() for _, kl, _ in points), default=1e-9)
     highest = max((kl for points in curves.values() for _, kl, _ in points), default=1e-3)
     script = "\n".join([
         "set terminal pngcairo size 1500,1150 font 'sans,11' noenhanced",
         "set output %s" % quote(plot_path),
-        "set title %s" % quote("kvref on held-out Python source: next-token KL against KV cache memory"),
+        "set title %s" % quote(heading),
         "set xlabel %s" % quote("KV cache memory after %d tokens (KiB)"
                                 % (reference["prompt_tokens"] + reference["scored_tokens"])),
         "set ylabel %s" % quote("mean KL(full_cache f32 || tested) per token, nats"),
@@ -107,7 +134,8 @@ def calibration_note(results):
     if not texts:
         return ""
     return ("Calibrated policies (codecs `cq:*`: CQ codebooks, Q8; `kvquant:*`: KVQuant ranges and "
-            "codebooks, Q3, learnt from keys before RoPE; eviction `qfilter`: each KV head's dominant "
+            "codebooks, Q3, learnt from keys before RoPE; projections `pca` and `loki`: principal bases of "
+            "keys after RoPE and of values, P1 and P4; eviction `qfilter`: each KV head's dominant "
             "query direction, E10; `head_roles`: which KV heads attend farthest back, B6, where "
             "`head_roles:S` keeps every token in the share S of the KV heads and the sinks and newest 16 "
             "in the others, so its rows are not those of a keep ratio S) learn from the model's own keys, "
@@ -118,27 +146,31 @@ def calibration_note(results):
             "(`kvc_cache` in `examples/engine/cache_choice.hpp`).\n\n" % "; ".join(texts))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(description, command):
+    """The command line scripts/fidelity.sh gives a report script (FIDELITY_REPORT)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--results", required=True, help="directory with NNN.json, NNN.md and header.md")
     parser.add_argument("--doc", required=True, help="Markdown report to write")
     parser.add_argument("--plot", required=True, help="PNG to write")
-    parser.add_argument("--command", default="scripts/fidelity.sh", help="how the report was made, for the text")
+    parser.add_argument("--command", default=command, help="how the report was made, for the text")
     parser.add_argument("--load", default="not recorded", help="load average around the runs, for the text")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    names = sorted(path[:-5] for path in glob.glob(os.path.join(args.results, "[0-9]*.json")))
-    if not names:
-        sys.exit("fidelity_report.py: no results in %s" % args.results)
-    results = []
-    rows = []
-    for name in names:
-        with open(name + ".json") as data:
-            results.append(json.load(data))
-        with open(name + ".md") as row:
-            rows.append(row.read().strip())
-    with open(os.path.join(args.results, "header.md")) as header:
-        table = header.read().strip() + "\n" + "\n".join(rows)
+
+def setting(args, r):
+    """What every report says of how it was measured, for str.format: from the
+    command line and the first result (every run shares model, text and windows)."""
+    return dict(command=args.command, load=args.load, date=datetime.date.today().isoformat(), cpu=cpu_name(),
+                kernels=r["kernels"], model=r["model"], text=r["text"], windows=r["windows"],
+                window=r["prompt_tokens"] + r["scored_tokens"] + 1, prompt=r["prompt_tokens"], chunk=r["chunk"],
+                scored=r["scored_tokens"], positions=r["scored_positions"], reference=r["reference"],
+                reference_ppl=r["perplexity_reference"])
+
+
+def main():
+    args = arguments(__doc__, "scripts/fidelity.sh")
+
+    results, table = load(args.results)
 
     draw(results, os.path.abspath(args.plot), args.results)
 
@@ -211,7 +243,13 @@ tokens, attended with log(count): against the same scorer's plain row, they
 show what merging recovers. Rows named `think` (`--project think:SHARE`, P3,
 no eviction) keep every token and drop that share of each head's key
 channels, those the newest 32 prompt queries use least, from all but the
-newest 128 tokens. Cache bytes count everything the cache holds,
+newest 128 tokens. Rows named `pca` (`--project pca:R`, P1) store keys and
+values as R coordinates in per-head principal bases learnt from the model;
+rows named `loki` (`--project loki:R:F`, P4) keep every row (rotated into the
+keys' principal basis) and attend exactly over the share F of the tokens whose
+logits, estimated from R coordinates, are largest: Loki saves reading, not
+memory. [PROJECTION.md](PROJECTION.md) compares the projections with the
+other families. Cache bytes count everything the cache holds,
 including the state a policy asks for (accumulated attention for H2O/A2SF, the
 window of recent queries SnapKV scores with), which is why equal budgets can
 differ in bytes.
@@ -249,25 +287,11 @@ A new policy appears here after one entry in kvc's registry (`src/registry.cpp`;
 its sweep values, when not the defaults, in `examples/engine/cache_registry.hpp`)
 and a rerun of `scripts/fidelity.sh`.
 """.format(
-        command=args.command,
         calibration=calibration_note(results),
-        load=args.load,
-        date=datetime.date.today().isoformat(),
-        cpu=cpu_name(),
-        kernels=r["kernels"],
-        model=r["model"],
-        text=r["text"],
-        windows=r["windows"],
-        window=r["prompt_tokens"] + r["scored_tokens"] + 1,
-        prompt=r["prompt_tokens"],
-        chunk=r["chunk"],
-        scored=r["scored_tokens"],
-        positions=r["scored_positions"],
-        reference=r["reference"],
-        reference_ppl=reference_ppl,
         bits=bits,
         table=table,
         plot=plot_link,
+        **setting(args, r)
     )
     with open(args.doc, "w") as out:
         out.write(text)

@@ -6,8 +6,8 @@
 //
 // Prints one JSON object per configuration and line.
 //
-// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles)
-// learn from the last 4 x `context` tokens of the text, which no window
+// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles;
+// projection pca, loki) learn from the last 4 x `context` tokens of the text, which no window
 // reaches (the windows are taken from its start).
 //
 //   kvc-attention-error --model models/kvref/model.bin --dump rows/   # the recorded rows as .npy, for Python
@@ -41,7 +41,7 @@ const char* const usage = R"(usage: kvc-attention-error --model FILE [options]
   --evict SPEC         its eviction policy (default none)
   --evict-every N      decode-time compression interval (default 0)
   --merge NAME         fold what eviction drops into what it keeps (default none)
-  --project SPEC       store fewer key channels (default none; e.g. think:0.4)
+  --project SPEC       project keys and values (default none; e.g. think:0.4, pca:32, loki:16:0.125)
   --eviction-sweep     instead: every eviction policy whose value is a share of the cache (a keep
                        ratio, head_roles' retrieval share), at 0.5, 0.25 and 0.125, on --cache
   --prompt N           prompt tokens per window (default 512)

@@ -128,7 +128,7 @@ std::string describe_options() {
         "--cache (KV cache codec; any codec pairs with any --evict):\n",
         "--evict (eviction policy; NAME:VALUE, VALUE defaulting as shown):\n",
         "--merge (what folds the evicted tokens into the kept ones; needs --evict):\n",
-        "--project (fewer stored numbers per token; with --evict none, on none:f32|none:f16|none:bf16):\n"};
+        "--project (fewer stored numbers per token; think and loki on none:f32|none:f16|none:bf16, pca and cskv on any codec of their rank; with or without --evict, not with --merge):\n"};
     for (auto family : {kvc::method_family::quantization, kvc::method_family::eviction, kvc::method_family::merging,
                         kvc::method_family::projection}) {
         text += headings[static_cast<std::size_t>(family)];

@@ -23,8 +23,9 @@
 //                                             head is N tokens over its budget (B9)
 //   --merge NAME                              ... folding what it evicts into what it keeps
 //                                             (default none; e.g. compensation, M5)
-//   --project NAME:VALUE                      ... storing fewer key channels (default none;
-//                                             e.g. think:0.4, P3; with --evict none)
+//   --project NAME:VALUE                      ... storing fewer numbers per token (default none;
+//                                             e.g. think:0.4, P3; pca:32, P1; cskv:32:32, P5;
+//                                             pca, loki and cskv learn from calibration text)
 // kvc::make_cache builds every compressed cache (a kvc::dynamic_cache, one
 // type whatever the methods, compiled once in kvc's library); any codec pairs
 // with any eviction and merging, and the library refuses, naming the close
@@ -315,12 +316,13 @@ struct recorded_rows {
 };
 
 // What calibrated policies learn from (codecs cq:*, kvquant:*; eviction
-// qfilter, head_roles): the model's RoPE and its rows over calibration text,
+// qfilter, head_roles; projection pca, loki): the model's RoPE and its rows over calibration text,
 // which must be disjoint from any text the cache is scored on. `rows` runs
 // the model on first call and is called only for a calibrated policy;
 // artifacts learnt from the rows are kept in `artifacts`, so a sweep building
-// many caches learns each once. Keys: a codec's spelling ("cq:c4b8"), or
-// eviction_artifact_key() of an eviction policy.
+// many caches learns each once. Keys: a codec's spelling ("cq:c4b8"),
+// eviction_artifact_key() of an eviction policy, or projection_artifact_key()
+// of a projection.
 struct calibration {
     kvc::rope_config rope;
     std::function<const recorded_rows&()> rows; // empty: no calibration text (calibrated codecs are errors)
@@ -334,10 +336,16 @@ struct calibration {
 inline std::string eviction_artifact_key(const std::string& evict) {
     return "--evict " + evict.substr(0, evict.find(':'));
 }
+// Where calibration::artifacts keeps what the projection `project`
+// ("pca:32", "loki:16:0.125") learns: one artifact per method, whatever its value.
+inline std::string projection_artifact_key(const std::string& project) {
+    return "--project " + project.substr(0, project.find(':'));
+}
 // True when building `spec` learnt (or reused) an artifact from `calibrated`.
 inline bool learnt_from(const calibration& calibrated, const cache_spec& spec) {
     return calibrated.artifacts->count(spec.cache) != 0 ||
-           calibrated.artifacts->count(eviction_artifact_key(spec.evict)) != 0;
+           calibrated.artifacts->count(eviction_artifact_key(spec.evict)) != 0 ||
+           calibrated.artifacts->count(projection_artifact_key(spec.project)) != 0;
 }
 
 // Builds the cache `spec` names for a model of shape `shape`: kvc::full_cache,

@@ -21,6 +21,7 @@
 #include <kvc/calibration/cq.hpp>
 #include <kvc/calibration/head_roles.hpp>
 #include <kvc/calibration/kvquant.hpp>
+#include <kvc/calibration/pca.hpp>
 #include <kvc/calibration/query_filters.hpp>
 #include <kvc/policy/eviction/policy.hpp>
 #include <kvc/registry.hpp>
@@ -151,6 +152,16 @@ inline kvc::calibration::artifact learn_far_attention(const calibration_context&
     return profile;
 }
 
+// P1 PCA and P4 Loki: per (layer, KV head) principal bases of the
+// calibration keys after RoPE (what the engine appends, so what the cache
+// projects) and values, with every component (rank head_dim). One artifact
+// serves every rank: project::pca takes the leading r columns of it, and
+// project::loki wants the full-rank key basis (it ranks tokens by their
+// leading r coordinates in it, then attends exactly).
+inline kvc::calibration::artifact learn_principal_bases(const calibration_context& context, const recorded_rows& rows) {
+    return kvc::calibration::calibrate_pca(context.shape, context.per_layer(rows.keys), context.per_layer(rows.values));
+}
+
 // The engine's spelling kvquant:BITS (2, 3 or 4): the library's kvquant with
 // an artifact learnt at BITS. Returns 0 for any other spelling.
 inline unsigned kvquant_spelling(const std::string& cache) {
@@ -162,8 +173,10 @@ inline unsigned kvquant_spelling(const std::string& cache) {
 // Where calibration::artifacts keeps a method's artifact, and how to learn
 // it: a codec's under its --cache spelling ("cq:c4b8", "kvquant:3"), an
 // eviction policy's under eviction_artifact_key() (one per policy, whatever
-// its value). Throws std::invalid_argument for a calibrated method the
-// engine has no learner for (the library's pca and loki).
+// its value), a projection's under projection_artifact_key() (pca, loki and
+// cskv hold the same full-rank bases, learnt once: loki's and cskv's are copies of pca's).
+// Throws std::invalid_argument for a calibrated method the engine has no
+// learner for.
 inline const kvc::calibration::artifact& learn(const calibration_context& context, const kvc::method_info& method) {
     const std::string& name = method.name;
     const std::string codec_flag = "--cache " + context.spec.cache;
@@ -184,15 +197,23 @@ inline const kvc::calibration::artifact& learn(const calibration_context& contex
     if (name == "head_roles")
         return context.artifact(eviction_artifact_key(context.spec.evict), evict_flag, "keys and queries",
                                 [&](const recorded_rows& rows) { return learn_far_attention(context, rows); });
+    if (name == "pca" || name == "loki" || name == "cskv") {
+        const kvc::calibration::artifact& bases =
+            context.artifact(projection_artifact_key("pca"), "--project " + context.spec.project, "keys and values",
+                             [&](const recorded_rows& rows) { return learn_principal_bases(context, rows); });
+        if (name == "pca") return bases;
+        // Kept under loki's (cskv's) key too, so that learnt_from() names the calibration for its cache.
+        return context.calibrated.artifacts->emplace(projection_artifact_key(name), bases).first->second;
+    }
     throw std::invalid_argument("'" + name + "' is learnt from the model, and this engine does not learn its "
                                 "artifact; expected a method whose artifact it learns (cq:c4b8, cq:c8b8, kvquant, "
-                                "qfilter, head_roles) or one that needs none");
+                                "qfilter, head_roles, pca, loki, cskv) or one that needs none");
 }
 
 // True when the engine can build `method` from the model (it needs no artifact, or the engine learns it).
 inline bool learnable(const kvc::method_info& method) {
     if (!method.calibrated) return true;
-    for (const char* name : {"cq:c4b8", "cq:c8b8", "kvquant", "qfilter", "head_roles"})
+    for (const char* name : {"cq:c4b8", "cq:c8b8", "kvquant", "qfilter", "head_roles", "pca", "loki", "cskv"})
         if (method.name == name) return true;
     return false;
 }
@@ -223,9 +244,17 @@ inline const std::vector<sweep_values>& codec_sweeps() {
 // or head_roles' share of retrieval heads): each at these values.
 inline const std::vector<std::string> keep_ratio_sweep = {"0.75", "0.5", "0.25", "0.125"};
 
-// Projections with a parameter: ThinK's pruned share.
+// Projections with a parameter: ThinK's pruned share; PCA's rank; Loki's
+// rank:ratio (the leading coordinates it scores tokens with, the share of
+// tokens it attends to). The ranks are fixed numbers, as the sweep is listed
+// before a model is loaded (`kvc-fidelity --list`): d/2, d/4 and d/8 of
+// kvref's head_dim d = 64. Loki at d/4 with two ratios, and at d/8; CSKV at
+// d/4 and d/8 with the source's window of 32 tokens.
 inline const std::vector<sweep_values>& projection_sweeps() {
-    static const std::vector<sweep_values> list = {{"think", {"0.25", "0.4", "0.5"}}};
+    static const std::vector<sweep_values> list = {{"think", {"0.25", "0.4", "0.5"}},
+                                                   {"pca", {"32", "16", "8"}},
+                                                   {"loki", {"16:0.125", "16:0.25", "8:0.25"}},
+                                                   {"cskv", {"16:32", "8:32"}}};
     return list;
 }
 

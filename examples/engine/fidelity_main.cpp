@@ -17,8 +17,8 @@
 // model with a tokenizer and no --text, text the model generates itself with
 // full_cache from a fixed seed (one window per seed: --seed, --seed + 1, ...).
 //
-// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles)
-// learn from text no window scores: the last 4 x `context` tokens of the text
+// Calibrated policies (codecs cq:*, kvquant:*; eviction qfilter, head_roles;
+// projection pca, loki) learn from text no window scores: the last 4 x `context` tokens of the text
 // file, as 4 sequences (the windows are taken from its start, and a text too
 // short for both is an error), or for generated text 4 stories of `context`
 // tokens from seeds --seed + --windows, ...
@@ -47,7 +47,7 @@ const char* const usage = R"(usage: kvc-fidelity --model FILE [options]
   --evict SPEC         its eviction policy (default none)
   --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0: after the prompt only)
   --merge NAME         fold what eviction drops into what it keeps (default none; e.g. compensation)
-  --project SPEC       store fewer key channels (default none; e.g. think:0.4, with --evict none)
+  --project SPEC       project keys and values (default none; e.g. think:0.4, pca:32, loki:16:0.125, cskv:32:32; not with --merge)
   --reference SPEC     reference cache (default full:f32)
   --prompt N           tokens prefilled per window (default: half the model's context)
   --tokens M           tokens decoded and scored per window (default: a quarter of the context)

@@ -48,7 +48,7 @@ const char* const usage = R"(usage: kvc_engine --model FILE [options]
   --evict SPEC         eviction policy of a compressed cache (default none)
   --evict-every N      also compress during decode whenever a head is N tokens over budget (default 0)
   --merge NAME         fold what eviction drops into what it keeps (default none; e.g. compensation)
-  --project SPEC       store fewer key channels (default none; e.g. think:0.4, with --evict none)
+  --project SPEC       project keys and values (default none; e.g. think:0.4, pca:32, loki:16:0.125, cskv:32:32; not with --merge)
   --compare SPEC       also run a reference cache (e.g. full:f32) over the same tokens and compare
   --quiet              do not print the generated text
   --list               list the kvc::methods() names each flag takes
@@ -181,7 +181,7 @@ int generate(const options& o) {
                                   std::to_string(shape.context) + " tokens; use --prompt-limit or fewer --steps");
 
     // The caches: the one under test and, with --compare, a reference.
-    // Calibrated codecs (cq:*, kvquant:*) learn from stories the model writes
+    // Calibrated methods (cq:*, kvquant:*, qfilter, head_roles, pca, loki) learn from stories the model writes
     // itself from fixed seeds (from BOS, or a newline for a byte-level model).
     const engine::calibration calibrated =
         engine::generated_calibration(model, words.byte_level() ? '\n' : words.bos(), engine::calibration_seed);

@@ -16,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include <kvc/registry.hpp>
+
 #include "engine/cache_choice.hpp"
 #include "engine/synthetic_calibration.hpp"
 
@@ -135,7 +137,9 @@ TEST(EngineCacheChoice, EverySweepPointBuildsAndRuns) {
                                  "q4_0", "q4_1", "k4v2", "none:f16 + snapkv:0.25", "none:f16 + h2o:0.25 every 16",
                                  "q4_0 + snapkv:0.25", "q8_0 + knorm:0.25", "cq:c4b8", "cq:c8b8", "kvquant:3",
                                  "kvquant:4", "mixed:int8/int2:0.2", "mixed:int4/int2:0.2", "none:f16 + qfilter:0.25",
-                                 "none:f16 + head_roles:0.25", "none:f16 + lagkv16:0.25", "none:f16 + lagkv:0.25"})
+                                 "none:f16 + head_roles:0.25", "none:f16 + lagkv16:0.25", "none:f16 + lagkv:0.25",
+                                 "none:f16 + think:0.4", "none:f16 + pca:32", "none:f16 + pca:16", "none:f16 + pca:8",
+                                 "none:f16 + loki:16:0.125", "none:f16 + loki:16:0.25", "none:f16 + loki:8:0.25"})
         EXPECT_EQ(labels.count(expected), 1u) << expected;
 }
 
@@ -465,13 +469,105 @@ TEST(EngineCacheChoice, EveryCodecEvictsAndUnofferedCompositionsAreErrors) {
     const std::string projection_on_q4_0 = error_of(projected_quantized);
     EXPECT_NE(projection_on_q4_0.find("expected the codec none:f32, none:f16 or none:bf16"), std::string::npos)
         << projection_on_q4_0;
-    // A calibrated method whose artifact the engine does not learn.
-    engine::cache_spec pca{"none:f16", "none"};
-    pca.project = "pca:16";
-    const std::string unlearnt = error_of(pca);
-    EXPECT_NE(unlearnt.find("'pca' is learnt from the model, and this engine does not learn its artifact"),
-              std::string::npos)
-        << unlearnt;
+}
+
+// The engine learns every calibrated method of the registry: none is left
+// out of the sweep (which skips what it cannot learn) or marked so in --list.
+TEST(EngineCacheChoice, EveryCalibratedMethodIsLearnt) {
+    const std::string text = engine::describe_options();
+    EXPECT_EQ(text.find("not learnt by this engine"), std::string::npos) << text;
+    std::set<std::string> swept;
+    for (const engine::sweep_point& point : engine::sweep_points())
+        for (const std::string* spelled : {&point.spec.cache, &point.spec.evict, &point.spec.project})
+            swept.insert(spelled->substr(0, spelled->find(':')));
+    for (const kvc::method_info& method : kvc::methods())
+        if (method.calibrated) {
+            EXPECT_EQ(swept.count(method.name.substr(0, method.name.find(':'))), 1u) << method.name;
+        }
+}
+
+// P1 PCA and P4 Loki learn one artifact, the full-rank principal bases of
+// the calibration keys after RoPE (what the cache is given) and values: each
+// component's energy is the mean of <u_j, x>^2 over those rows, in
+// descending order (computed here in double from the rows). At full rank
+// the projection loses nothing: pca:64 (and loki:64:1, every token, every
+// coordinate) attend as full_cache does; pca:8 does not.
+TEST(EngineCacheChoice, ProjectionsLearnThePrincipalBasesOnce) {
+    const kvc::cache_config shape = small_shape();
+    for (const char* spelling : {"pca:16", "loki:16:0.125"}) {
+        engine::cache_spec spec{"none:f16", "none"};
+        spec.project = spelling;
+        const std::string missing = error_of(spec);
+        EXPECT_NE(missing.find(std::string("--project ") + spelling + " is learnt from the model's keys and values"),
+                  std::string::npos)
+            << missing;
+        EXPECT_NE(missing.find("needs calibration text"), std::string::npos) << missing;
+    }
+    engine::calibration calibrated = small_calibration();
+    int calls = 0;
+    const auto rows = calibrated.rows;
+    calibrated.rows = [&calls, rows]() -> const engine::recorded_rows& { return ++calls, rows(); };
+    for (const char* spelling : {"pca:32", "loki:16:0.125", "pca:8", "loki:8:0.25"}) {
+        engine::cache_spec spec{"none:f16", "none"};
+        spec.project = spelling;
+        EXPECT_FALSE(engine::learnt_from(engine::calibration{}, spec));
+        engine::make_cache(shape, spec, calibrated);
+        EXPECT_TRUE(engine::learnt_from(calibrated, spec)) << spelling;
+    }
+    EXPECT_EQ(calls, 1);
+    ASSERT_EQ(calibrated.artifacts->size(), 2u);
+    const kvc::calibration::artifact& bases = calibrated.artifacts->at("--project pca");
+    const kvc::calibration::artifact& loki = calibrated.artifacts->at("--project loki");
+    EXPECT_EQ(bases.kind, "pca");
+    EXPECT_EQ(loki.kind, "pca");
+    const std::size_t d = shape.head_dim, heads = shape.kv_heads;
+    for (const char* which : {"key", "value"}) {
+        const bool keys = std::string(which) == "key";
+        const auto& basis = bases.get(std::string(which) + "_basis", {shape.layers, heads, d, d}).values;
+        const auto& energy = bases.get(std::string(which) + "_energy", {shape.layers, heads, d}).values;
+        EXPECT_EQ(loki.get(std::string(which) + "_basis", {shape.layers, heads, d, d}).values, basis);
+        for (std::size_t l = 0; l < shape.layers; ++l) {
+            const std::vector<float>& x = keys ? rows().keys[l] : rows().values[l];
+            const std::size_t tokens = x.size() / (heads * d);
+            for (std::size_t h = 0; h < heads; ++h)
+                for (std::size_t j = 0; j < d; ++j) {
+                    const float* u = basis.data() + (l * heads + h) * d * d;
+                    double sum = 0.0;
+                    for (std::size_t t = 0; t < tokens; ++t) {
+                        double dot = 0.0;
+                        for (std::size_t c = 0; c < d; ++c)
+                            dot += double(u[c * d + j]) * double(x[(t * heads + h) * d + c]);
+                        sum += dot * dot;
+                    }
+                    const double expected = sum / double(tokens), got = energy[(l * heads + h) * d + j];
+                    ASSERT_NEAR(got, expected, 1e-4 * std::max(1.0, expected))
+                        << which << " layer " << l << " head " << h << " component " << j;
+                    if (j > 0) {
+                        ASSERT_LE(got, energy[(l * heads + h) * d + j - 1]);
+                    }
+                }
+        }
+    }
+
+    const std::size_t prompt = 40;
+    const exercise_rows r = rows_of(prompt, true);
+    auto outputs = [&](const engine::cache_spec& spec) {
+        const auto cache = engine::make_cache(shape, spec, calibrated);
+        prefill(*cache, r, prompt);
+        return first_decode_step(*cache, r, prompt);
+    };
+    const std::vector<float> full = outputs({"full:f32", "none"});
+    auto largest_difference = [&](const char* project) {
+        engine::cache_spec spec{"none:f32", "none"};
+        spec.project = project;
+        const std::vector<float> out = outputs(spec);
+        float largest = 0.0f;
+        for (std::size_t i = 0; i < full.size(); ++i) largest = std::max(largest, std::fabs(out[i] - full[i]));
+        return largest;
+    };
+    EXPECT_LT(largest_difference("pca:64"), 1e-5f);
+    EXPECT_LT(largest_difference("loki:64:1"), 1e-5f);
+    EXPECT_GT(largest_difference("pca:8"), 1e-3f);
 }
 
 TEST(EngineCacheChoice, FullAndIdentityCachesCountTheSameRows) {
