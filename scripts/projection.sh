@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures kvc's projection family (P3 ThinK, P1 PCA, P4 Loki: every
+# Measures kvc's projection family (P3 ThinK, P1 PCA, P4 Loki, P5 CSKV: every
 # `--project` configuration of `kvc-fidelity --list`) on the kvref model
 # against full_cache (fp32), next to a few reference points of the other
 # families, and regenerates docs/PROJECTION.md and its plot

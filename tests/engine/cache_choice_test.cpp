@@ -459,11 +459,16 @@ TEST(EngineCacheChoice, EveryCodecEvictsAndUnofferedCompositionsAreErrors) {
     const std::string merge_alone = error_of({"none:f16", "none", 0, "compensation"});
     EXPECT_NE(merge_alone.find("none:f16 + compensation: "), std::string::npos) << merge_alone;
     EXPECT_NE(merge_alone.find("expected an eviction policy"), std::string::npos) << merge_alone;
+    // A projection composes with eviction (ThinK after SnapKV: the budget holds)...
     engine::cache_spec projected_evicting{"none:f16", "snapkv:0.25"};
     projected_evicting.project = "think:0.4";
-    const std::string projection_with_eviction = error_of(projected_evicting);
-    EXPECT_NE(projection_with_eviction.find("composes with neither eviction nor merging"), std::string::npos)
-        << projection_with_eviction;
+    exercise(*engine::make_cache(small_shape(), projected_evicting), 40);
+    // ...not yet with merging.
+    engine::cache_spec projected_merging{"none:f16", "snapkv:0.25", 0, "compensation"};
+    projected_merging.project = "think:0.4";
+    const std::string projection_with_merging = error_of(projected_merging);
+    EXPECT_NE(projection_with_merging.find("composes with eviction but not with merging"), std::string::npos)
+        << projection_with_merging;
     engine::cache_spec projected_quantized{"q4_0", "none"};
     projected_quantized.project = "think:0.4";
     const std::string projection_on_q4_0 = error_of(projected_quantized);
