@@ -1,8 +1,9 @@
-// bench/projection.cpp -- P1 PCA projection and P4 Loki against fp16 full_cache at decode.
+// bench/projection.cpp -- P1 PCA projection, P4 Loki and P5 CSKV against fp16 full_cache at decode.
 //
-// BM_project_decode/method:pca/rank:R and .../method:loki/rank:R/ratio:F
-// (Loki estimating from R coordinates, attending the best F of the tokens
-// exactly): one decode step of one layer
+// BM_project_decode/method:pca/rank:R (latents fp16, or /codec:C kept by a
+// quantizing codec), .../method:loki/rank:R/ratio:F (Loki estimating from R
+// coordinates, attending the best F of the tokens exactly) and
+// .../method:cskv/rank:R/window:W: one decode step of one layer
 // (cache.attend for 32 query heads over 8 KV heads, GQA 4, head dim 128) at
 // 32K tokens, fp16 storage (latents fp16 for PCA), one thread; the row's
 // time is the projected cache's attend alone. The projected cache
@@ -87,7 +88,7 @@ kvc::calibration::artifact axes(std::size_t layers) {
 // The registry's cache for `spec` over `layers` layers, with the axes as its bases.
 kvc::dynamic_cache projected(const std::string& spec, std::size_t layers) {
     kvc::cache_options options;
-    options.artifacts["pca"] = options.artifacts["loki"] = axes(layers);
+    options.artifacts["pca"] = options.artifacts["loki"] = options.artifacts["cskv"] = axes(layers);
     return kvc::make_cache(shape(layers), spec, options);
 }
 
@@ -120,6 +121,7 @@ void fill(Cache& cache, std::size_t layers) {
 // report_bandwidth: bw_fraction from stored_bytes(0), what one attend over a layer reads.
 void decode_against_full(benchmark::State& state, kvc::dynamic_cache& cache, std::size_t layers, bool report_bandwidth) {
     fill(cache, layers);
+    cache.compress();
     const std::size_t full_layers = layers_for(2 * dim * 2);
     kvc::full_cache full(shape(full_layers));
     fill(full, full_layers);
@@ -159,30 +161,38 @@ void decode_against_full(benchmark::State& state, kvc::dynamic_cache& cache, std
     state.SetLabel(kvc::name_of(kvc::active_arch()));
 }
 
-// rank: PCA's rank, or the coordinates Loki's estimate reads; ratio 0: PCA, else Loki's share of tokens.
-void BM_project_decode(benchmark::State& state, std::size_t rank, double ratio) {
-    const std::size_t layers = layers_for(2 * (ratio == 0.0 ? rank : dim) * 2);
-    kvc::dynamic_cache cache = projected(ratio == 0.0 ? "pca:" + std::to_string(rank)
-                                                      : "loki:" + std::to_string(rank) + ":" + std::to_string(ratio),
-                                         layers);
-    // Loki's stores count what they hold, not what an attend reads (the
-    // estimate's coordinates of every key, then the chosen rows): no bw_fraction.
-    decode_against_full(state, cache, layers, ratio == 0.0);
+// `spec`: the registry's spec of the projected cache; `token_bytes`: what one
+// token of one KV head costs in it (sizes the working set); `reads_all`: an
+// attend reads everything the store holds (bw_fraction is meaningful).
+// The cache compresses once after it is filled: CSKV moves all but its
+// window into the latents there (PCA and Loki have nothing to do).
+void BM_project_decode(benchmark::State& state, const std::string& spec, std::size_t token_bytes, bool reads_all) {
+    const std::size_t layers = layers_for(token_bytes);
+    kvc::dynamic_cache cache = projected(spec, layers);
+    decode_against_full(state, cache, layers, reads_all);
 }
 
 struct registrar {
     registrar() {
         const std::string shape_name =
             "/tokens:" + std::to_string(tokens) + "/dim:" + std::to_string(dim) + "/group:" + std::to_string(group);
-        auto add = [&](const std::string& name, std::size_t rank, double ratio) {
+        auto add = [&](const std::string& name, const std::string& spec, std::size_t token_bytes, bool reads_all) {
             benchmark::RegisterBenchmark(("BM_project_decode/method:" + name + shape_name).c_str(), &BM_project_decode,
-                                         rank, ratio)
+                                         spec, token_bytes, reads_all)
                 ->UseManualTime()
                 ->Unit(benchmark::kMicrosecond)
                 ->MinTime(0.5);
         };
-        for (std::size_t rank : {dim / 2, dim / 4, dim / 8}) add("pca/rank:" + std::to_string(rank), rank, 0.0);
-        add("loki/rank:32/ratio:0.125", dim / 4, 0.125);
+        for (std::size_t rank : {dim / 2, dim / 4, dim / 8})
+            add("pca/rank:" + std::to_string(rank), "pca:" + std::to_string(rank), 2 * rank * 2, true);
+        // Latents kept by a quantizing codec: q8_0 34 bytes, q4_0 18 bytes a 32-wide row.
+        add("pca/rank:32/codec:q8_0", "q8_0 + pca:32", 2 * 34, true);
+        add("pca/rank:32/codec:q4_0", "q4_0 + pca:32", 2 * 18, true);
+        // Loki's stores count what they hold, not what an attend reads (the
+        // estimate's coordinates of every key, then the chosen rows): no bw_fraction.
+        add("loki/rank:32/ratio:0.125", "loki:32:0.125", 2 * dim * 2, false);
+        // CSKV: rank-32 latents and a window of 32 whole fp16 rows.
+        add("cskv/rank:32/window:32", "cskv:32:32", 2 * (dim / 4) * 2, true);
     }
 };
 
