@@ -70,6 +70,17 @@ std::size_t whole(const build_context& c, std::size_t low, std::size_t high) {
     return static_cast<std::size_t>(value);
 }
 
+// A value of two parts, "A:B" (loki:RANK:RATIO, cskv:RANK:WINDOW): a term
+// for each, so whole() and number() check and name them as they do one value.
+std::pair<spec_term, spec_term> two_values(const build_context& c, const char* example) {
+    const std::string& text = c.term.value;
+    const std::size_t colon = text.find(':');
+    detail::require(colon != std::string::npos, "kvc::make_cache: '", written(c.term), "': expected ",
+                    c.term.method->name, ":", c.term.method->parameter, " (e.g. ", example, "), got ",
+                    c.term.method->name, ":", text);
+    return {spec_term{c.term.method, text.substr(0, colon)}, spec_term{c.term.method, text.substr(colon + 1)}};
+}
+
 const calibration::artifact& artifact_of(const build_context& c) {
     const auto found = c.options.artifacts.find(c.term.method->name);
     detail::require(found != c.options.artifacts.end(), "kvc::make_cache: '", written(c.term),
@@ -266,12 +277,7 @@ const std::vector<entry>& entries() {
           "Loki: logits estimated from the leading r coordinates of keys in their principal basis (learnt), exact "
           "attention over that share of the tokens", true},
          [](const build_context& c) {
-             const std::string& text = c.term.value;
-             const std::size_t colon = text.find(':');
-             detail::require(colon != std::string::npos, "kvc::make_cache: '", written(c.term),
-                             "': expected loki:rank:ratio (e.g. loki:32:0.125), got loki:", text);
-             const spec_term rank_term{c.term.method, text.substr(0, colon)};
-             const spec_term ratio_term{c.term.method, text.substr(colon + 1)};
+             const auto [rank_term, ratio_term] = two_values(c, "loki:32:0.125");
              const std::size_t rank = whole({c.config, c.options, rank_term, c.into}, 1, c.config.head_dim);
              const double ratio = number({c.config, c.options, ratio_term, c.into}, 0.0, 1.0, true);
              c.into.projection = project::loki(project::pca(artifact_of(c)), rank, ratio);
@@ -280,12 +286,7 @@ const std::vector<entry>& entries() {
           "CSKV: the newest `window` tokens of each head whole, older ones as rank-r PCA latents (learnt; any codec "
           "of width r keeps them), one softmax over both", true},
          [](const build_context& c) {
-             const std::string& text = c.term.value;
-             const std::size_t colon = text.find(':');
-             detail::require(colon != std::string::npos, "kvc::make_cache: '", written(c.term),
-                             "': expected cskv:rank:window (e.g. cskv:32:32), got cskv:", text);
-             const spec_term rank_term{c.term.method, text.substr(0, colon)};
-             const spec_term window_term{c.term.method, text.substr(colon + 1)};
+             const auto [rank_term, window_term] = two_values(c, "cskv:32:32");
              const std::size_t rank = whole({c.config, c.options, rank_term, c.into}, 1, c.config.head_dim);
              const std::size_t window = whole({c.config, c.options, window_term, c.into}, 0, std::size_t{1} << 31);
              c.into.projection = project::cskv(project::pca(artifact_of(c), rank), window);

@@ -20,6 +20,7 @@
 #include "cache_test_util.hpp"
 #include "kvc/all.hpp"
 #include "kvc/registry.hpp"
+#include "learnt_artifacts.hpp"
 
 namespace {
 
@@ -135,29 +136,8 @@ TEST(Conformance, EveryUncalibratedProjectionOverRowsAsTheyAre) {
 // The methods learnt from the model, with artifacts learnt from random
 // sample rows (256 tokens a layer): every calibrated name of the registry.
 TEST(Conformance, EveryCalibratedMethod) {
-    const kvc::cache_config c = shape();
-    const std::size_t tokens = 256;
-    const std::vector<float> keys = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 51);
-    const std::vector<float> values = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 52);
-    const std::vector<float> queries = kvc_test::random_floats(tokens * c.query_heads * c.head_dim, 53);
-    const std::vector<kvc::kv_view<const float>> k(c.layers, kvc::kv_view<const float>(keys.data(), tokens, c.kv_heads, c.head_dim));
-    const std::vector<kvc::kv_view<const float>> v(c.layers, kvc::kv_view<const float>(values.data(), tokens, c.kv_heads, c.head_dim));
-    const std::vector<kvc::kv_view<const float>> q(c.layers,
-                                                   kvc::kv_view<const float>(queries.data(), tokens, c.query_heads, c.head_dim));
     kvc::cache_options options;
-    kvc::calibration::cq_options coupled;
-    coupled.bits = 8;
-    coupled.channels_per_group = 4;
-    options.artifacts["cq:c4b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
-    coupled.channels_per_group = 8;
-    options.artifacts["cq:c8b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
-    kvc::calibration::kvquant_options bits3;
-    bits3.bits = 3;
-    options.artifacts["kvquant"] = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
-    options.artifacts["qfilter"] = kvc::calibration::query_filters(c, q);
-    options.artifacts["head_roles"] = kvc::calibration::head_roles(c, k, q);
-    options.artifacts["pca"] = kvc::calibration::calibrate_pca(c, k, v);
-    options.artifacts["loki"] = options.artifacts["cskv"] = options.artifacts["pca"];
+    options.artifacts = kvc_test::learnt_artifacts(shape(), 51);
     std::size_t covered = 0;
     for (const kvc::method_info& m : kvc::methods()) {
         if (!m.calibrated) continue;

@@ -6,8 +6,11 @@
 // larger by exactly the blocks the run-time stores live in.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -21,6 +24,7 @@
 #include "kvc/policy/eviction/any.hpp"
 #include "kvc/policy/quantization/any.hpp"
 #include "kvc/registry.hpp"
+#include "learnt_artifacts.hpp"
 
 namespace {
 
@@ -123,33 +127,8 @@ namespace e = kvc::evict;
 
 // Artifacts learnt from random sample rows (256 tokens a layer), as the
 // conformance suite learns them, for the calibrated codecs and scorers.
-struct learnt_artifacts {
-    kvc::calibration::artifact cq4, cq8, kvquant, qfilter;
-};
-const learnt_artifacts& learnt() {
-    static const learnt_artifacts a = [] {
-        const kvc::cache_config c = shape();
-        const std::size_t tokens = 256;
-        const std::vector<float> keys = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 61);
-        const std::vector<float> values = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 62);
-        const std::vector<float> queries = kvc_test::random_floats(tokens * c.query_heads * c.head_dim, 63);
-        using view = kvc::kv_view<const float>;
-        const std::vector<view> k(c.layers, view(keys.data(), tokens, c.kv_heads, c.head_dim));
-        const std::vector<view> v(c.layers, view(values.data(), tokens, c.kv_heads, c.head_dim));
-        const std::vector<view> q(c.layers, view(queries.data(), tokens, c.query_heads, c.head_dim));
-        learnt_artifacts out;
-        kvc::calibration::cq_options coupled;
-        coupled.bits = 8;
-        coupled.channels_per_group = 4;
-        out.cq4 = kvc::calibration::calibrate_cq(k, v, coupled);
-        coupled.channels_per_group = 8;
-        out.cq8 = kvc::calibration::calibrate_cq(k, v, coupled);
-        kvc::calibration::kvquant_options bits3;
-        bits3.bits = 3;
-        out.kvquant = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
-        out.qfilter = kvc::calibration::query_filters(c, q);
-        return out;
-    }();
+const std::map<std::string, kvc::calibration::artifact>& learnt() {
+    static const std::map<std::string, kvc::calibration::artifact> a = kvc_test::learnt_artifacts(shape(), 61);
     return a;
 }
 
@@ -177,9 +156,9 @@ void every_codec(F&& f) {
     f("hadamard:q4_0", q::rotated<q::q4_0>{});
     f("hadamard:k4v2", q::rotated<q::block_kv<q::int4_sym, q::int2_asym, 32>>{});
     f("sparse:0.5", q::sparse(0.5));
-    f("cq:c4b8", q::cq(learnt().cq4));
-    f("cq:c8b8", q::cq(learnt().cq8));
-    f("kvquant", q::kvquant(learnt().kvquant, kvc::rope_config{}));
+    f("cq:c4b8", q::cq(learnt().at("cq:c4b8")));
+    f("cq:c8b8", q::cq(learnt().at("cq:c8b8")));
+    f("kvquant", q::kvquant(learnt().at("kvquant"), kvc::rope_config{}));
     f("mixed:int8/int2", q::mixed<q::int8_sym, q::int2_asym, 32>(0.2));
     f("mixed:int4/int2", q::mixed<q::int4_sym, q::int2_asym, 32>(0.2));
 }
@@ -200,7 +179,7 @@ void every_eviction(F&& f) {
     f("knorm", e::score::knorm{}, topk, keep);
     f("keydiff", e::score::keydiff{}, topk, keep);
     f("expected_attention", e::score::expected_attention{}, topk, keep);
-    f("qfilter", e::score::qfilter::from(learnt().qfilter), topk, keep);
+    f("qfilter", e::score::qfilter::from(learnt().at("qfilter")), topk, keep);
     f("lagkv", e::score::lagkv{}, topk, keep);
     e::score::lagkv lag16;
     lag16.lag = 16;

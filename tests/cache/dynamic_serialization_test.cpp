@@ -13,12 +13,8 @@
 
 #include "cache_test_util.hpp"
 #include "kvc/all.hpp"
-#include "kvc/calibration/cq.hpp"
-#include "kvc/calibration/head_roles.hpp"
-#include "kvc/calibration/kvquant.hpp"
-#include "kvc/calibration/pca.hpp"
-#include "kvc/calibration/query_filters.hpp"
 #include "kvc/registry.hpp"
+#include "learnt_artifacts.hpp"
 
 namespace {
 
@@ -30,28 +26,8 @@ kvc::cache_config shape() {
 // build the caches; what they are worth is the fidelity tools' business).
 const kvc::cache_options& options() {
     static const kvc::cache_options o = [] {
-        const kvc::cache_config c = shape();
-        const std::size_t tokens = 256;
-        const std::vector<float> keys = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 61);
-        const std::vector<float> values = kvc_test::random_floats(tokens * c.kv_heads * c.head_dim, 62);
-        const std::vector<float> queries = kvc_test::random_floats(tokens * c.query_heads * c.head_dim, 63);
-        using view = kvc::kv_view<const float>;
-        const std::vector<view> k(c.layers, view(keys.data(), tokens, c.kv_heads, c.head_dim));
-        const std::vector<view> v(c.layers, view(values.data(), tokens, c.kv_heads, c.head_dim));
-        const std::vector<view> q(c.layers, view(queries.data(), tokens, c.query_heads, c.head_dim));
         kvc::cache_options out;
-        kvc::calibration::cq_options coupled;
-        coupled.bits = 8;
-        coupled.channels_per_group = 4;
-        out.artifacts["cq:c4b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
-        coupled.channels_per_group = 8;
-        out.artifacts["cq:c8b8"] = kvc::calibration::calibrate_cq(k, v, coupled);
-        kvc::calibration::kvquant_options bits3;
-        bits3.bits = 3;
-        out.artifacts["kvquant"] = kvc::calibration::calibrate_kvquant(c, k, v, bits3);
-        out.artifacts["qfilter"] = kvc::calibration::query_filters(c, q);
-        out.artifacts["head_roles"] = kvc::calibration::head_roles(c, k, q);
-        out.artifacts["pca"] = out.artifacts["loki"] = out.artifacts["cskv"] = kvc::calibration::calibrate_pca(c, k, v);
+        out.artifacts = kvc_test::learnt_artifacts(shape(), 61);
         return out;
     }();
     return o;
