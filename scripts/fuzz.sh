@@ -18,7 +18,7 @@ root=$(pwd)
 dir="$root/build/fuzz-long" # not build/fuzz: test.sh configures that one differently and would start it afresh
 seconds=${KVC_FUZZ_SECONDS:-600}
 runs=${KVC_FUZZ_RUNS:-}
-all_targets=(artifact tokenizer model cache_api cache_load)
+all_targets=(artifact tokenizer model cache_api cache_load parse_spec)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 
@@ -35,6 +35,7 @@ for target in "${targets[@]}"; do
   limit=(-max_total_time="$seconds")
   max_len=4096
   [[ "$target" == cache_load ]] && max_len=32768 # a saved cache with its query ring is larger
+  [[ "$target" == parse_spec ]] && max_len=256   # a spec is a line of text
   [[ -n "$runs" ]] && limit=(-runs="$runs")
   echo "=== fuzz_$target (${limit[*]}), log: $log"
   if nice -n 10 "$dir/tests/fuzz/fuzz_$target" "${limit[@]}" -max_len="$max_len" -print_final_stats=1 \

@@ -1,10 +1,11 @@
 // libFuzzer target: bytes -> kvc::load_cache (kvc/cache/serialization.hpp)
-// into one of seven small caches, chosen by the first byte's low bits:
+// into one of nine small caches, chosen by the first byte's low bits:
 // full_cache and compressed caches over the stores the format carries (dense
 // rows with the query ring and merging's bias, KIVI with sinks, GEAR, mixed
-// precision, sparse rows, ThinK's pruned rows; KVQuant and CQ, which need a
-// calibration, are left out to keep this file's build short and are covered
-// by cache/serialization_test). The first byte's high bit has every section's
+// precision, sparse rows, ThinK's pruned rows, KVQuant and CQ). The two
+// calibrated codecs take a small artifact written out here (fixed ranges and
+// codebooks, no k-means: calibration would cost build and start-up time and
+// finds nothing a loader could). The first byte's high bit has every section's
 // CRC recomputed before the load, so mutations also reach the parsers and
 // their consistency checks. The invariants:
 //   - a load either succeeds or throws kvc::error; any other exception, a
@@ -40,8 +41,11 @@
 #include "kvc/policy/merging/none.hpp"
 #include "kvc/policy/projection/none.hpp"
 #include "kvc/policy/projection/think.hpp"
+#include "kvc/calibration/artifact.hpp"
+#include "kvc/policy/quantization/cq.hpp"
 #include "kvc/policy/quantization/gear.hpp"
 #include "kvc/policy/quantization/kivi.hpp"
+#include "kvc/policy/quantization/kvquant.hpp"
 #include "kvc/policy/quantization/mixed.hpp"
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
@@ -90,13 +94,53 @@ using gear_cache = kvc::compressed_cache<e::knorm, m::none, q::gear, p::none>;
 using mixed_cache = kvc::compressed_cache<e::none, m::none, q::mixed<q::int8_sym, q::int2_asym>, p::none>;
 using sparse_cache = kvc::compressed_cache<e::knorm, m::none, q::sparse, p::none>;
 using think_cache = kvc::compressed_cache<e::none, m::none, q::none<kvc::half>, p::think>;
-constexpr unsigned kinds = 7;
+using kvquant_cache = kvc::compressed_cache<e::knorm, m::none, q::kvquant, p::none>;
+using cq_cache = kvc::compressed_cache<e::none, m::none, q::cq, p::none>;
+constexpr unsigned kinds = 9;
 
 // Rows for `tokens` tokens, deterministic in `seed`.
 std::vector<float> rows_of(std::size_t count, unsigned seed) {
     std::vector<float> out(count);
     for (std::size_t i = 0; i < count; ++i) out[i] = static_cast<float>(((i + seed) * 2654435761u) % 1000) / 250.0f - 2.0f;
     return out;
+}
+
+// The calibrated codecs for shape(), from artifacts written out here (what
+// calibration would learn, in shape: per-channel key ranges and ascending
+// scalar codebooks for KVQuant at 3 bits, 2-channel codebooks of 16 centroids for CQ).
+q::kvquant small_kvquant() {
+    const kvc::cache_config c = shape();
+    const std::uint64_t layers = c.layers, heads = c.kv_heads, dim = c.head_dim;
+    kvc::calibration::artifact a;
+    a.kind = "kvquant";
+    std::vector<float> lower(layers * heads * dim), upper(lower.size()), book;
+    for (std::size_t i = 0; i < lower.size(); ++i) {
+        lower[i] = -1.5f - 0.01f * static_cast<float>(i % 7);
+        upper[i] = 1.5f + 0.01f * static_cast<float>(i % 5);
+    }
+    for (std::size_t l = 0; l < layers; ++l)
+        for (int i = 0; i < 8; ++i) book.push_back(-1.0f + 2.0f * static_cast<float>(i) / 7.0f);
+    a.tensors = {{"bits", {1}, {3.0f}},
+                 {"outlier_fraction", {1}, {0.02f}},
+                 {"key_lower", {layers, heads, dim}, lower},
+                 {"key_upper", {layers, heads, dim}, upper},
+                 {"key_codebook", {layers, 8}, book},
+                 {"value_codebook", {layers, 8}, book}};
+    return q::kvquant(a);
+}
+
+q::cq small_cq() {
+    const kvc::cache_config c = shape();
+    const std::uint64_t layers = c.layers, heads = c.kv_heads, groups = c.head_dim / 2;
+    kvc::calibration::artifact a;
+    a.kind = "cq";
+    const std::vector<float> keys = rows_of(layers * heads * groups * 16 * 2, 11),
+                             values = rows_of(layers * heads * groups * 16 * 2, 13);
+    a.tensors = {{"channels_per_group", {1}, {2.0f}},
+                 {"bits", {1}, {4.0f}},
+                 {"key_codebooks", {layers, heads, groups, 16, 2}, keys},
+                 {"value_codebooks", {layers, heads, groups, 16, 2}, values}};
+    return q::cq(a);
 }
 
 // Uses a loaded cache the ways an engine would, through every kernel that
@@ -166,7 +210,17 @@ void with_cache(unsigned kind, F&& f) {
     case 3: f(gear_cache(c, budgeted<e::knorm>(), {}, small_gear())); break;
     case 4: f(mixed_cache(c, {}, {}, q::mixed<q::int8_sym, q::int2_asym>(0.5))); break;
     case 5: f(sparse_cache(c, budgeted<e::knorm>())); break;
-    default: f(think_cache(c, {}, {}, {}, p::think(0.5, 4))); break;
+    case 6: f(think_cache(c, {}, {}, {}, p::think(0.5, 4))); break;
+    case 7: {
+        static const q::kvquant codec = small_kvquant();
+        f(kvquant_cache(c, budgeted<e::knorm>(), {}, codec));
+        break;
+    }
+    default: {
+        static const q::cq codec = small_cq();
+        f(cq_cache(c, {}, {}, codec));
+        break;
+    }
     }
 }
 

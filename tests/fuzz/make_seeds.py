@@ -96,3 +96,39 @@ decode = b"".join(append(l, 1, fill=5 + i) + attend(l) for i in range(4) for l i
 write("cache_api", "full.bin", bytes([0]) + prefill + decode + bytes([3, 0, 2]) + bytes([7, 0]))
 write("cache_api", "h2o.bin", bytes([1, 8 * 1 + 2]) + prefill + decode + bytes([4, 0, 4, 1, 5, 0, 20, 6, 0, 1]))
 write("cache_api", "h2o_clear.bin", bytes([1, 0]) + prefill + bytes([6, 0, 0]) + prefill + bytes([4, 2]))
+
+
+# parse_spec: spec text (kvc/registry.hpp). Every method alone, as written
+# with and without its value, the combinations the docs use, and malformed
+# specs the parser must refuse (a near name, an empty term, two codecs, a
+# value out of range or where none is taken).
+specs = {
+    # quantization
+    "none_f32": "none:f32", "none_f16": "none:f16", "none_bf16": "none:bf16", "q8_0": "q8_0", "q4_0": "q4_0",
+    "q4_1": "q4_1", "int8": "int8:g64", "int4": "int4:g64", "int2": "int2:g32", "e4m3": "fp8:e4m3",
+    "e5m2": "fp8:e5m2", "k8v4": "k8v4", "k4v2": "k4v2", "sinks": "q4_0+sinks", "kivi": "kivi", "kivi4": "kivi:4",
+    "gear": "gear", "hadamard": "hadamard:q4_0", "hadamard_kv": "hadamard:k4v2", "sparse": "sparse:0.7",
+    "cq": "cq:c4b8", "cq8": "cq:c8b8", "kvquant": "kvquant", "mixed": "mixed:int8/int2:0.3",
+    "mixed4": "mixed:int4/int2",
+    # eviction
+    "streaming": "streaming:0.5", "h2o": "h2o:0.3", "a2sf": "a2sf", "scissorhands": "scissorhands:0.5",
+    "tova": "tova:0.4", "knorm": "knorm", "keydiff": "keydiff:0.6", "expected": "expected_attention:0.5",
+    "qfilter": "qfilter:0.25", "lagkv": "lagkv", "lagkv16": "lagkv16:0.5", "leverage": "leverage:0.5",
+    "cur": "cur", "value_weighted": "value_weighted:0.5", "hash": "hash_evict:0.5", "global_local": "global_local",
+    "random": "random:0.5", "external": "external:0.5", "adakv": "adakv:0.3", "pyramidkv": "pyramidkv",
+    "chunkkv": "chunkkv:0.5", "head_roles": "head_roles:0.5",
+    # merging and projection
+    "cam": "h2o:0.5 + cam", "similarity": "snapkv + similarity", "zero_merge": "tova:0.5 + zero_merge",
+    "merge_none": "snapkv:0.5 + merge:none", "think": "think:0.5", "pca": "none:f16 + pca:16",
+    "loki": "loki:16:0.25",
+    # the docs' combinations
+    "readme": "kivi:2 + snapkv:0.25", "rows_snapkv": "none:f16 + snapkv:0.25", "q4_snapkv": "q4_0 + snapkv:0.25",
+    "three": "q4_0 + h2o:0.5 + compensation", "spaced": " compensation+ h2o:0.5 + q4_0+sinks ",
+    "think_rows": "none:f32 + think:0.4", "empty": "",
+    # malformed
+    "near": "snapvk:0.25", "empty_term": "kivi:2 ++ snapkv", "two_codecs": "q4_0 + kivi:2",
+    "out_of_range": "snapkv:1.5", "not_a_number": "h2o:abc", "value_not_taken": "q4_0:3", "kivi3": "kivi:3",
+    "loki_no_ratio": "loki:16", "pca_fraction": "pca:2.5", "trailing_plus": "tova:0.5 +", "colon": "snapkv:",
+}
+for name, spec in specs.items():
+    write("parse_spec", name + ".txt", spec.encode())
