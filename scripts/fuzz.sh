@@ -35,7 +35,7 @@ for target in "${targets[@]}"; do
   limit=(-max_total_time="$seconds")
   max_len=4096
   [[ "$target" == cache_load ]] && max_len=32768 # a saved cache with its query ring is larger
-  [[ "$target" == parse_spec ]] && max_len=256   # a spec is a line of text
+  [[ "$target" == parse_spec ]] && max_len=16384 # a spec, and a saved cache after it (tests/fuzz/parse_spec_fuzz.cpp)
   [[ -n "$runs" ]] && limit=(-runs="$runs")
   echo "=== fuzz_$target (${limit[*]}), log: $log"
   if nice -n 10 "$dir/tests/fuzz/fuzz_$target" "${limit[@]}" -max_len="$max_len" -print_final_stats=1 \

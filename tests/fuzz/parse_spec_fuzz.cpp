@@ -15,9 +15,23 @@
 //     afterwards holds bytes, no head more tokens than were appended, a layer
 //     count that is the sum of its heads', and positions ascending below the
 //     next one.
-// Seeds: tests/fuzz/corpus/parse_spec, written by make_seeds.py.
+//   - the run-time cache's serialization (dynamic_cache, whatever the spec
+//     composes): the exercised cache saved and loaded into a fresh cache of
+//     the spec saves to the same bytes; and an input "SPEC\0BYTES" has BYTES
+//     loaded into a fresh cache of SPEC: refused with kvc::error and the cache
+//     unchanged, or accepted, re-saved to the same bytes (the kvc version
+//     aside) and used (attention, an append, a compression).
+// Seeds: tests/fuzz/corpus/parse_spec, written by make_seeds.py (specs) and
+// by this file built with -DKVC_PARSE_SPEC_SEEDS (specs with a saved cache:
+// a program linked with kvc's library, which holds the registry):
+//   g++ -std=c++17 -O1 -Iinclude -DKVC_PARSE_SPEC_SEEDS tests/fuzz/parse_spec_fuzz.cpp \
+//     build/dev/libkvc_dispatch.a -o /tmp/spec_seeds && /tmp/spec_seeds tests/fuzz/corpus/parse_spec
+#include <cctype>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -105,10 +119,71 @@ void exercise(kvc::dynamic_cache& cache) {
     for (std::size_t i = 0; i < c.query_heads * c.head_dim; ++i) check(out[i] == out[i]); // finite rows in, no NaN out
 }
 
+using bytes = std::vector<unsigned char>;
+
+kvc::cache_config fuzz_shape() {
+    kvc::cache_config config;
+    config.layers = 1;
+    config.kv_heads = 2;
+    config.query_heads = 4;
+    config.head_dim = 64;
+    return config;
+}
+
+// Equal, apart from the kvc version (bytes 24..35: the first header fields)
+// and the header section's CRC.
+bool same_but_version(const bytes& a, const bytes& b) {
+    if (a.size() != b.size() || a.size() < 36) return false;
+    std::uint64_t header = 0;
+    for (int i = 7; i >= 0; --i) header = (header << 8) | a[16 + static_cast<std::size_t>(i)];
+    if (header > a.size() - 28) return false;
+    const std::size_t crc = 24 + static_cast<std::size_t>(header);
+    for (std::size_t i = 0; i < a.size(); ++i)
+        if (a[i] != b[i] && !(i >= 24 && i < 36) && !(i >= crc && i < crc + 4)) return false;
+    return true;
+}
+
+#ifdef KVC_PARSE_SPEC_SEEDS
+// A short sequence (24 prompt tokens in one chunk, 2 decode steps, a
+// compression): the cache the seeds save, small enough for the fuzzer.
+void short_sequence(kvc::dynamic_cache& cache) {
+    const kvc::cache_config c = cache.config();
+    const std::size_t prompt = 24;
+    const std::vector<float> k = rows_of(prompt * c.kv_heads * c.head_dim, 4),
+                             v = rows_of(prompt * c.kv_heads * c.head_dim, 5),
+                             queries = rows_of(prompt * c.query_heads * c.head_dim, 6);
+    std::vector<float> out(queries.size());
+    cache.append(0, view(k.data(), prompt, c.kv_heads, c.head_dim), view(v.data(), prompt, c.kv_heads, c.head_dim), 0);
+    cache.attend_chunk(0, queries.data(), prompt, out.data());
+    for (std::size_t step = 0; step < 2; ++step) {
+        cache.append(0, view(k.data(), 1, c.kv_heads, c.head_dim), view(v.data(), 1, c.kv_heads, c.head_dim),
+                     static_cast<std::int64_t>(prompt + step));
+        cache.attend(0, queries.data(), out.data());
+    }
+    cache.compress(0);
+}
+#endif
+
+// A loaded cache in use: attention, an append at its next position, a compression.
+void use_loaded(kvc::dynamic_cache& cache) {
+    const kvc::cache_config c = cache.config();
+    const std::vector<float> queries = rows_of(c.query_heads * c.head_dim, 7), row = rows_of(c.kv_heads * c.head_dim, 8);
+    std::vector<float> out(queries.size());
+    cache.attend(0, queries.data(), out.data());
+    const std::int64_t next = cache.next_position(0);
+    if (next >= std::numeric_limits<std::int32_t>::max()) return;
+    cache.append(0, view(row.data(), 1, c.kv_heads, c.head_dim), view(row.data(), 1, c.kv_heads, c.head_dim), next);
+    cache.attend(0, queries.data(), out.data());
+    cache.compress(0);
+}
+
 } // namespace
 
+#ifndef KVC_PARSE_SPEC_SEEDS
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-    const std::string_view spec(reinterpret_cast<const char*>(data), size);
+    const auto* nul = static_cast<const std::uint8_t*>(std::memchr(data, 0, size));
+    const std::size_t spec_size = nul ? static_cast<std::size_t>(nul - data) : size;
+    const std::string_view spec(reinterpret_cast<const char*>(data), spec_size);
     std::vector<kvc::spec_term> terms;
     try {
         terms = kvc::parse_spec(spec);
@@ -123,11 +198,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
     bool calibrated = false;
     for (const kvc::spec_term& term : terms) calibrated = calibrated || term.method->calibrated;
-    kvc::cache_config config;
-    config.layers = 1;
-    config.kv_heads = 2;
-    config.query_heads = 4;
-    config.head_dim = 64;
+    const kvc::cache_config config = fuzz_shape();
     kvc::cache_options options;
     options.evict_every = size % 2 ? 2 : 0;
     std::optional<kvc::dynamic_cache> cache;
@@ -138,5 +209,48 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     check(!calibrated);
     exercise(*cache); // a cache once built takes every call: a kvc::error here escapes, a finding
+
+    // Its bytes load into a fresh cache of the spec, which saves them again.
+    const bytes saved = kvc::save_cache(*cache);
+    kvc::dynamic_cache twin = kvc::make_cache(config, spec, options);
+    kvc::load_cache(twin, saved.data(), saved.size());
+    check(kvc::save_cache(twin) == saved);
+
+    if (nul == nullptr) return 0;
+    kvc::dynamic_cache loaded = kvc::make_cache(config, spec, options);
+    const bytes before = kvc::save_cache(loaded);
+    const bytes input(nul + 1, data + size);
+    try {
+        kvc::load_cache(loaded, input.data(), input.size());
+    } catch (const kvc::error&) {
+        check(kvc::save_cache(loaded) == before);
+        return 0;
+    }
+    check(same_but_version(kvc::save_cache(loaded), input));
+    use_loaded(loaded);
     return 0;
 }
+#else
+// Seeds: a spec of each store and policy the run-time cache holds, NUL, and
+// the bytes of its cache after short_sequence().
+int main(int argc, char** argv) {
+    if (argc != 2) return 2;
+    const char* seeded[] = {"none:f16",          "q4_0 + snapkv:0.25",  "kivi:2 + h2o:0.5",     "gear + knorm:0.4",
+                            "mixed:int8/int2",   "sparse:0.5 + tova:0.5", "hadamard:q4_0 + streaming:0.5 + compensation",
+                            "think:0.5 + h2o:0.5", "k8v4 + adakv:0.3 + cam", "q4_0+sinks + pyramidkv:0.5"};
+    for (const char* spec : seeded) {
+        kvc::dynamic_cache cache = kvc::make_cache(fuzz_shape(), spec);
+        short_sequence(cache);
+        bytes file(spec, spec + std::strlen(spec));
+        file.push_back(0);
+        const bytes saved = kvc::save_cache(cache);
+        file.insert(file.end(), saved.begin(), saved.end());
+        std::string name = std::string("loaded_") + spec;
+        for (char& ch : name)
+            if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '_')) ch = '_';
+        std::ofstream(std::string(argv[1]) + "/" + name + ".bin", std::ios::binary)
+            .write(reinterpret_cast<const char*>(file.data()), static_cast<std::streamsize>(file.size()));
+    }
+    return 0;
+}
+#endif
