@@ -50,6 +50,7 @@
 #include "kvc/policy/quantization/none.hpp"
 #include "kvc/policy/quantization/sparse.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "fuzz/saved_bytes.hpp"
 
 namespace {
 
@@ -171,17 +172,7 @@ void exercise(Cache& cache) {
     }
 }
 
-// Equal, apart from the kvc version (bytes 24..35: the first header fields)
-// and the header section's CRC.
-bool same_but_version(const bytes& a, const bytes& b) {
-    if (a.size() != b.size() || a.size() < 36) return false;
-    std::uint64_t header = 0;
-    for (int i = 7; i >= 0; --i) header = (header << 8) | a[16 + static_cast<std::size_t>(i)];
-    const std::size_t crc = 24 + static_cast<std::size_t>(header);
-    for (std::size_t i = 0; i < a.size(); ++i)
-        if (a[i] != b[i] && !(i >= 24 && i < 36) && !(i >= crc && i < crc + 4)) return false;
-    return true;
-}
+using kvc_fuzz::same_but_version;
 
 template <class Cache>
 void run(Cache cache, const std::uint8_t* data, std::size_t size) {

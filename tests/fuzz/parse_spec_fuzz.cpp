@@ -24,7 +24,7 @@
 // Seeds: tests/fuzz/corpus/parse_spec, written by make_seeds.py (specs) and
 // by this file built with -DKVC_PARSE_SPEC_SEEDS (specs with a saved cache:
 // a program linked with kvc's library, which holds the registry):
-//   g++ -std=c++17 -O1 -Iinclude -DKVC_PARSE_SPEC_SEEDS tests/fuzz/parse_spec_fuzz.cpp \
+//   g++ -std=c++17 -O1 -Iinclude -Itests -DKVC_PARSE_SPEC_SEEDS tests/fuzz/parse_spec_fuzz.cpp \
 //     build/dev/libkvc_dispatch.a -o /tmp/spec_seeds && /tmp/spec_seeds tests/fuzz/corpus/parse_spec
 #include <cctype>
 #include <cstddef>
@@ -40,6 +40,7 @@
 #include "kvc/core/error.hpp"
 #include "kvc/registry.hpp"
 #include "kvc/view/kv_view.hpp"
+#include "fuzz/saved_bytes.hpp"
 
 namespace {
 
@@ -130,18 +131,7 @@ kvc::cache_config fuzz_shape() {
     return config;
 }
 
-// Equal, apart from the kvc version (bytes 24..35: the first header fields)
-// and the header section's CRC.
-bool same_but_version(const bytes& a, const bytes& b) {
-    if (a.size() != b.size() || a.size() < 36) return false;
-    std::uint64_t header = 0;
-    for (int i = 7; i >= 0; --i) header = (header << 8) | a[16 + static_cast<std::size_t>(i)];
-    if (header > a.size() - 28) return false;
-    const std::size_t crc = 24 + static_cast<std::size_t>(header);
-    for (std::size_t i = 0; i < a.size(); ++i)
-        if (a[i] != b[i] && !(i >= 24 && i < 36) && !(i >= crc && i < crc + 4)) return false;
-    return true;
-}
+using kvc_fuzz::same_but_version;
 
 #ifdef KVC_PARSE_SPEC_SEEDS
 // A short sequence (24 prompt tokens in one chunk, 2 decode steps, a
