@@ -123,9 +123,13 @@ One full-rank artifact serves every rank (`examples/engine/cache_registry.hpp`,
 
 ![KL against cache memory]({plot})
 
-Each projection stores its rows in fp16 (`none:f16`; PCA's and CSKV's latents
-can also be kept by a quantizing codec, `q8_0 + pca:32`, not swept here). In
-the plot, ThinK, PCA, Loki and CSKV are curves
+Each projection stores its rows in fp16 (`none:f16`), and PCA's and CSKV's
+latents are also measured in a quantizing codec (`pca+q8_0`, `cskv+q4_0`, ...:
+the codec's store built at the rank, attention through its fused kernel). Those
+rows are at rank 32, the smallest the codecs' 32-wide groups take at head dim
+64, so their bases (2 x 64 x 32 fp32 per KV head) weigh twice rank 16's in
+these short windows; CSKV's window of whole rows is fp16 (the cache's storage
+type). In the plot, ThinK, PCA, Loki and CSKV are curves
 through their swept values; `q8_0`, `q4_0` and `kivi` single points; `snapkv`
 keeps half and a quarter of the prompt (its 256 decoded tokens are all kept).
 Points with KL exactly 0 (the reference) are the dashed line.

@@ -35,6 +35,12 @@ constexpr std::string_view merged_eviction_sweep[] = {"streaming", "h2o", "snapk
 constexpr std::string_view quantized_eviction_sweep[] = {"snapkv", "knorm"};
 constexpr std::string_view quantized_eviction_codecs[] = {"q8_0", "q4_0", "kivi:2"};
 
+// Latents kept by a quantizing codec (P1 and P5 store them in the codec's
+// store at their rank): these codecs under these projections, at kvref's d/2
+// (the codecs' 32-wide groups take no smaller rank of a 64-wide head).
+constexpr std::string_view latent_codecs[] = {"q8_0", "q4_0"};
+constexpr std::string_view latent_projections[] = {"pca:32", "cskv:32:32"};
+
 template <class Range>
 bool contains(const Range& range, std::string_view name) {
     return std::find(std::begin(range), std::end(range), name) != std::end(range);
@@ -237,6 +243,12 @@ std::vector<sweep_point> sweep_points() {
         for (const std::string& value : projection.values) {
             cache_spec spec{codec, "none"};
             spec.project = std::string(projection.method) + ":" + value;
+            add(spec);
+        }
+    for (std::string_view carrier : latent_codecs)
+        for (std::string_view projection : latent_projections) {
+            cache_spec spec{std::string(carrier), "none"};
+            spec.project = std::string(projection);
             add(spec);
         }
     for (std::string_view name : decode_time_sweep)
