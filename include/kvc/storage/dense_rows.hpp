@@ -211,6 +211,23 @@ public:
         k.attend_partial[kernels::index_of(type_)](p, state);
     }
 
+    // The first n rows as one segment of a store made of several: token t
+    // here is token offset + t of the store in p.bias and p.logits, keys
+    // whole (key_dim = dim). Nothing to do for n = 0.
+    void attend_segment(const kernels::kernel_table& k, kernels::decode_problem p, const kernels::decode_state& state,
+                        std::size_t n, std::size_t offset) const noexcept {
+        if (n == 0) return;
+        p.keys = keys_.data();
+        p.values = values_.data();
+        p.key_stride = p.value_stride = dim_;
+        p.key_dim = 0;
+        p.dim = dim_;
+        p.tokens = n;
+        p.bias = p.bias ? p.bias + offset : nullptr;
+        p.logits = p.logits ? p.logits + offset : nullptr;
+        k.attend_partial[kernels::index_of(type_)](p, state);
+    }
+
     // Causal attention of the last p.chunk rows' queries over the rows.
     void prefill(const kernels::kernel_table& k, kernels::prefill_problem p, float* workspace) const noexcept {
         p.keys = keys_.data();

@@ -149,7 +149,7 @@ public:
     void attend(const kernels::kernel_table& k, const kernels::decode_problem& p,
                 const kernels::decode_state& state) const noexcept {
         attend_body(k, p, state);
-        attend_recent(k, p, state, recent_.tokens());
+        recent_.attend_segment(k, p, state, recent_.tokens(), body_tokens());
     }
 
     // Causal attention of the last p.chunk rows' queries (all recent) over the rows.
@@ -162,7 +162,7 @@ public:
             p, tokens(), workspace,
             [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
                 attend_body(k, d, state);
-                attend_recent(k, d, state, visible - body_tokens());
+                recent_.attend_segment(k, d, state, visible - body_tokens(), body_tokens());
             });
     }
 
@@ -201,21 +201,6 @@ private:
         }
     }
 
-    // The first n recent rows (token index body_tokens() on in bias and logits).
-    void attend_recent(const kernels::kernel_table& k, kernels::decode_problem p, const kernels::decode_state& state,
-                       std::size_t n) const noexcept {
-        if (n == 0) return;
-        const std::size_t body = body_tokens();
-        p.keys = recent_.key_row(0);
-        p.values = recent_.value_row(0);
-        p.key_stride = p.value_stride = dim_;
-        p.key_dim = 0;
-        p.dim = dim_;
-        p.tokens = n;
-        p.bias = p.bias ? p.bias + body : nullptr;
-        p.logits = p.logits ? p.logits + body : nullptr;
-        k.attend_partial[kernels::index_of(type_)](p, state);
-    }
 
 public:
     // Serialization (cache/serialization.hpp): element type and dim as

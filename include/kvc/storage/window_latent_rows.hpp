@@ -127,7 +127,7 @@ public:
     void attend(const kernels::kernel_table& k, const kernels::decode_problem& p,
                 const kernels::decode_state& state) const noexcept {
         if (body_tokens() != 0) body_.attend(k, p, state);
-        attend_window(k, p, state, window_.tokens());
+        window_.attend_segment(k, p, state, window_.tokens(), body_tokens());
     }
 
     void prefill(const kernels::kernel_table& k, const kernels::prefill_problem& p, float* workspace) const noexcept {
@@ -139,7 +139,7 @@ public:
             p, tokens(), workspace,
             [&](std::size_t visible, const kernels::decode_problem& d, const kernels::decode_state& state) {
                 body_.attend(k, d, state);
-                attend_window(k, d, state, visible - body_tokens());
+                window_.attend_segment(k, d, state, visible - body_tokens(), body_tokens());
             });
     }
 
@@ -151,22 +151,6 @@ public:
     }
 
 private:
-    // The first n window rows (token index body_tokens() on in bias and logits).
-    void attend_window(const kernels::kernel_table& k, kernels::decode_problem p, const kernels::decode_state& state,
-                       std::size_t n) const noexcept {
-        if (n == 0) return;
-        const std::size_t body = body_tokens();
-        p.keys = window_.key_row(0);
-        p.values = window_.value_row(0);
-        p.key_stride = p.value_stride = window_.dim();
-        p.key_dim = 0;
-        p.dim = window_.dim();
-        p.tokens = n;
-        p.bias = p.bias ? p.bias + body : nullptr;
-        p.logits = p.logits ? p.logits + body : nullptr;
-        k.attend_partial[kernels::index_of(window_.type())](p, state);
-    }
-
     void decode(const kernels::kernel_table& k, std::size_t first, std::size_t count, float* out,
                 bool keys) const noexcept {
         const std::size_t body = body_tokens(), d = window_.dim();
